@@ -1,0 +1,20 @@
+# The two commands the README opens with: `make run` (whole pipeline, embedded default) and `make test`.
+SHELL := /bin/bash
+export MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=true DVC_NO_ANALYTICS=1 \
+       PREFECT_SERVER_ANALYTICS_ENABLED=false RAY_USAGE_STATS_ENABLED=0 HF_HUB_DISABLE_TELEMETRY=1 \
+       HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+PROFILE ?= default
+PYTEST_ARGS ?=
+
+.PHONY: env run test test-fast
+env:
+	@bash scripts/setup-env.sh
+
+run: env
+	.venv/bin/m1 pipeline --profile $(PROFILE)
+
+test: env
+	.venv/bin/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: env
+	.venv/bin/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
