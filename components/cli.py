@@ -1,0 +1,45 @@
+"""`m1`, the project's command line. Each stage registers its own subcommands from its own module;
+bad input (M1Error) is printed as one line and exits 2, never as a traceback."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from components.errors import M1Error
+
+# Modules that expose register(subparsers); each adds its subcommands with a `func(args)` default.
+COMMAND_MODULES = [
+    "components.model.cli",
+    "components.data.cli",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="m1", description="Hybrid Mamba/attention reasoning-model pipeline")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", default="default", help="config profile overlaying params.yaml")
+    p.add_argument("--params", default=None, help="params file (default: the repo's params.yaml)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        out = args.func(args)
+    except M1Error as e:
+        print(f"m1: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("m1: interrupted", file=sys.stderr)
+        return 130
+    return int(out or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data curation: source adapters, checks, dedup, decontamination, templating and packing."""
