@@ -105,3 +105,57 @@ def load_tokenizer(source: str | os.PathLike):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+# Shapes of randomly initialised Llama teachers ("random:<name>"): tests and speed benchmarks need no weights.
+RANDOM_SHAPES: dict[str, dict] = {
+    "tiny": dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                 tie_word_embeddings=True, rope_theta=10000.0, bos_token_id=1, eos_token_id=2, pad_token_id=2),
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                         tie_word_embeddings=True, rope_theta=100000.0, bos_token_id=1, eos_token_id=2,
+                         pad_token_id=2, rms_norm_eps=1e-5),
+    "llama-3.2-3b": dict(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                         num_attention_heads=24, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
+                         tie_word_embeddings=True, rms_norm_eps=1e-5, bos_token_id=128000, eos_token_id=128009,
+                         rope_theta=500000.0,
+                         rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+}
+
+
+def random_llama_config(name: str):
+    from transformers import LlamaConfig
+
+    if name not in RANDOM_SHAPES:
+        raise M1Error(f"unknown random teacher shape {name!r}; known: {', '.join(RANDOM_SHAPES)}")
+    kw = dict(RANDOM_SHAPES[name])
+    scaling = kw.pop("rope_scaling", None)
+    theta = kw.pop("rope_theta")
+    cfg = LlamaConfig(**kw)
+    # transformers 5 keeps RoPE settings in rope_parameters, 4.x in rope_theta / rope_scaling
+    if hasattr(cfg, "rope_parameters"):
+        cfg.rope_parameters = {"rope_type": "default", "rope_theta": theta, **(scaling or {})}
+    else:  # pragma: no cover - transformers 4.x
+        cfg.rope_theta, cfg.rope_scaling = theta, scaling
+    return cfg
+
+
+def load_any_teacher(source: str, dtype: str = "float32", seed: int = 0):
+    """load_teacher, plus "random:<shape>" for a randomly initialised Llama of a known shape."""
+    if str(source).startswith("random:"):
+        import torch
+        from transformers import LlamaForCausalLM
+
+        cfg = random_llama_config(str(source).split(":", 1)[1])
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = LlamaForCausalLM(cfg)
+        return model.to(getattr(torch, dtype)).eval()
+    return load_teacher(source, dtype)
+
+
+def load_any_tokenizer(source: str):
+    """Random teachers share the embedded teacher's tokenizer (their vocabulary sizes match it for tiny shapes)."""
+    return load_tokenizer(EMBEDDED_TEACHER if str(source).startswith("random:") else source)

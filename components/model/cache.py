@@ -1,0 +1,57 @@
+"""Inference state for cached generation: a preallocated KV cache for each attention layer and the conv and
+SSM states of each Mamba layer, all in fixed-size buffers (so a decode step can be captured in a CUDA graph).
+SSM states are kept in fp32 whatever the model dtype."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from components.model.config import HybridConfig
+
+
+@dataclass
+class MambaState:
+    conv: torch.Tensor  # (b, channels, d_conv): the last d_conv inputs of the convolution
+    ssm: torch.Tensor  # (b, d_inner, d_state) for Mamba-1, (b, heads, headdim, d_state) for Mamba-2
+    started: bool = False
+
+
+class InferenceCache:
+    def __init__(self, cfg: HybridConfig, batch: int, max_len: int, device, dtype=torch.float32):
+        self.cfg, self.batch, self.max_len = cfg, batch, max_len
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.mamba: dict[int, MambaState] = {}
+        for i, kind in enumerate(cfg.layer_types):
+            if kind == "attention":
+                shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+                self.kv[i] = (torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+            elif kind == "mamba1":
+                self.mamba[i] = MambaState(
+                    torch.zeros(batch, cfg.d_inner, cfg.d_conv, device=device, dtype=dtype),
+                    torch.zeros(batch, cfg.d_inner, cfg.d_state, device=device, dtype=torch.float32))
+            else:
+                nh = cfg.d_inner // cfg.mamba2_headdim
+                self.mamba[i] = MambaState(
+                    torch.zeros(batch, 3 * cfg.d_inner, cfg.d_conv, device=device, dtype=dtype),
+                    torch.zeros(batch, nh, cfg.mamba2_headdim, cfg.head_dim, device=device, dtype=torch.float32))
+        self.key_mask = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)
+        self.has_padding = False
+        self.seqlen = 0  # tokens written per row so far (left-padded rows all advance together)
+
+    def mamba_state(self, layer: int) -> MambaState:
+        return self.mamba[layer]
+
+    def update_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: int):
+        kc, vc = self.kv[layer]
+        L = k.shape[2]
+        if pos + L > self.max_len:
+            raise ValueError(f"KV cache full: {pos + L} tokens > max_len {self.max_len}")
+        kc[:, :, pos : pos + L] = k
+        vc[:, :, pos : pos + L] = v
+        return kc[:, :, : pos + L], vc[:, :, : pos + L]
+
+    def nbytes(self) -> int:
+        tensors = [t for kv in self.kv.values() for t in kv] + [t for s in self.mamba.values() for t in (s.conv, s.ssm)]
+        return sum(t.numel() * t.element_size() for t in tensors)

@@ -1,0 +1,107 @@
+"""Kernel dispatch: the fused CUDA kernels of mamba_ssm / causal_conv1d when the tensors live on a GPU and the
+packages import, else the pure-PyTorch path in components.model.scan (always the reference).
+
+mamba_ssm's package __init__ imports its CUDA extension, so it cannot even be imported on a machine without
+CUDA: the import happens lazily, once, on the first CUDA call. Set M1_KERNELS=torch to force the torch path
+(used by the GPU tests that compare both paths on the same weights)."""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+
+from components.model import scan
+
+
+@functools.lru_cache(maxsize=None)
+def _mamba_ops():
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+        from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    except Exception:  # not installed, or no CUDA extension for this machine
+        return None
+    return {"selective_scan_fn": selective_scan_fn, "selective_state_update": selective_state_update,
+            "mamba_chunk_scan_combined": mamba_chunk_scan_combined}
+
+
+@functools.lru_cache(maxsize=None)
+def _conv_ops():
+    try:
+        from causal_conv1d import causal_conv1d_fn
+    except Exception:
+        return None
+    return causal_conv1d_fn
+
+
+def _cuda(t: torch.Tensor) -> bool:
+    return t.is_cuda and os.environ.get("M1_KERNELS", "auto") != "torch"
+
+
+def active_backend(device: torch.device | str) -> dict[str, str]:
+    """Which implementation each op uses on `device` (for logs and benchmark records)."""
+    cuda = torch.device(device).type == "cuda" and os.environ.get("M1_KERNELS", "auto") != "torch"
+    m, c = cuda and _mamba_ops() is not None, cuda and _conv_ops() is not None
+    return {"ssm": "mamba_ssm" if m else "torch", "conv": "causal_conv1d" if c else "torch"}
+
+
+def causal_conv1d(x, weight, bias):
+    """x: (b, L, c) -> (b, L, c), zero history."""
+    K = weight.shape[-1]
+    if _cuda(x) and _conv_ops() is not None:
+        return _conv_ops()(x.transpose(1, 2), weight, bias).transpose(1, 2)
+    return F.conv1d(x.transpose(1, 2), weight[:, None], bias, padding=K - 1, groups=x.shape[-1])[..., : x.shape[1]].transpose(1, 2)
+
+
+def conv_step(conv_state, x, weight, bias):
+    """conv_state: (b, c, K) last inputs, updated in place; x: (b, c). Returns the pre-activation (b, c)."""
+    conv_state.copy_(torch.roll(conv_state, -1, -1))
+    conv_state[..., -1] = x.to(conv_state.dtype)
+    out = (conv_state * weight).sum(-1)
+    return (out if bias is None else out + bias).to(x.dtype)
+
+
+def selective_scan(u, dt, A, B, C, D, resets=None, h0=None):
+    ops = _mamba_ops() if _cuda(u) else None
+    if ops is not None and resets is None and h0 is None:
+        y, last = ops["selective_scan_fn"](
+            u.transpose(1, 2).contiguous(), dt.transpose(1, 2).contiguous(), A.float().contiguous(),
+            B.permute(0, 2, 3, 1).contiguous(), C.permute(0, 2, 3, 1).contiguous(), D.float(),
+            delta_softplus=False, return_last_state=True)
+        return y.transpose(1, 2), last.float()
+    return scan.selective_scan(u, dt, A, B, C, D, resets, h0)
+
+
+def selective_state_step(h, u, dt, A, B, C, D):
+    ops = _mamba_ops() if _cuda(u) else None
+    if ops is not None:
+        b, d = u.shape
+        G, N = B.shape[1], B.shape[2]
+        hv = h.view(b, G, d // G, N)
+        y = ops["selective_state_update"](hv, u.view(b, G, d // G), dt.view(b, G, d // G),
+                                          A.view(G, d // G, N), B, C, D.view(G, d // G))
+        return y.reshape(b, d)
+    return scan.selective_state_step(h, u, dt, A, B, C, D)
+
+
+def ssd(x, dt, A, B, C, D, resets=None, h0=None, chunk: int = 64):
+    ops = _mamba_ops() if _cuda(x) else None
+    if ops is not None:
+        seq_idx = None if resets is None else torch.cumsum(resets.int(), 1).int()
+        y, last = ops["mamba_chunk_scan_combined"](
+            x, dt, A, B, C, chunk_size=chunk, D=D.float(), initial_states=h0, seq_idx=seq_idx, return_final_states=True)
+        return y, last.float()
+    return scan.ssd_chunked(x, dt, A, B, C, D, resets, h0, chunk)
+
+
+def ssd_step(s, x, dt, A, B, C, D):
+    ops = _mamba_ops() if _cuda(x) else None
+    if ops is not None:
+        b, nh, p = x.shape
+        N = B.shape[-1]
+        y = ops["selective_state_update"](s, x, dt[..., None].expand(b, nh, p), A[:, None, None].expand(nh, p, N),
+                                          B, C, D[:, None].expand(nh, p))
+        return y
+    return scan.ssd_step(s, x, dt, A, B, C, D)

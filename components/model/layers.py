@@ -1,0 +1,128 @@
+"""Llama building blocks in plain PyTorch: RMSNorm, rotary embeddings (default and llama3 scaling),
+grouped-query attention through SDPA with an optional KV cache, and the SwiGLU MLP. Numerics follow
+transformers' Llama so a hybrid that keeps attention everywhere reproduces the teacher's logits."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from components.model.config import HybridConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(cfg: HybridConfig) -> torch.Tensor:
+    dim = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    rs = cfg.rope_scaling
+    if not rs:
+        return inv
+    factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+    old_ctx = rs["original_max_position_embeddings"]
+    lo_wavelen, hi_wavelen = old_ctx / lo, old_ctx / hi
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > lo_wavelen, inv / factor, inv)
+    smooth = (old_ctx / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < hi_wavelen) & ~(wavelen > lo_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, cfg: HybridConfig):
+        super().__init__()
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq.float()  # (b, L, hd/2), fp32 as in transformers
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (b, heads, L, hd); cos/sin: (b, L, hd)
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+def build_attention_mask(
+    q_len: int,
+    k_len: int,
+    device: torch.device,
+    key_mask: torch.Tensor | None = None,
+    doc_ids: torch.Tensor | None = None,
+    q_offset: int = 0,
+) -> torch.Tensor | None:
+    """Boolean (b|1, 1, q, k) mask: causal, keys restricted to real tokens and, for packed rows, to the query's
+    own document. Every query may see itself, so a padding query never has an all-masked row (NaN)."""
+    if key_mask is None and doc_ids is None and q_offset == 0 and q_len == k_len:
+        return None  # plain causal: SDPA's is_causal path
+    qi = torch.arange(q_len, device=device)[:, None] + q_offset
+    ki = torch.arange(k_len, device=device)[None, :]
+    mask = (ki <= qi)[None, None]
+    if key_mask is not None:
+        mask = mask & key_mask[:, None, None, :k_len].bool()
+    if doc_ids is not None:
+        mask = mask & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
+    return mask | (ki == qi)[None, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: HybridConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        b = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.hd, bias=b)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=b)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=b)
+        self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=b)
+
+    def forward(self, x, rope, mask, cache=None, cache_pos: int = 0):
+        b, L, _ = x.shape
+        q = self.q_proj(x).view(b, L, self.n_heads, self.hd).transpose(1, 2)
+        k = self.k_proj(x).view(b, L, self.n_kv, self.hd).transpose(1, 2)
+        v = self.v_proj(x).view(b, L, self.n_kv, self.hd).transpose(1, 2)
+        cos, sin = rope
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update_kv(self.layer_idx, k, v, cache_pos)
+        rep = self.n_heads // self.n_kv
+        if rep > 1:
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=L > 1)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(out.transpose(1, 2).reshape(b, L, self.n_heads * self.hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: HybridConfig):
+        super().__init__()
+        b = cfg.mlp_bias
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=b)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=b)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=b)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
