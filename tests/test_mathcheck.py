@@ -1,0 +1,87 @@
+"""components.mathcheck: extraction, equivalence, and time bounds on and off the main thread."""
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from components import mathcheck as mc
+
+# Expanding two degree-3000 polynomials keeps sympy busy far beyond any timeout used here.
+SLOW_GOLD, SLOW_PRED = r"(x+1)^{3000}", r"(x+2)^{3000}"
+
+
+def test_extract_boxed_last_nested_and_fbox():
+    assert mc.extract_boxed(r"first \boxed{1} then \boxed{\frac{1}{2}}") == r"\frac{1}{2}"
+    assert mc.extract_boxed(r"\boxed{x^{2}+\{1,2\}}") == r"x^{2}+\{1,2\}"
+    assert mc.extract_boxed(r"so \fbox{42}.") == "42"
+    assert mc.extract_boxed(r"the answer is \boxed 7$") == "7"
+    assert mc.extract_boxed("no box here") is None
+    assert mc.extract_boxed(r"\boxed{3} and \boxed{unbalanced") == "3"
+    assert mc.extract_boxed(None) is None
+
+
+@pytest.mark.parametrize(
+    "gold,pred,expected",
+    [
+        ("1/2", "0.5", True),
+        (r"\frac{1}{2}", "0.5", True),
+        ("0.5", r"so the result is \boxed{\frac{1}{2}}.", True),
+        ("3", "4", False),
+        ("(x-5)(x+3)", "x^2-2x-15", True),
+        ("x=15, y=-20", "$x = 15$, $y = -20$", True),
+    ],
+)
+def test_verify_equivalence(gold, pred, expected):
+    assert mc.verify(gold, pred) is expected
+    assert mc.answers_equivalent(gold, pred) is expected
+
+
+def test_parse_answer_and_bad_input():
+    assert mc.parse_answer("239")[0] == 239
+    assert mc.parse_answer("") is None
+    assert mc.parse_answer(None) is None
+    assert mc.verify("", "1") is False
+    assert mc.verify(None, "1") is False
+
+
+def test_main_thread_timeout_returns_false_and_keeps_outer_timer():
+    fired = []
+    old = signal.signal(signal.SIGALRM, lambda *a: fired.append(1))
+    signal.setitimer(signal.ITIMER_REAL, 5.0)
+    try:
+        t = time.monotonic()
+        assert mc.verify(SLOW_GOLD, SLOW_PRED, timeout_s=0.5) is False
+        assert time.monotonic() - t < 3
+        remaining, _ = signal.getitimer(signal.ITIMER_REAL)
+        assert 0 < remaining <= 5.0  # the outer timer was re-armed, not cancelled
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert mc.verify("2", "2.0") is True
+
+
+def test_worker_thread_calls_and_timeout():
+    def job():
+        slow_started = time.monotonic()
+        slow = mc.verify(SLOW_GOLD, SLOW_PRED, timeout_s=0.5)
+        slow_s = time.monotonic() - slow_started
+        return (
+            mc.verify("1/2", "0.5"),
+            mc.answers_equivalent(r"\frac{3}{4}", "0.75"),
+            mc.parse_answer(r"\boxed{7}")[0] == 7,
+            slow,
+            slow_s,
+            mc.verify("3", "4"),
+            mc.verify("10", r"\boxed{10}"),
+        )
+
+    with ThreadPoolExecutor(2) as ex:
+        results = list(ex.map(lambda _: job(), range(2)))
+    for ok_half, ok_frac, ok_parse, slow, slow_s, wrong, after in results:
+        assert ok_half and ok_frac and ok_parse
+        assert slow is False and slow_s < 10
+        assert wrong is False
+        assert after is True  # the pool recovered after a timed-out call
+    assert threading.current_thread() is threading.main_thread()
