@@ -100,6 +100,19 @@ def init_from_teacher(cfg: HybridConfig, src: dict, dst: dict) -> dict[str, str]
     return copied
 
 
+def check_attn_layers(source: str, attn_layers: list[int]) -> int:
+    """Validate layer indices against the teacher's config alone; returns its layer count."""
+    from components.model.teacher import load_teacher_config, random_llama_config
+
+    src = str(source)
+    lcfg = random_llama_config(src.split(":", 1)[1]) if src.startswith("random:") else load_teacher_config(src)
+    n = lcfg.num_hidden_layers
+    bad = [i for i in attn_layers if not 0 <= i < n]
+    if bad:
+        raise M1Error(f"attention layer indices {bad} out of range: the teacher has {n} layers (0..{n - 1})")
+    return n
+
+
 @dataclass
 class ConvertOutputs:
     model_dir: str
@@ -114,6 +127,7 @@ def run(config, inputs: dict | None = None) -> ConvertOutputs:
 
     c = config.convert
     out = Path((inputs or {}).get("out_dir") or Path(config.run_dir) / "convert" / "model")
+    check_attn_layers(config.teacher.source, c.attn_layers)  # fail before loading any weights
     teacher = load_any_teacher(config.teacher.source, config.teacher.dtype, seed=config.seed)
     model = convert(teacher, c.attn_layers, c.mixer, d_state=c.d_state, d_conv=c.d_conv, expand=c.expand,
                     dt_min=c.dt_min, dt_max=c.dt_max, dt_init_floor=c.dt_init_floor, conv_bias=c.conv_bias,

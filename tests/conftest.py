@@ -1,0 +1,34 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+for k, v in {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "DVC_NO_ANALYTICS": "1",
+             "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "RAY_USAGE_STATS_ENABLED": "0",
+             "HF_HUB_DISABLE_TELEMETRY": "1"}.items():
+    os.environ.setdefault(k, v)
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher():
+    from components.model.teacher import load_any_teacher
+
+    return load_any_teacher("random:tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def smollm2_teacher():
+    """The real embedded teacher (SmolLM2-135M-Instruct, dequantised from GGUF): loading takes ~30 s."""
+    from components.model.teacher import load_teacher
+
+    return load_teacher("smollm2")
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    from components.model.teacher import load_tokenizer
+
+    return load_tokenizer("smollm2")
