@@ -151,6 +151,9 @@ class DecontamConfig(Section):
     # A training record is removed when it contains at least this fraction of an evaluation problem's
     # n-grams (1.0 = the whole problem verbatim; set very low to remove on any single shared n-gram).
     min_overlap: float = Field(0.5, gt=0.0, le=1.0)
+    # An n-gram shared by more than this many evaluation problems is template/boilerplate phrasing and
+    # does not count as evidence of contamination.
+    boilerplate_df: int = Field(3, ge=1)
     # Training fields scanned for evaluation problems.
     fields: list[Literal["problem", "solution"]] = Field(default_factory=lambda: ["problem", "solution"])
 

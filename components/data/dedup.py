@@ -17,6 +17,7 @@ import numpy as np
 from components.data.config import DedupConfig
 
 _WORD_RE = re.compile(r"\w+", re.UNICODE)
+SCHEME = "affine32"  # signatures cross process boundaries, so the permutation scheme is pinned
 
 
 def normalise(text: str) -> str:
@@ -41,7 +42,7 @@ def shingles(text: str, k: int) -> set[bytes]:
 def minhash_values(text: str, cfg: DedupConfig) -> np.ndarray:
     from datasketch import MinHash
 
-    m = MinHash(num_perm=cfg.num_perm, seed=1)
+    m = MinHash(num_perm=cfg.num_perm, seed=1, scheme=SCHEME)
     m.update_batch(list(shingles(text, cfg.shingle_words)))
     return m.hashvalues
 
@@ -70,7 +71,7 @@ class Deduper:
         if self.cfg.near and hashvalues is not None:
             from datasketch import MinHash
 
-            m = MinHash(num_perm=self.cfg.num_perm, seed=1, hashvalues=hashvalues)
+            m = MinHash(num_perm=self.cfg.num_perm, seed=1, hashvalues=hashvalues, scheme=SCHEME)
             lsh = self._lsh(split)
             if lsh.query(m):
                 return "near_duplicate"

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import random
+import re
 from typing import Any, Iterator
 
 from components.data.config import ChampSource, HubSource, LocalSource, MathgenSource, SyntheticSource
@@ -232,6 +233,47 @@ class LocalAdapter(Adapter):
 # ----------------------------------------------------------------------------- CHAMP
 
 
+_SQRT_RE = re.compile(r"(?<!\\)sqrt\(")
+_CHAMP_PATTERNS = [
+    (re.compile(r"^(.+?),? or equivalently (.+)$", re.I), 2),  # "C(10, 5), or equivalently 252"
+    (re.compile(r"^(.+?),? or approximately .+$", re.I), 1),  # "5/14, or approximately 35.7%"
+    (re.compile(r"^(.+?) is the only possible value$", re.I), 1),
+    (re.compile(r"^the limit exists and is equal to (.+)$", re.I), 1),
+    (re.compile(r"^the only possible value for the limit is (.+)$", re.I), 1),
+    (re.compile(r"^(-?\d+) [a-z]+$", re.I), 1),  # "98 values", "0 pairs"
+]
+
+
+def _latex_sqrt(s: str) -> str:
+    """sqrt(x) -> \\sqrt{x}, parentheses matched."""
+    out, i = "", 0
+    for m in _SQRT_RE.finditer(s):
+        if m.start() < i:
+            continue
+        depth, j = 1, m.end()
+        while j < len(s) and depth:
+            depth += {"(": 1, ")": -1}.get(s[j], 0)
+            j += 1
+        if depth:
+            return s
+        out += s[i:m.start()] + "\\sqrt{" + _latex_sqrt(s[m.end():j - 1]) + "}"
+        i = j
+    return out + s[i:]
+
+
+def champ_answer(answer: str) -> str:
+    """CHAMP writes answers as plain text ("0 is the only possible value", "sqrt(3)", "1 and 3"); keep the
+    mathematical part so it can be checked. What stays prose is rejected later as non_math_answer."""
+    a = re.sub(r"\s*\((?:i\.e\.|e\.g\.)[^)]*\)\s*$", "", answer.strip())
+    for pat, group in _CHAMP_PATTERNS:
+        m = pat.match(a)
+        if m:
+            a = m.group(group).strip()
+    if " and " in a and "," not in a and not re.search(r"[A-Za-z]{2,}", a.replace(" and ", " ")):
+        a = a.replace(" and ", ", ")  # "1 and 3" -> "1, 3" (a list of values)
+    return _latex_sqrt(a)
+
+
 class ChampAdapter(Adapter):
     """CHAMP (PyPI champ-dataset): 270 competition problems with answers, step solutions and model-written
     solutions; a model solution is a trace only if CHAMP's annotators found no mistake in it."""
@@ -267,7 +309,8 @@ class ChampAdapter(Adapter):
 
     def to_row(self, raw: Any, index: int) -> SourceRow:
         _raise_if_error(raw)
-        answer = answer_text(raw.get("answer"))
+        raw_answer = answer_text(raw.get("answer"))
+        answer = champ_answer(raw_answer)
         steps = [check_text(s, "steps[]") for s in raw.get("steps") or []]
         solution = None
         if steps:
@@ -282,7 +325,8 @@ class ChampAdapter(Adapter):
             trace=traces[0][0] if traces else None,
             trace_verified_by="champ_human_annotation" if traces else None,
             alt_traces=traces[1:k],
-            metadata={"category": raw.get("category"), "trace_model": (raw.get("traces") or [{}])[0].get("key")},
+            metadata={"category": raw.get("category"), "raw_answer": raw_answer,
+                      "trace_model": (raw.get("traces") or [{}])[0].get("key")},
         )
 
 

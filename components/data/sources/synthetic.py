@@ -169,7 +169,7 @@ def arithmetic_series(rng: random.Random) -> Generated:
 
 
 def percent_chain(rng: random.Random) -> Generated:
-    price = rng.randint(4, 90) * 20
+    price = rng.randint(20, 1500) * 5
     up, down, tax = rng.choice([10, 15, 20, 25, 30, 40]), rng.choice([5, 10, 12, 20, 25]), rng.choice([4, 5, 6, 8])
     p1 = Fraction(price * (100 + up), 100)
     p2 = p1 * Fraction(100 - down, 100)
@@ -285,9 +285,9 @@ def mixture(rng: random.Random) -> Generated:
 
 
 def vieta(rng: random.Random) -> Generated:
-    r1, r2 = rng.randint(-25, 25), rng.randint(-25, 25)
+    r1, r2 = rng.randint(-60, 60), rng.randint(-60, 60)
     while r1 == 0 or r2 == 0:
-        r1, r2 = rng.randint(-25, 25), rng.randint(-25, 25)
+        r1, r2 = rng.randint(-60, 60), rng.randint(-60, 60)
     s, p = r1 + r2, r1 * r2
     ask = rng.choice(["squares", "reciprocals", "cubes"])
     if ask == "squares":

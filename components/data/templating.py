@@ -1,0 +1,87 @@
+"""Chat formatting and tokenisation with assistant-only loss masks.
+
+user = problem + "\\n" + instruction; assistant = the worked solution (SFT-1) or
+"<think>\\n" + trace + "\\n</think>\\n" + final answer with \\boxed{} (SFT-2). The text is rendered with
+the teacher's own chat template and tokenised once with character offsets; a token is an assistant
+token when its characters fall inside the assistant's content, and the special token that closes the
+assistant turn (<|im_end|> for SmolLM2) is one too. Everything else (system turn, user turn, role
+headers, the newline after the end-of-turn token) has loss_mask 0.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from components.data.record import Record
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    loss_mask: list[int]
+    prompt_tokens: int
+
+
+class Formatter:
+    def __init__(self, tokenizer, instruction: str, system_prompt: str | None = None):
+        self.tok = tokenizer
+        self.instruction = instruction
+        self.system_prompt = system_prompt
+        self.special_ids = set(tokenizer.all_special_ids)
+
+    def user_text(self, problem: str) -> str:
+        return f"{problem}\n{self.instruction}" if self.instruction else problem
+
+    def messages(self, problem: str, assistant: str | None = None) -> list[dict]:
+        msgs = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        msgs.append({"role": "user", "content": self.user_text(problem)})
+        if assistant is not None:
+            msgs.append({"role": "assistant", "content": assistant})
+        return msgs
+
+    def prompt(self, problem: str) -> str:
+        """Chat-templated text ending with the assistant generation prompt (RL / evaluation)."""
+        return self.tok.apply_chat_template(self.messages(problem), tokenize=False, add_generation_prompt=True)
+
+    @staticmethod
+    def assistant_text(rec: Record) -> str:
+        if rec.split == "sft2":
+            final = rec.metadata.get("final") or f"The final answer is $\\boxed{{{rec.answer}}}$."
+            return f"<think>\n{rec.solution.strip()}\n</think>\n{final.strip()}"
+        return rec.solution.strip()
+
+    def render(self, rec: Record) -> tuple[str, int, int]:
+        """(full text, start, end) of the assistant content within the templated conversation."""
+        content = self.assistant_text(rec)
+        prompt = self.prompt(rec.problem)
+        full = self.tok.apply_chat_template(self.messages(rec.problem, content), tokenize=False)
+        start = len(prompt) if full.startswith(prompt) else full.rfind(content)
+        pos = full.find(content, start)
+        if pos < 0:
+            raise ValueError("chat template altered the assistant content; cannot locate it for the loss mask")
+        return full, pos, pos + len(content)
+
+    def encode(self, recs: list[Record]) -> list[Encoded]:
+        rendered = [self.render(r) for r in recs]
+        enc = self.tok([t for t, _, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
+        out = []
+        for (text, a0, a1), ids, offs in zip(rendered, enc["input_ids"], enc["offset_mapping"]):
+            mask = [0] * len(ids)
+            prompt_tokens = 0
+            last = -1
+            for t, (s, e) in enumerate(offs):
+                if e <= a0:
+                    prompt_tokens = t + 1
+                if s < a1 and e > a0 and e > s:
+                    mask[t] = 1
+                    last = t
+            # The end-of-turn token right after the content is what teaches the model to stop.
+            nxt = last + 1
+            while 0 <= last and nxt < len(ids) and offs[nxt][0] < offs[nxt][1] and text[offs[nxt][0]:offs[nxt][1]].isspace():
+                nxt += 1
+            if last >= 0 and nxt < len(ids) and ids[nxt] in self.special_ids:
+                mask[nxt] = 1
+            out.append(Encoded(list(ids), mask, prompt_tokens))
+        return out
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        return [len(x) for x in self.tok(texts, add_special_tokens=False)["input_ids"]]
