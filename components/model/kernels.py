@@ -80,8 +80,10 @@ def selective_state_step(h, u, dt, A, B, C, D):
         b, d = u.shape
         G, N = B.shape[1], B.shape[2]
         hv = h.view(b, G, d // G, N)
+        # mamba_ssm 2.3's launcher cannot take dt_bias=None (it unpacks its strides): pass a zero bias
+        zero = torch.zeros(1, device=u.device, dtype=torch.float32).expand(G, d // G)
         y = ops["selective_state_update"](hv, u.view(b, G, d // G), dt.view(b, G, d // G),
-                                          A.view(G, d // G, N), B, C, D.view(G, d // G))
+                                          A.view(G, d // G, N), B, C, D.view(G, d // G), dt_bias=zero)
         return y.reshape(b, d)
     return scan.selective_state_step(h, u, dt, A, B, C, D)
 
@@ -101,7 +103,8 @@ def ssd_step(s, x, dt, A, B, C, D):
     if ops is not None:
         b, nh, p = x.shape
         N = B.shape[-1]
+        zero = torch.zeros(1, device=x.device, dtype=torch.float32).expand(nh, p)
         y = ops["selective_state_update"](s, x, dt[..., None].expand(b, nh, p), A[:, None, None].expand(nh, p, N),
-                                          B, C, D[:, None].expand(nh, p))
+                                          B, C, D[:, None].expand(nh, p), dt_bias=zero)
         return y
     return scan.ssd_step(s, x, dt, A, B, C, D)
