@@ -13,6 +13,7 @@ from pydantic import Field, ValidationError, model_validator
 from components.config_base import Section
 from components.data.config import DataConfig
 from components.errors import M1Error
+from components.tracking import TrackingConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILES_DIR = ROOT / "configs" / "profiles"
@@ -56,6 +57,7 @@ class M1Config(Section):
     teacher: TeacherConfig = TeacherConfig()
     convert: ConvertConfig = ConvertConfig()
     data: DataConfig = DataConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
 
 def _merge(base: dict, over: dict) -> dict:

@@ -1,0 +1,123 @@
+"""Experiment tracking for stage code: one small Tracker over MLflow.
+
+Stage code never opens the tracking server itself: the pipeline (or the CLI) decides where runs go and passes a
+run id down (MLFLOW_RUN_ID in the environment, or `run_id=`), so Ray workers in other processes log into the same
+run. Metrics are also appended to a local metrics.jsonl beside the stage's outputs, which DVC reads as plots."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from components.config_base import Section
+
+
+class TrackingConfig(Section):
+    # sqlite file by default (no server needed); any MLflow server URI (http://...) when set.
+    # MLFLOW_TRACKING_URI in the environment wins over this value.
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str = "m1"
+    # Where new experiments keep artifacts: a local folder or s3://bucket/prefix (MLFLOW_S3_ENDPOINT_URL for MinIO).
+    artifact_location: str | None = None
+    enabled: bool = True
+
+
+def tracking_uri(cfg: TrackingConfig) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or cfg.uri
+
+
+def setup_mlflow(cfg: TrackingConfig) -> str:
+    """Point MLflow at the configured store and experiment; returns the experiment id."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    exp = mlflow.get_experiment_by_name(cfg.experiment)
+    if exp is None:
+        return mlflow.create_experiment(cfg.experiment, artifact_location=cfg.artifact_location)
+    mlflow.set_experiment(cfg.experiment)
+    return exp.experiment_id
+
+
+class Tracker:
+    """Logs to one MLflow run (by id) and to a local JSONL file; either may be absent."""
+
+    def __init__(self, run_id: str | None = None, local_dir: str | Path | None = None, uri: str | None = None):
+        self.run_id = run_id or os.environ.get("MLFLOW_RUN_ID")
+        self.uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+        self.local = Path(local_dir) / "metrics.jsonl" if local_dir else None
+        self._client = None
+        if self.local:
+            self.local.parent.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def client(self):
+        if self._client is None and self.run_id:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(self.uri) if self.uri else MlflowClient()
+        return self._client
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        if self.client:
+            flat = _flatten(params)
+            from mlflow.entities import Param
+
+            items = [Param(k, str(v)[:6000]) for k, v in flat.items()]
+            for i in range(0, len(items), 100):
+                self.client.log_batch(self.run_id, params=items[i:i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        clean = {k: float(v) for k, v in metrics.items() if v is not None}
+        if self.local:
+            with self.local.open("a") as f:
+                f.write(json.dumps({"step": step, "time": time.time(), **clean}) + "\n")
+        if self.client:
+            from mlflow.entities import Metric
+
+            ts = int(time.time() * 1000)
+            self.client.log_batch(self.run_id, metrics=[Metric(k, v, ts, step or 0) for k, v in clean.items()])
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if self.client:
+            p = Path(path)
+            if p.is_dir():
+                self.client.log_artifacts(self.run_id, str(p), artifact_path)
+            else:
+                self.client.log_artifact(self.run_id, str(p), artifact_path)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        if self.client:
+            for k, v in tags.items():
+                self.client.set_tag(self.run_id, k, str(v))
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+@contextmanager
+def standalone_run(cfg: TrackingConfig, name: str, tags: dict | None = None):
+    """For CLI use outside the pipeline: open an MLflow run unless one was handed down, expose it as MLFLOW_RUN_ID."""
+    if not cfg.enabled or os.environ.get("MLFLOW_RUN_ID"):
+        yield os.environ.get("MLFLOW_RUN_ID")
+        return
+    import mlflow
+
+    setup_mlflow(cfg)
+    with mlflow.start_run(run_name=name, tags=tags) as run:
+        os.environ["MLFLOW_RUN_ID"] = run.info.run_id
+        os.environ.setdefault("MLFLOW_TRACKING_URI", mlflow.get_tracking_uri())
+        try:
+            yield run.info.run_id
+        finally:
+            os.environ.pop("MLFLOW_RUN_ID", None)
