@@ -12,6 +12,8 @@ from components.errors import M1Error
 COMMAND_MODULES = [
     "components.model.cli",
     "components.data.cli",
+    "components.evaluate.cli",
+    "components.pipeline.cli",
 ]
 
 

@@ -12,6 +12,8 @@ from pydantic import Field, ValidationError, model_validator
 
 from components.config_base import Section
 from components.data.config import DataConfig
+from components.evaluate.config import EvalConfig
+from components.pipeline.config import PipelineConfig
 from components.errors import M1Error
 from components.tracking import TrackingConfig
 
@@ -58,6 +60,8 @@ class M1Config(Section):
     convert: ConvertConfig = ConvertConfig()
     data: DataConfig = DataConfig()
     tracking: TrackingConfig = TrackingConfig()
+    evaluate: EvalConfig = EvalConfig()
+    pipeline: PipelineConfig = PipelineConfig()
 
 
 def _merge(base: dict, over: dict) -> dict:
