@@ -39,12 +39,13 @@ def is_math_answer(answer: str) -> bool:
     return True
 
 
-def answer_parses(answer: str, timeout_s: float) -> bool:
+def answer_parses(answer: str, timeout_s: float, allow_text: bool = False) -> bool:
+    """math-verify turns the answer into mathematics. A bare string is its fallback for text it could not
+    parse: accepted only for evaluation sets (graded by string match), never for training data."""
     if mathcheck.is_plain_number(answer):
         return True
     parsed = mathcheck.parse_answer(answer, timeout_s=timeout_s)
-    # A bare string is math-verify's fallback for text it could not turn into mathematics.
-    return bool(parsed) and any(not isinstance(x, str) for x in parsed)
+    return bool(parsed) and (allow_text or any(not isinstance(x, str) for x in parsed))
 
 
 def _final_for(row_final: str | None, answer: str) -> str:
@@ -84,7 +85,7 @@ def route_row(
         return [], [reject("answer_too_long", f"{len(answer)} chars")]
     if checks.require_math_answer and not eval_only and not is_math_answer(answer):
         return [], [reject("non_math_answer", answer[:100])]
-    if not answer_parses(answer, t):
+    if not answer_parses(answer, t, allow_text=eval_only):
         return [], [reject("unparseable_answer", answer[:100])]
 
     meta = dict(row.metadata)

@@ -144,6 +144,17 @@ class DedupConfig(Section):
     num_perm: int = Field(128, ge=16)
     shingle_words: int = Field(5, ge=1)
 
+    @model_validator(mode="after")
+    def _check_lsh(self):
+        if self.near:
+            from datasketch import MinHashLSH
+
+            try:  # datasketch needs at least two bands for this threshold and num_perm
+                MinHashLSH(threshold=self.threshold, num_perm=self.num_perm)
+            except ValueError as e:
+                raise ValueError(f"dedup.threshold {self.threshold} with num_perm {self.num_perm}: {e}") from None
+        return self
+
 
 class DecontamConfig(Section):
     # Word n-gram length compared between training text and evaluation problems.

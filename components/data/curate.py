@@ -57,6 +57,7 @@ class CurateOutputs:
     decontamination: Path
     manifest: Path
     report_json: Path
+    metrics_json: Path  # copy of report.json outside data/, for `dvc metrics`
     report_md: Path
     token_lengths_png: Path
     records: dict[str, int] = field(default_factory=dict)  # documents/prompts/items kept per output
@@ -444,6 +445,9 @@ def run(config, inputs: dict | None = None) -> CurateOutputs:
         os.replace(tmp, final_dir)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+        # DVC cannot track a metrics file inside a tracked output directory: keep a copy beside it.
+        (run_dir / "metrics").mkdir(exist_ok=True)
+        shutil.copyfile(final_dir / "report.json", run_dir / "metrics" / "curate.json")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -453,7 +457,7 @@ def run(config, inputs: dict | None = None) -> CurateOutputs:
         data_dir=d, sft1_dir=d / "sft1", sft1_heldout_dir=d / "sft1_heldout", sft2_dir=d / "sft2", rl_dir=d / "rl",
         eval_dir=d / "eval", eval_sets={n: d / "eval" / f"{n}.jsonl" for n in _eval_sets(cfg)},
         rejects=d / "rejects.jsonl", decontamination=d / "decontamination.jsonl", manifest=d / "manifest.json",
-        report_json=d / "report.json", report_md=d / "report.md", token_lengths_png=d / "token_lengths.png",
+        report_json=d / "report.json", metrics_json=run_dir / "metrics" / "curate.json", report_md=d / "report.md", token_lengths_png=d / "token_lengths.png",
         records={k: o["records"] for k, o in outputs.items()},
         rows={k: o["rows"] for k, o in outputs.items() if not k.startswith("eval/")},
         tokens={k: o["tokens"] for k, o in outputs.items() if "tokens" in o},

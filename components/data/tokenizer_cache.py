@@ -1,7 +1,7 @@
 """The teacher's tokenizer for curation, cached on disk.
 
 Loading SmolLM2's tokenizer from its GGUF file takes ~10 s (the vocabulary is rebuilt from GGUF
-metadata); the saved Hugging Face form loads in well under a second. The cache key is the resolved
+metadata); the saved Hugging Face form loads in well under a second, and a process loads it once. The cache key is the resolved
 source (path, size and mtime for files), so a changed GGUF or a different teacher gets its own entry.
 The cache lives in $M1_CACHE_DIR (default ~/.cache/m1)/tokenizers.
 """
@@ -28,10 +28,21 @@ def _key(source: str) -> str | None:
     return hashlib.sha256(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:24]
 
 
+_LOADED: dict[str, object] = {}
+
+
 def cached_tokenizer(source: str):
+    """The tokenizer for `source`, loaded once per process and from the disk cache when possible."""
+    key = _key(source)
+    memo = key or f"hub:{source}"
+    if memo not in _LOADED:
+        _LOADED[memo] = _load(source, key)
+    return _LOADED[memo]
+
+
+def _load(source: str, key: str | None):
     from transformers import AutoTokenizer
 
-    key = _key(source)
     if key is None:
         return load_tokenizer(source)
     path = os.path.join(cache_root(), key)
