@@ -12,6 +12,7 @@ from components.errors import M1Error
 COMMAND_MODULES = [
     "components.model.cli",
     "components.data.cli",
+    "components.train.cli",
     "components.evaluate.cli",
     "components.pipeline.cli",
 ]

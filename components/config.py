@@ -16,6 +16,7 @@ from components.evaluate.config import EvalConfig
 from components.pipeline.config import PipelineConfig
 from components.errors import M1Error
 from components.tracking import TrackingConfig
+from components.train.config import TrainConfig, distill_defaults, sft1_defaults, sft2_defaults
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILES_DIR = ROOT / "configs" / "profiles"
@@ -60,6 +61,9 @@ class M1Config(Section):
     convert: ConvertConfig = ConvertConfig()
     data: DataConfig = DataConfig()
     tracking: TrackingConfig = TrackingConfig()
+    distill: TrainConfig = Field(default_factory=distill_defaults)
+    sft1: TrainConfig = Field(default_factory=sft1_defaults)
+    sft2: TrainConfig = Field(default_factory=sft2_defaults)
     evaluate: EvalConfig = EvalConfig()
     pipeline: PipelineConfig = PipelineConfig()
 

@@ -1,0 +1,130 @@
+"""Training checkpoints on a local directory or S3, through pyarrow filesystems (the same ones Ray Train uses).
+
+A checkpoint is a directory: the model in the Hugging Face layout (loadable by HybridForCausalLM.from_pretrained)
+plus trainer_state.pt (optimizer, scheduler, RNG states) and trainer_state.json (step, data position). The latest
+checkpoint is the one with the highest step among `<root>/checkpoint_*`. Ray Train writes its own
+checkpoint_<timestamp> folders into the same root, so the scan works for both paths."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+STATE_JSON = "trainer_state.json"
+STATE_PT = "trainer_state.pt"
+
+
+def filesystem(uri: str):
+    """(pyarrow filesystem, path inside it). s3:// honours AWS_ENDPOINT_URL (MinIO, moto) and AWS_* credentials."""
+    import pyarrow.fs as pafs
+
+    if uri.startswith("s3://"):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        kw = {"endpoint_override": endpoint} if endpoint else {}
+        if endpoint and endpoint.startswith("http://"):
+            kw["scheme"] = "http"
+        fs = pafs.S3FileSystem(region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"), **kw)
+        return fs, uri[len("s3://"):].rstrip("/")
+    return pafs.LocalFileSystem(), str(Path(uri).resolve())
+
+
+def rng_state() -> dict:
+    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    np.random.set_state(st["numpy"])
+    random.setstate(st["python"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def write_local(directory: Path, model, optimizer, scheduler, step: int, samples: int, extra: dict | None = None,
+                tokenizer_dir: str | None = None) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    if tokenizer_dir:
+        for f in Path(tokenizer_dir).iterdir():
+            if f.name.startswith(("tokenizer", "special_tokens", "chat_template", "vocab", "merges")):
+                shutil.copy2(f, directory / f.name)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
+               directory / STATE_PT)
+    (directory / STATE_JSON).write_text(json.dumps({"step": step, "samples_consumed": samples, **(extra or {})}))
+    return directory
+
+
+def upload(local_dir: Path, root_uri: str, name: str) -> str:
+    import pyarrow.fs as pafs
+
+    fs, root = filesystem(root_uri)
+    dest = f"{root}/{name}"
+    tmp = f"{root}/.{name}.partial"
+    fs.create_dir(tmp, recursive=True)
+    pafs.copy_files(str(local_dir), tmp, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    try:
+        fs.delete_dir(dest)
+    except (FileNotFoundError, OSError):
+        pass
+    fs.move(tmp, dest)  # a half-written checkpoint is never named checkpoint_*
+    return dest
+
+
+def list_checkpoints(root_uri: str) -> list[tuple[int, str]]:
+    """[(step, path)] of complete checkpoints under root, oldest first."""
+    import pyarrow.fs as pafs
+
+    fs, root = filesystem(root_uri)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=False))
+    except (FileNotFoundError, OSError):
+        return []
+    out = []
+    for info in infos:
+        name = info.path.rstrip("/").split("/")[-1]
+        if info.type != pafs.FileType.Directory or not name.startswith("checkpoint_"):
+            continue
+        try:
+            with fs.open_input_stream(f"{info.path}/{STATE_JSON}") as f:
+                out.append((json.loads(f.read())["step"], info.path))
+        except (FileNotFoundError, OSError, KeyError, json.JSONDecodeError):
+            continue  # incomplete
+    return sorted(out)
+
+
+def latest_checkpoint(root_uri: str) -> str | None:
+    cks = list_checkpoints(root_uri)
+    return cks[-1][1] if cks else None
+
+
+def download(root_uri: str, path: str) -> Path:
+    """Copy a checkpoint to a local temp dir (no copy when it is local already)."""
+    import pyarrow.fs as pafs
+
+    fs, _ = filesystem(root_uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        return Path(path)
+    local = Path(tempfile.mkdtemp(prefix="m1-ckpt-"))
+    pafs.copy_files(path, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return local
+
+
+def prune(root_uri: str, keep: int) -> None:
+    fs, _ = filesystem(root_uri)
+    for _, path in list_checkpoints(root_uri)[:-keep]:
+        fs.delete_dir(path)
+
+
+def read_state(local_dir: Path) -> tuple[dict, dict]:
+    meta = json.loads((local_dir / STATE_JSON).read_text())
+    state = torch.load(local_dir / STATE_PT, map_location="cpu", weights_only=False)
+    return meta, state

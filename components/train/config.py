@@ -1,0 +1,75 @@
+"""Settings of one training stage (`distill:`, `sft1:`, `sft2:` in params.yaml). Defaults are the reference
+recipe's where they fit a CPU (lr 1e-5 cosine, 200 warmup, weight decay 0.1, clip 1.0); params.yaml sizes
+them for the embedded default's 20-minute budget."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from components.config_base import Section
+
+
+class TrainConfig(Section):
+    # Which packed split of the curate stage to train on, and which to measure held-out KL / perplexity on.
+    data: str = "sft1"
+    heldout: str | None = "sft1_heldout"
+    # loss = kl_weight * KL(student, teacher) + ce_weight * CE(student, data); token mean over assistant tokens.
+    kl_weight: float = Field(1.0, ge=0)
+    ce_weight: float = Field(0.0, ge=0)
+    # reverse: sum p_s (log p_s - log p_t) (M1's choice); forward: sum p_t (log p_t - log p_s);
+    # js: beta-skewed Jensen-Shannon, beta * KL(p_t || m) + (1 - beta) * KL(p_s || m), m = beta p_t + (1 - beta) p_s.
+    kl_kind: Literal["reverse", "forward", "js"] = "reverse"
+    js_beta: float = Field(0.5, gt=0, lt=1)
+    temperature: float = Field(1.0, gt=0)
+    # AdamW; weight decay applies to matrices only (norm weights, biases, A_log, D, dt biases are not decayed).
+    lr: float = Field(1e-5, gt=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    schedule: Literal["cosine", "constant", "linear"] = "cosine"
+    warmup_steps: int = Field(200, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = Field(1.0, gt=0)
+    max_steps: int = Field(100, gt=0)
+    global_batch_size: int = Field(8, gt=0)  # packed rows per optimizer step, over all workers
+    micro_batch_size: int = Field(1, gt=0)  # rows per forward/backward on one worker
+    checkpoint_every: int = Field(50, gt=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    # Where checkpoints go: a local directory or s3://bucket/prefix (default: <run_dir>/<stage>/checkpoints).
+    checkpoint_storage: str | None = None
+    eval_every: int = Field(0, ge=0)  # 0: only before the first and after the last step
+    eval_rows: int = Field(8, gt=0)  # held-out rows per evaluation
+    freeze: list[Literal["mlp", "embeddings", "attention", "norms"]] = Field(default_factory=list)
+    gradient_checkpointing: bool = False
+    bf16: bool = True  # autocast to bf16 on CUDA (ignored on CPU)
+    # Ray Train workers; 0 = in-process, no Ray. use_gpu "auto" = one GPU per worker when CUDA is present.
+    num_workers: int = Field(0, ge=0)
+    use_gpu: Literal["auto", "yes", "no"] = "auto"
+    strategy: Literal["ddp", "fsdp2"] = "ddp"
+    peak_tflops: float | None = None  # for MFU; None = known value for the detected GPU, none on CPU
+    log_every: int = Field(1, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.kl_weight == 0 and self.ce_weight == 0:
+            raise ValueError("kl_weight and ce_weight are both 0: nothing to train on")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(f"global_batch_size {self.global_batch_size} is not a multiple of "
+                             f"micro_batch_size {self.micro_batch_size}")
+        workers = max(1, self.num_workers)
+        if self.global_batch_size % (workers * self.micro_batch_size):
+            raise ValueError(f"global_batch_size {self.global_batch_size} must split evenly over "
+                             f"{workers} workers x micro_batch_size {self.micro_batch_size}")
+        return self
+
+
+def distill_defaults() -> TrainConfig:
+    return TrainConfig()
+
+
+def sft1_defaults() -> TrainConfig:
+    return TrainConfig(kl_weight=0.0, ce_weight=1.0)
+
+
+def sft2_defaults() -> TrainConfig:
+    return TrainConfig(data="sft2", heldout=None, kl_weight=0.0, ce_weight=1.0, lr=6e-6)

@@ -1,0 +1,118 @@
+"""Stage entry point for distill / sft1 / sft2: `run(config, inputs, stage)`.
+
+inputs: model_dir (the model to start from: the converted hybrid for distill, the previous stage's model after)
+and data_dir (the curate stage's output). Runs in-process when `num_workers` is 0, else as a Ray Train
+TorchTrainer with that many workers (gloo on CPU, NCCL on GPU) on the cluster `ensure_ray` joins or starts.
+Started again after a failure, it resumes from the latest checkpoint whose fingerprint (stage settings, input
+model, data manifest) matches; checkpoints of other settings are ignored."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from components.errors import M1Error
+
+STAGES = ("distill", "sft1", "sft2")
+
+
+@dataclass
+class TrainOutputs:
+    model_dir: str
+    checkpoint_root: str
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _file_hash(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "-"
+
+
+def fingerprint(stage: str, train_cfg: dict, model_dir: Path, data_dir: Path, seed: int, teacher: str) -> str:
+    h = hashlib.sha256(json.dumps({"stage": stage, "train": train_cfg, "seed": seed, "teacher": teacher}, sort_keys=True,
+                                  default=str).encode())
+    for f in (model_dir / "config.json", model_dir / "model.safetensors", model_dir / "model.safetensors.index.json",
+              data_dir / "manifest.json"):
+        h.update(_file_hash(f).encode())
+    return h.hexdigest()[:16]
+
+
+def run(config, inputs: dict, stage: str) -> TrainOutputs:
+    import os
+
+    import torch
+
+    if stage not in STAGES:
+        raise M1Error(f"unknown training stage {stage!r}; choose one of {', '.join(STAGES)}")
+    tc = getattr(config, stage)
+    model_dir = Path(inputs["model_dir"])
+    data_root = Path(inputs["data_dir"])
+    if not (model_dir / "config.json").is_file():
+        raise M1Error(f"{stage}: input model directory {model_dir} has no config.json")
+    out_dir = Path(config.run_dir) / stage
+    out_dir.mkdir(parents=True, exist_ok=True)
+    root = tc.checkpoint_storage or str((out_dir / "checkpoints").resolve())
+    use_gpu = tc.use_gpu == "yes" or (tc.use_gpu == "auto" and torch.cuda.is_available())
+    train = tc.model_dump(mode="json")
+    lc = {
+        "stage": stage, "train": train, "model_dir": str(model_dir.resolve()),
+        "data_dir": str((data_root / tc.data).resolve()),
+        "heldout_dir": str((data_root / tc.heldout).resolve()) if tc.heldout else None,
+        "teacher_source": config.teacher.source, "out_dir": str(out_dir.resolve()), "checkpoint_root": root,
+        "fingerprint": fingerprint(stage, train, model_dir, data_root, config.seed, config.teacher.source),
+        "seed": config.seed, "use_ray": tc.num_workers > 0, "use_gpu": use_gpu,
+        "mlflow_run_id": os.environ.get("MLFLOW_RUN_ID"), "mlflow_uri": os.environ.get("MLFLOW_TRACKING_URI"),
+    }
+    if not _has_checkpoint(root, lc["fingerprint"]):
+        (out_dir / "history.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh loss curve
+    if tc.num_workers == 0:
+        from components.train.loop import train_loop
+
+        metrics = train_loop(lc)
+    else:
+        metrics = _run_ray(lc, tc, root, use_gpu, config)
+    return TrainOutputs(str(out_dir / "model"), root, {k: float(v) for k, v in metrics.items()
+                                                       if isinstance(v, (int, float))})
+
+
+def _has_checkpoint(root: str, fp: str) -> bool:
+    from components.train import checkpoint as ck
+
+    for _, path in ck.list_checkpoints(root):
+        try:
+            fs, _ = ck.filesystem(root)
+            with fs.open_input_stream(f"{path}/{ck.STATE_JSON}") as f:
+                if json.loads(f.read()).get("fingerprint") == fp:
+                    return True
+        except OSError:
+            continue
+    return False
+
+
+def _run_ray(lc: dict, tc, root: str, use_gpu: bool, config) -> dict:
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from components.ray_utils import ensure_ray
+    from components.train import checkpoint as ck
+    from components.train.loop import train_loop
+
+    ensure_ray(getattr(config.pipeline, "ray_address", None) if hasattr(config, "pipeline") else None)
+    fs, path = ck.filesystem(root)
+    storage, name = path.rsplit("/", 1)
+    resume = None
+    if _has_checkpoint(root, lc["fingerprint"]):
+        resume = ray.train.Checkpoint(path=ck.latest_checkpoint(root), filesystem=fs)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=lc,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu,
+                                               resources_per_worker=None if use_gpu else {"CPU": 1}),
+        run_config=ray.train.RunConfig(name=name, storage_path=storage, storage_filesystem=fs,
+                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints)),
+        resume_from_checkpoint=resume,
+    )
+    trainer.fit()
+    summary = Path(lc["out_dir"]) / "train_metrics.json"
+    return json.loads(summary.read_text()) if summary.is_file() else {}
