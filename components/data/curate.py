@@ -100,11 +100,15 @@ def _work(job: tuple[int, list[tuple[int, object]]]):
                                   row=preview(raw)).to_json())
             continue
         rejects += [r.to_json() for r in rej]
+        signatures: dict = {}  # the splits of one row usually share their dedup text
         for r in recs:
             text = dd.dedup_text(r.problem, r.solution, cfg.dedup.key)
-            key = dd.exact_key(text)
-            hv = dd.minhash_values(text, cfg.dedup) if cfg.dedup.near and r.split != "eval" else None
-            out.append((r.to_json(), r.split, r.metadata.get("eval_set"), key, hv))
+            sig = signatures.get(text)
+            if sig is None:
+                sig = signatures[text] = [dd.exact_key(text), None]
+            if cfg.dedup.near and r.split != "eval" and sig[1] is None:
+                sig[1] = dd.minhash_values(text, cfg.dedup)
+            out.append((r.to_json(), r.split, r.metadata.get("eval_set"), sig[0], sig[1] if r.split != "eval" else None))
     return out, rejects, counts
 
 

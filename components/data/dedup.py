@@ -39,10 +39,21 @@ def shingles(text: str, k: int) -> set[bytes]:
     return {" ".join(words[i : i + k]).encode("utf-8") for i in range(len(words) - k + 1)}
 
 
-def minhash_values(text: str, cfg: DedupConfig) -> np.ndarray:
+_PERMUTATIONS: dict[int, object] = {}
+
+
+def _minhash(num_perm: int, hashvalues=None):
+    """A MinHash with permutations generated once per process (generating them dominates the cost)."""
     from datasketch import MinHash
 
-    m = MinHash(num_perm=cfg.num_perm, seed=1, scheme=SCHEME)
+    perm = _PERMUTATIONS.get(num_perm)
+    if perm is None:
+        perm = _PERMUTATIONS[num_perm] = MinHash(num_perm=num_perm, seed=1, scheme=SCHEME).permutations
+    return MinHash(num_perm=num_perm, hashvalues=hashvalues, permutations=perm, scheme=SCHEME)
+
+
+def minhash_values(text: str, cfg: DedupConfig) -> np.ndarray:
+    m = _minhash(cfg.num_perm)
     m.update_batch(list(shingles(text, cfg.shingle_words)))
     return m.hashvalues
 
@@ -69,9 +80,7 @@ class Deduper:
                 return "exact_duplicate"
             seen.add(key)
         if self.cfg.near and hashvalues is not None:
-            from datasketch import MinHash
-
-            m = MinHash(num_perm=self.cfg.num_perm, seed=1, hashvalues=hashvalues, scheme=SCHEME)
+            m = _minhash(self.cfg.num_perm, hashvalues)
             lsh = self._lsh(split)
             if lsh.query(m):
                 return "near_duplicate"

@@ -52,10 +52,9 @@ class Formatter:
     def render(self, rec: Record) -> tuple[str, int, int]:
         """(full text, start, end) of the assistant content within the templated conversation."""
         content = self.assistant_text(rec)
-        prompt = self.prompt(rec.problem)
         full = self.tok.apply_chat_template(self.messages(rec.problem, content), tokenize=False)
-        start = len(prompt) if full.startswith(prompt) else full.rfind(content)
-        pos = full.find(content, start)
+        # The assistant turn is the last one, so its content is the last occurrence (one render, not two).
+        pos = full.rfind(content)
         if pos < 0:
             raise ValueError("chat template altered the assistant content; cannot locate it for the loss mask")
         return full, pos, pos + len(content)
