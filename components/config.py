@@ -15,6 +15,7 @@ from components.data.config import DataConfig
 from components.evaluate.config import EvalConfig
 from components.pipeline.config import PipelineConfig
 from components.errors import M1Error
+from components.grpo.config import GRPOConfig
 from components.tracking import TrackingConfig
 from components.train.config import TrainConfig, distill_defaults, sft1_defaults, sft2_defaults
 
@@ -64,6 +65,7 @@ class M1Config(Section):
     distill: TrainConfig = Field(default_factory=distill_defaults)
     sft1: TrainConfig = Field(default_factory=sft1_defaults)
     sft2: TrainConfig = Field(default_factory=sft2_defaults)
+    grpo: GRPOConfig = GRPOConfig()
     evaluate: EvalConfig = EvalConfig()
     pipeline: PipelineConfig = PipelineConfig()
 

@@ -1,0 +1,331 @@
+"""The GRPO loop, for an in-process learner or a Ray Train worker group (rank 0 drives the rollouts and
+broadcasts each step's batch; every rank trains on its slice with DDP; rank 0 then pushes the new weights to
+every rollout worker).
+
+Per step: take the next prompts from a seeded permutation (the cursor is checkpointed), sample G completions
+each, score them, normalise rewards within each group, recompute the old log-probabilities with the learner's
+weights, and take ppo_epochs x (prompts_per_step / minibatch_prompts) clipped policy-gradient steps.
+Simplification: learner log-probabilities use the sampling temperature (logits / T), the same distribution the
+rollout logprobs come from."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from components.errors import M1Error
+from components.grpo import rewards as R
+from components.grpo.advantages import group_advantages, informative_groups
+from components.grpo.loss import policy_loss
+from components.grpo.rollout import RolloutPool
+from components.model import HybridForCausalLM
+from components.train import checkpoint as ck
+from components.train.loop import Context, param_groups
+
+
+def load_prompts(directory: str) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    files = sorted(Path(directory).glob("*.parquet"))
+    if not files:
+        raise M1Error(f"no RL prompt shards in {directory} (run the curate stage first)")
+    rows = [r for f in files for r in pq.read_table(f).to_pylist()]
+    return rows
+
+
+def split_prompts(rows: list[dict], n_heldout: int, seed: int) -> tuple[list[dict], list[dict], int]:
+    """Rejects rows without a reference answer (returns their count); held-out = the n rows of smallest hash."""
+    good = [r for r in rows if isinstance(r.get("answer"), str) and r["answer"].strip() and r.get("prompt")]
+    key = lambda r: hashlib.sha256(f"{seed}:{r['id']}".encode()).hexdigest()  # noqa: E731
+    ordered = sorted(good, key=key)
+    return ordered[n_heldout:], ordered[:n_heldout], len(rows) - len(good)
+
+
+def prompt_order(cursor: int, n: int, count: int, seed: int) -> list[int]:
+    out = []
+    while len(out) < count:
+        epoch, off = divmod(cursor + len(out), n)
+        perm = np.random.default_rng([seed, 7, epoch]).permutation(n)
+        out.extend(perm[off:off + min(count - len(out), n - off)].tolist())
+    return out
+
+
+def score_rollouts(ro: dict, answers: list[str], gc: dict) -> tuple[torch.Tensor, list[R.RewardResult]]:
+    res = [R.score(gc["reward"], t, a, gc["format_weight"], gc["verify_timeout_s"]) for t, a in zip(ro["texts"], answers)]
+    return torch.tensor([r.reward for r in res], dtype=torch.float32), res
+
+
+@torch.no_grad()
+def heldout_accuracy(pool: RolloutPool, heldout: list[dict], gc: dict, seed: int) -> dict:
+    if not heldout:
+        return {}
+    n = gc["eval_samples"]
+    ro = pool.generate([r["prompt"] for r in heldout], n, gc["max_new_tokens"], max(gc["eval_temperature"], 1e-5),
+                       1.0, seed)
+    answers = [r["answer"] for r in heldout for _ in range(n)]
+    rew = [R.score(gc["reward"], t, a, 0.0, gc["verify_timeout_s"]).correct for t, a in zip(ro["texts"], answers)]
+    per_prompt = np.asarray(rew, dtype=np.float64).reshape(len(heldout), n).mean(1)
+    se = per_prompt.std(ddof=1) / math.sqrt(len(per_prompt)) if len(per_prompt) > 1 else 0.0
+    return {"heldout/accuracy": float(per_prompt.mean()), "heldout/accuracy_se": float(se),
+            "heldout/prompts": float(len(heldout)), "heldout/samples": float(n)}
+
+
+def sequence_stats(model, prompt_ids, comp_ids, temperature: float, device, micro: int, want_grad: bool, autocast):
+    """Yields (slice, logp, entropy, mask) per micro-batch over completion positions (right-padded)."""
+    for i in range(0, len(comp_ids), micro):
+        P, C = prompt_ids[i:i + micro], comp_ids[i:i + micro]
+        T = max(len(c) for c in C)
+        L = max(len(p) + len(c) for p, c in zip(P, C))
+        ids = torch.zeros(len(C), L, dtype=torch.long)
+        pos = torch.zeros(len(C), T, dtype=torch.long)
+        tgt = torch.zeros(len(C), T, dtype=torch.long)
+        mask = torch.zeros(len(C), T, dtype=torch.bool)
+        for r, (p, c) in enumerate(zip(P, C)):
+            ids[r, :len(p) + len(c)] = torch.tensor(p + c)
+            pos[r, :len(c)] = torch.arange(len(p) - 1, len(p) - 1 + len(c))
+            tgt[r, :len(c)] = torch.tensor(c)
+            mask[r, :len(c)] = True
+        ids, pos, tgt, mask = ids.to(device), pos.to(device), tgt.to(device), mask.to(device)
+        ctx = contextlib.nullcontext() if want_grad else torch.no_grad()
+        with ctx, autocast:
+            full = model(ids)  # right padding cannot reach earlier positions (causal)
+            logits = torch.gather(full, 1, pos[..., None].expand(-1, -1, full.shape[-1])).float() / temperature
+        lsm = F.log_softmax(logits, -1)
+        logp = torch.gather(lsm, -1, tgt[..., None])[..., 0]
+        ent = -(lsm.exp() * lsm).sum(-1)
+        yield slice(i, i + len(C)), logp, ent, mask
+
+
+def grpo_loop(lc: dict) -> dict:
+    from components.tracking import Tracker
+
+    gc = lc["grpo"]
+    ctx = Context(lc["use_ray"], lc["use_gpu"])
+    dev = ctx.device
+    torch.manual_seed(lc["seed"])
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" and gc["bf16"] else contextlib.nullcontext()
+    tracker = Tracker(lc.get("mlflow_run_id"), lc["out_dir"], lc.get("mlflow_uri")) if ctx.rank == 0 else None
+    policy = HybridForCausalLM.from_pretrained(lc["model_dir"], device=str(dev)).float().train()
+    ref = None
+    if gc["kl_coef"] > 0:
+        ref = HybridForCausalLM.from_pretrained(lc["model_dir"], device=str(dev)).eval()
+        ref.requires_grad_(False)
+    opt = torch.optim.AdamW(param_groups(policy, gc["weight_decay"]), lr=gc["lr"], betas=(0.9, 0.999), eps=1e-8)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)  # constant, as the reference
+    train_rows, heldout, rejected = split_prompts(load_prompts(lc["data_dir"]), gc["heldout_prompts"], lc["seed"])
+    if not train_rows:
+        raise M1Error(f"no usable RL prompts in {lc['data_dir']} ({rejected} rejected without a reference answer)")
+
+    start, cursor, first_eval = 0, 0, None
+    resume = ctx.resume_dir(lc["checkpoint_root"], lc["fingerprint"])
+    if resume is not None:
+        meta, state = ck.read_state(resume)
+        policy.load_state_dict(HybridForCausalLM.from_pretrained(resume, device=str(dev)).state_dict())
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        ck.set_rng_state(state["rng"])
+        start, cursor, first_eval = meta["step"], meta["prompt_cursor"], meta.get("first_eval")
+        if ctx.rank == 0:
+            print(f"[grpo] resumed from step {start} (prompt cursor {cursor})", flush=True)
+    core = policy
+    model = torch.nn.parallel.DistributedDataParallel(policy, device_ids=[dev.index] if dev.type == "cuda" else None) \
+        if ctx.world > 1 else policy
+
+    pool = None
+    if ctx.rank == 0:
+        pool = RolloutPool(lc["model_dir"], gc["rollout_workers"], gc["rollout_resources"], str(dev))
+        if start:
+            pool.set_weights(core.state_dict(), start)
+        if tracker:
+            tracker.log_params({**{f"grpo.{k}": v for k, v in gc.items()}, "rl_prompts": len(train_rows),
+                                "heldout_prompts": len(heldout), "rejected_no_answer": rejected})
+        if first_eval is None:
+            first_eval = heldout_accuracy(pool, heldout, gc, lc["seed"] + 10_000)
+            if tracker:
+                tracker.log_metrics(first_eval, step=0)
+            print(f"[grpo] before: {first_eval}", flush=True)
+
+    fail_after = int(os.environ.get("M1_FAIL_AFTER_STEP", "-1"))
+    G = gc["group_size"]
+    for step in range(start, gc["max_steps"]):
+        batch = None
+        if ctx.rank == 0:
+            batch, cursor, roll_stats = _collect(pool, train_rows, cursor, gc, lc["seed"] + step)
+        if ctx.world > 1:
+            obj = [batch, cursor]
+            dist.broadcast_object_list(obj, src=0)
+            batch, cursor = obj
+        t_learn = time.time()
+        n_seq = len(batch["tokens"])
+        # old log-probabilities, recomputed by the learner before any update of this step
+        old = [None] * n_seq
+        for sl, lp, _, _ in sequence_stats(core, batch["prompt_ids"], batch["tokens"], gc["temperature"], dev,
+                                           gc["micro_batch"], False, autocast):
+            for r, k in enumerate(range(sl.start, sl.stop)):
+                old[k] = lp[r]
+        refs = [None] * n_seq
+        if ref is not None:
+            for sl, lp, _, _ in sequence_stats(ref, batch["prompt_ids"], batch["tokens"], gc["temperature"], dev,
+                                               gc["micro_batch"], False, autocast):
+                for r, k in enumerate(range(sl.start, sl.stop)):
+                    refs[k] = lp[r]
+        adv = batch["adv"]
+        keep = batch["keep"]
+        stats_acc: dict[str, float] = {}
+        n_upd = 0
+        mb = gc["minibatch_prompts"] * G
+        for _ in range(gc["ppo_epochs"]):
+            for m0 in range(0, n_seq, mb):
+                idx = list(range(m0, min(n_seq, m0 + mb)))
+                n_tok = float(sum(len(batch["tokens"][k]) for k in idx if keep[k]))
+                mine = idx[ctx.rank::ctx.world]
+                sub_p = [batch["prompt_ids"][k] for k in mine]
+                sub_c = [batch["tokens"][k] for k in mine]
+                for j, (sl, lp, ent, mask) in enumerate(sequence_stats(model, sub_p, sub_c, gc["temperature"], dev,
+                                                                       gc["micro_batch"], True, autocast)):
+                    ks = mine[sl]
+                    T = lp.shape[1]
+                    pad = lambda t: F.pad(t, (0, T - t.shape[0]))  # noqa: E731
+                    old_lp = torch.stack([pad(old[k]) for k in ks])
+                    ref_lp = torch.stack([pad(refs[k]) for k in ks]) if ref is not None else None
+                    m = mask & torch.tensor([keep[k] for k in ks], device=dev)[:, None]
+                    a = torch.tensor([adv[k] for k in ks], device=dev, dtype=torch.float32)
+                    loss, st = policy_loss(lp, old_lp, a, m, ent, ref_lp, clip_low=gc["clip_low"],
+                                           clip_high=gc["clip_high"], entropy_coef=gc["entropy_coef"],
+                                           kl_coef=gc["kl_coef"], n_tokens=max(n_tok, 1.0))
+                    (loss * ctx.world).backward()
+                    for k, v in st.items():
+                        stats_acc[k] = stats_acc.get(k, 0.0) + v
+                torch.nn.utils.clip_grad_norm_([p for p in core.parameters() if p.requires_grad], gc["grad_clip"])
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                n_upd += 1
+        learn_s = time.time() - t_learn
+        totals = ctx.all_sum([stats_acc.get(k, 0.0) for k in ("pg_loss", "clip_fraction", "approx_kl_old", "entropy")])
+        if ctx.rank == 0:
+            sync_s = pool.set_weights(core.state_dict(), step + 1)
+            lens = [len(t) for t in batch["tokens"]]
+            m = {**roll_stats, "pg_loss": totals[0] / n_upd, "clip_fraction": totals[1] / n_upd,
+                 "approx_kl": totals[2] / n_upd, "entropy": totals[3] / n_upd,
+                 "learner_tokens_per_s": sum(lens) * gc["ppo_epochs"] / max(learn_s, 1e-9), "sync_seconds": sync_s,
+                 "prompt_cursor": cursor}
+            if tracker:
+                tracker.log_metrics(m, step=step + 1)
+                if (step + 1) % gc["samples_every"] == 0:
+                    _log_samples(tracker, lc["out_dir"], step + 1, batch)
+            print(f"[grpo] step {step + 1}/{gc['max_steps']} reward {m['reward_mean']:.3f} acc {m['accuracy']:.3f} "
+                  f"len {m['response_length_mean']:.0f} ent {m['entropy']:.3f} sync {sync_s:.2f}s", flush=True)
+        last = step + 1 == gc["max_steps"]
+        local = None
+        if (step + 1) % gc["checkpoint_every"] == 0 or last:
+            if ctx.rank == 0:
+                local = Path(tempfile.mkdtemp(prefix="m1-grpo-")) / "ckpt"
+                ck.write_local(local, core, opt, sched, step + 1, cursor,
+                               {"fingerprint": lc["fingerprint"], "prompt_cursor": cursor, "first_eval": first_eval,
+                                "stage": "grpo"}, lc["model_dir"])
+            ctx.report({"step": step + 1}, local, lc["checkpoint_root"], step + 1, gc["keep_checkpoints"])
+            if local is not None:
+                shutil.rmtree(local.parent, ignore_errors=True)
+        elif ctx.ray:
+            ctx.report({"step": step + 1}, None, lc["checkpoint_root"], step + 1, gc["keep_checkpoints"])
+        if step + 1 == fail_after:
+            raise RuntimeError(f"M1_FAIL_AFTER_STEP={fail_after}: injected failure after step {step + 1}")
+
+    if ctx.rank != 0:
+        return {}
+    final = heldout_accuracy(pool, heldout, gc, lc["seed"] + 10_000)
+    if tracker:
+        tracker.log_metrics(final, step=gc["max_steps"])
+    out = Path(lc["out_dir"])
+    tmp = out / "model.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    core.save_pretrained(tmp)
+    for f in Path(lc["model_dir"]).iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy2(f, tmp / f.name)
+    shutil.rmtree(out / "model", ignore_errors=True)
+    tmp.rename(out / "model")
+    summary = {"steps": gc["max_steps"], "resumed_from": start, **final,
+               **{f"{k}_before": v for k, v in (first_eval or {}).items()}}
+    (out / "grpo_metrics.json").write_text(json.dumps(summary, indent=2))
+    print(f"[grpo] after: {final}", flush=True)
+    return summary
+
+
+def _collect(pool, rows, cursor, gc, seed):
+    """Generate, score and (with dynamic sampling) refill until prompts_per_step groups carry signal."""
+    G, want = gc["group_size"], gc["prompts_per_step"]
+    groups: list[dict] = []
+    gen_tokens, gen_s, rounds = 0, 0.0, 0
+    all_rewards, reasons, lens, trunc, zero_var = [], [], [], 0, 0
+    while True:
+        need = want - len(groups) if gc["dynamic_sampling"] else want
+        picks = prompt_order(cursor, len(rows), need, seed)
+        cursor += need
+        prompts = [rows[i] for i in picks]
+        ro = pool.generate([p["prompt"] for p in prompts], G, gc["max_new_tokens"], gc["temperature"], gc["top_p"],
+                           seed * 1000 + rounds)
+        answers = [p["answer"] for p in prompts for _ in range(G)]
+        rew, res = score_rollouts(ro, answers, gc)
+        gen_tokens += sum(len(t) for t in ro["tokens"])
+        gen_s += ro["seconds"]
+        rg = rew.view(len(prompts), G)
+        info = informative_groups(rg)
+        zero_var += int((~info).sum())
+        all_rewards += rew.tolist()
+        reasons += [r.reason for r in res]
+        lens += [len(t) for t in ro["tokens"]]
+        trunc += sum(f == "length" for f in ro["finish"])
+        for i, p in enumerate(prompts):
+            if gc["dynamic_sampling"] and not bool(info[i]):
+                continue
+            sl = slice(i * G, (i + 1) * G)
+            groups.append({"prompt": p, "rewards": rg[i], "prompt_ids": ro["prompt_ids"][sl], "tokens": ro["tokens"][sl],
+                           "texts": ro["texts"][sl], "finish": ro["finish"][sl], "correct": [r.correct for r in res[sl]]})
+        rounds += 1
+        if not gc["dynamic_sampling"] or len(groups) >= want or rounds > gc["max_refill_rounds"]:
+            break
+    if not groups:
+        raise M1Error(f"dynamic sampling left an empty batch: all {len(all_rewards) // G} groups had equal rewards "
+                      f"after {rounds} rounds (raise max_refill_rounds or lower the difficulty)")
+    groups = groups[:want]
+    rewards = torch.stack([g["rewards"] for g in groups])
+    adv = group_advantages(rewards, gc["advantage"], gc["adv_eps"]).flatten().tolist()
+    flat = {k: [x for g in groups for x in g[k]] for k in ("prompt_ids", "tokens", "texts", "finish", "correct")}
+    keep = [not (gc["mask_truncated"] and f == "length") for f in flat["finish"]]
+    keep = [k and len(t) > 0 for k, t in zip(keep, flat["tokens"])]
+    batch = {**flat, "adv": adv, "keep": keep, "answers": [g["prompt"]["answer"] for g in groups for _ in range(G)],
+             "problems": [g["prompt"]["problem"] for g in groups for _ in range(G)],
+             "rewards": rewards.flatten().tolist()}
+    n = len(all_rewards)
+    stats = {"reward_mean": float(np.mean(all_rewards)), "accuracy": reasons.count("correct") / n,
+             "response_length_mean": float(np.mean(lens)), "response_length_max": float(max(lens)),
+             "truncated_fraction": trunc / n, "zero_variance_groups": zero_var / max(1, n // G),
+             "no_think_fraction": reasons.count("no_think") / n, "reward_errors": float(reasons.count("error")),
+             "rollout_tokens_per_s": gen_tokens / max(gen_s, 1e-9), "rollout_rounds": float(rounds),
+             "batch_prompts": float(len(groups))}
+    return batch, cursor, stats
+
+
+def _log_samples(tracker, out_dir, step, batch, k: int = 8):
+    rows = ["| problem | answer | completion | reward |", "|---|---|---|---|"]
+    esc = lambda s: str(s).replace("|", "\\|").replace("\n", " ")[:400]  # noqa: E731
+    for i in range(min(k, len(batch["texts"]))):
+        rows.append(f"| {esc(batch['problems'][i])} | {esc(batch['answers'][i])} | {esc(batch['texts'][i])} | "
+                    f"{batch['rewards'][i]:.1f} |")
+    p = Path(out_dir) / "samples" / f"step_{step:05d}.md"
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text("\n".join(rows) + "\n")
+    tracker.log_artifact(p, "samples")

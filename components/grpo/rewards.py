@@ -1,0 +1,54 @@
+"""Reward functions, by name. A reward takes (completion text, reference answer, settings) and returns a
+RewardResult; anything that raises inside scores 0 and is counted as an error, never failing the step.
+math-verify calls go through components.mathcheck, bounded in time on any thread or Ray actor."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from components import mathcheck
+
+THINK_CLOSE = "</think>"
+
+
+@dataclass
+class RewardResult:
+    reward: float
+    correct: bool
+    reason: str  # "correct" | "wrong" | "no_think" | "no_box" | "error"
+
+
+def boxed_after_think(completion: str, answer: str, format_weight: float = 0.0, timeout_s: float = 5.0) -> RewardResult:
+    """1 if a \\boxed{} answer after the last </think> verifies against the reference, else 0 (+ format_weight
+    when the completion is well formed: a closing </think> followed by a \\boxed{})."""
+    if THINK_CLOSE not in completion:
+        return RewardResult(0.0, False, "no_think")
+    tail = completion.rsplit(THINK_CLOSE, 1)[1]
+    boxed = mathcheck.extract_boxed(tail)
+    if boxed is None:
+        return RewardResult(0.0, False, "no_box")
+    ok = bool(mathcheck.verify(answer, boxed, timeout_s=timeout_s))
+    return RewardResult((1.0 if ok else 0.0) + format_weight, ok, "correct" if ok else "wrong")
+
+
+def boxed_anywhere(completion: str, answer: str, format_weight: float = 0.0, timeout_s: float = 5.0) -> RewardResult:
+    """Like boxed_after_think without requiring </think> (for models not trained to think)."""
+    boxed = mathcheck.extract_boxed(completion)
+    if boxed is None:
+        return RewardResult(0.0, False, "no_box")
+    ok = bool(mathcheck.verify(answer, boxed, timeout_s=timeout_s))
+    return RewardResult((1.0 if ok else 0.0) + format_weight, ok, "correct" if ok else "wrong")
+
+
+REWARDS: dict[str, Callable[..., RewardResult]] = {
+    "boxed_after_think": boxed_after_think,
+    "boxed_anywhere": boxed_anywhere,
+}
+
+
+def score(name: str, completion: str, answer: str, format_weight: float = 0.0, timeout_s: float = 5.0) -> RewardResult:
+    fn = REWARDS[name]
+    try:
+        return fn(completion, answer, format_weight, timeout_s)
+    except Exception:  # a broken reward must not kill the step: 0, counted as an error
+        return RewardResult(0.0, False, "error")

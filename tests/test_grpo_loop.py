@@ -1,0 +1,115 @@
+"""GRPO loop on a tiny random model: runs, syncs weights to rollout workers, resumes exactly, and refuses an empty
+dynamic-sampling batch with a clear message."""
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from components.config import load_config
+from components.errors import M1Error
+from components.grpo.loop import split_prompts
+from components.grpo.rollout import RolloutPool
+from components.grpo.stage import run
+from components.model import HybridForCausalLM, convert
+
+
+@pytest.fixture(scope="module")
+def rl_setup(tmp_path_factory, tiny_teacher, smollm2_tokenizer):
+    root = tmp_path_factory.mktemp("grpo")
+    convert(tiny_teacher, [1, 3]).save_pretrained(root / "policy", tokenizer=smollm2_tokenizer)
+    rows = []
+    for i in range(12):
+        q = f"What is {i} + {i + 1}?"
+        prompt = smollm2_tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                                       add_generation_prompt=True)
+        rows.append({"id": f"p{i}", "source": "t", "problem": q, "prompt": prompt, "answer": str(2 * i + 1)})
+    rows.append({"id": "bad", "source": "t", "problem": "?", "prompt": "?", "answer": ""})
+    (root / "data" / "rl").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows), root / "data" / "rl" / "part-00000.parquet")
+    (root / "data" / "manifest.json").write_text("{}")
+    return root
+
+
+def _cfg(root, name, **g):
+    grpo = {"heldout_prompts": 2, "eval_samples": 2, "prompts_per_step": 2, "group_size": 2, "max_new_tokens": 6,
+            "minibatch_prompts": 1, "micro_batch": 2, "max_steps": 3, "checkpoint_every": 1, "lr": 1e-3, **g}
+    return load_config(overrides={"run_dir": str(root / name), "teacher": {"source": "random:tiny"}, "grpo": grpo,
+                                  "tracking": {"enabled": False}})
+
+
+def test_prompts_without_answers_are_rejected_and_counted():
+    rows = [{"id": "a", "prompt": "p", "answer": "1"}, {"id": "b", "prompt": "p", "answer": ""},
+            {"id": "c", "prompt": "p", "answer": None}]
+    train, held, rejected = split_prompts(rows, 0, 0)
+    assert rejected == 2 and [r["id"] for r in train] == ["a"]
+
+
+def test_grpo_runs_and_resumes_onto_the_same_weights(rl_setup):
+    root = rl_setup
+    inputs = {"model_dir": root / "policy", "data_dir": root / "data"}
+    out = run(_cfg(root, "straight"), inputs)
+    for k in ("heldout/accuracy", "heldout/accuracy_before", "heldout/accuracy_se"):
+        assert k in out.metrics
+    os.environ["M1_FAIL_AFTER_STEP"] = "1"
+    try:
+        with pytest.raises(RuntimeError, match="injected failure"):
+            run(_cfg(root, "killed"), inputs)
+    finally:
+        del os.environ["M1_FAIL_AFTER_STEP"]
+    out2 = run(_cfg(root, "killed"), inputs)
+    assert out2.metrics["resumed_from"] == 1
+    a = HybridForCausalLM.from_pretrained(root / "straight" / "grpo" / "model").state_dict()
+    b = HybridForCausalLM.from_pretrained(root / "killed" / "grpo" / "model").state_dict()
+    changed = HybridForCausalLM.from_pretrained(root / "policy").state_dict()
+    assert any(not torch.equal(a[k], changed[k]) for k in a)  # the policy moved
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    lines = (root / "straight" / "grpo" / "metrics.jsonl").read_text().splitlines()
+    assert any("sync_seconds" in ln and "clip_fraction" in ln and "entropy" in ln for ln in lines)
+
+
+def test_rollout_workers_generate_with_synced_weights(rl_setup):
+    root = rl_setup
+    pool = RolloutPool(str(root / "policy"), 0, {}, "cpu")
+    prompts = ["<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"]
+    before = pool.generate(prompts, 2, 5, 0.0, 1.0, seed=0)["tokens"]
+    new = HybridForCausalLM.from_pretrained(root / "policy")
+    with torch.no_grad():
+        new.model.norm.weight.mul_(-1.0)  # negated logits: greedy picks what it avoided
+    pool.set_weights(new.state_dict(), 7)
+    assert pool.versions() == [7]
+    w = pool.workers[0].model.state_dict()
+    assert all(torch.equal(w[k], v) for k, v in new.state_dict().items())
+    after = pool.generate(prompts, 2, 5, 0.0, 1.0, seed=0)["tokens"]
+    assert after != before
+
+
+def test_empty_dynamic_sampling_batch_stops_with_a_message(rl_setup):
+    root = rl_setup
+    cfg = _cfg(root, "dyn", dynamic_sampling=True, max_refill_rounds=0, max_steps=1)
+    with pytest.raises(M1Error, match="dynamic sampling left an empty batch"):
+        run(cfg, {"model_dir": root / "policy", "data_dir": root / "data"})
+
+
+@pytest.mark.slow
+def test_ray_rollout_actors_receive_weights(rl_setup):
+    import ray
+
+    from components.ray_utils import ensure_ray
+
+    root = rl_setup
+    ensure_ray(num_cpus=2)
+    try:
+        pool = RolloutPool(str(root / "policy"), 2, {"CPU": 1}, "cpu")
+        new = HybridForCausalLM.from_pretrained(root / "policy")
+        with torch.no_grad():
+            new.model.norm.weight.mul_(-1.0)
+        secs = pool.set_weights(new.state_dict(), 3)
+        assert pool.versions() == [3, 3] and secs >= 0
+        local = RolloutPool(str(root / "policy"), 0, {}, "cpu")
+        local.set_weights(new.state_dict(), 3)
+        prompts = ["<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"]
+        assert pool.generate(prompts, 2, 5, 0.0, 1.0, 0)["tokens"] == local.generate(prompts, 2, 5, 0.0, 1.0, 0)["tokens"]
+    finally:
+        ray.shutdown()

@@ -1,0 +1,77 @@
+"""GRPO pieces against hand-computed examples: advantages, every loss option, reward edge cases."""
+import math
+
+import pytest
+import torch
+
+from components.grpo import rewards as R
+from components.grpo.advantages import group_advantages, informative_groups
+from components.grpo.loss import policy_loss
+
+
+def test_group_normalised_and_drgrpo_advantages():
+    r = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
+    a = group_advantages(r, "grpo", eps=0.0 + 1e-6)
+    # group 0: mean 0.5, population std 0.5 -> +-1; group 1: all equal -> 0
+    assert torch.allclose(a[0], torch.tensor([1.0, -1.0, -1.0, 1.0]), atol=1e-5)
+    assert torch.equal(a[1], torch.zeros(4))
+    assert torch.allclose(group_advantages(r, "drgrpo")[0], torch.tensor([0.5, -0.5, -0.5, 0.5]))
+    assert informative_groups(r).tolist() == [True, False]
+
+
+def test_clipped_surrogate_with_clip_higher_by_hand():
+    logp = torch.log(torch.tensor([[1.5, 0.5, 1.1]]))
+    old = torch.zeros(1, 3)
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    # positive advantage: ratios 1.5 -> clipped at 1 + 0.28, 0.5 -> min(0.5, 0.8) = 0.5, 1.1 unclipped
+    loss, st = policy_loss(logp, old, torch.tensor([1.0]), mask, clip_low=0.2, clip_high=0.28)
+    assert abs(loss.item() - (-(1.28 + 0.5 + 1.1) / 3)) < 1e-6
+    assert abs(st["clip_fraction"] - 1 / 3) < 1e-6
+    # negative advantage: -min(r*A, clip(r)*A) = max(r, clip(r)) -> 1.5, 0.8, 1.1
+    loss, st = policy_loss(logp, old, torch.tensor([-1.0]), mask, clip_low=0.2, clip_high=0.28)
+    assert abs(loss.item() - (1.5 + 0.8 + 1.1) / 3) < 1e-6
+    k3 = sum((r - 1) - math.log(r) for r in (1.5, 0.5, 1.1)) / 3
+    assert abs(st["approx_kl_old"] - k3) < 1e-6
+
+
+def test_entropy_bonus_kl_term_and_token_mean_with_mask():
+    logp = torch.zeros(2, 2)
+    old = torch.zeros(2, 2)
+    mask = torch.tensor([[True, True], [True, False]])
+    ent = torch.tensor([[1.0, 2.0], [3.0, 100.0]])
+    ref = torch.full((2, 2), math.log(2.0))
+    adv = torch.tensor([1.0, 2.0])
+    loss, st = policy_loss(logp, old, adv, mask, ent, ref, entropy_coef=0.01, kl_coef=0.5)
+    pg = -(1 + 1 + 2) / 3  # ratio 1 everywhere; masked token ignored
+    entropy = (1 + 2 + 3) / 3
+    k3 = 2 - math.log(2) - 1  # exp(d) - d - 1 with d = log 2
+    assert abs(loss.item() - (pg - 0.01 * entropy + 0.5 * k3)) < 1e-6
+    assert abs(st["entropy"] - entropy) < 1e-6 and abs(st["kl_ref"] - k3) < 1e-6
+    # no KL term when kl_coef is 0 (the default)
+    _, st0 = policy_loss(logp, old, adv, mask, ent, ref, entropy_coef=0.01, kl_coef=0.0)
+    assert "kl_ref" not in st0
+
+
+@pytest.mark.parametrize("completion,answer,reward,reason", [
+    ("<think>half</think> The answer is \\boxed{\\frac{1}{2}}", "0.5", 1.0, "correct"),
+    ("<think>x</think> so \\boxed{0.5}", "\\frac{1}{2}", 1.0, "correct"),
+    ("<think>x</think> \\boxed{\\frac{\\sqrt{4}}{4}}", "1/2", 1.0, "correct"),
+    ("<think>x</think> \\boxed{3} then \\boxed{7}", "7", 1.0, "correct"),  # the last box counts
+    ("<think>x</think> the answer is 7", "7", 0.0, "no_box"),
+    ("\\boxed{7} <think>never closed", "7", 0.0, "no_think"),
+    ("<think>\\boxed{7}</think> \\boxed{8}", "7", 0.0, "wrong"),  # a box inside the thinking does not count
+])
+def test_boxed_after_think_reward(completion, answer, reward, reason):
+    r = R.score("boxed_after_think", completion, answer)
+    assert (r.reward, r.reason) == (reward, reason)
+
+
+def test_format_weight_and_raising_reward_scores_zero(monkeypatch):
+    assert R.score("boxed_after_think", "<think>a</think>\\boxed{2}", "3", format_weight=0.1).reward == pytest.approx(0.1)
+
+    def broken(*a, **k):
+        raise ValueError("boom")
+
+    monkeypatch.setitem(R.REWARDS, "broken", broken)
+    r = R.score("broken", "x", "1")
+    assert (r.reward, r.reason) == (0.0, "error")
