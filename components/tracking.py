@@ -26,7 +26,28 @@ class TrackingConfig(Section):
 
 
 def tracking_uri(cfg: TrackingConfig) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or cfg.uri
+    return absolute_uri(os.environ.get("MLFLOW_TRACKING_URI") or cfg.uri)
+
+
+def absolute_uri(uri: str) -> str:
+    """A relative sqlite path is made absolute (against the working directory) so that stage subprocesses and
+    Ray workers started elsewhere write to the same database."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/") and ":memory:" not in uri:
+        return prefix + str(Path(uri[len(prefix):]).resolve())
+    return uri
+
+
+def ui_command(uri: str) -> str:
+    """The command that opens the MLflow UI on this store."""
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri}"
+    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+
+
+def run_link(uri: str, experiment_id: str, run_id: str) -> str:
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 def setup_mlflow(cfg: TrackingConfig) -> str:

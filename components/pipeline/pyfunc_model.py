@@ -1,0 +1,73 @@
+"""The registered model's MLflow face: a pyfunc wrapper around HybridForCausalLM, its tokenizer (with the chat
+template) and components.model.generate.
+
+    model = mlflow.pyfunc.load_model("models:/m1-hybrid@champion")
+    model.predict(pd.DataFrame({"prompt": ["What is 7 * 6?"]}), params={"max_new_tokens": 64})
+    -> ["... \\boxed{42}"]
+
+Each prompt becomes a user turn (the chat template adds the generation prompt); greedy decoding unless a
+temperature > 0 is passed."""
+from __future__ import annotations
+
+import mlflow.pyfunc
+
+HYBRID_ARTIFACT = "hybrid"
+
+
+def signature(max_new_tokens: int = 256):
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "prompt")]),
+        outputs=Schema([ColSpec("string")]),
+        params=ParamSchema([
+            ParamSpec("max_new_tokens", "long", max_new_tokens),
+            ParamSpec("temperature", "double", 0.0),
+            ParamSpec("top_p", "double", 1.0),
+            ParamSpec("seed", "long", 0),
+        ]),
+    )
+
+
+class HybridPyfunc(mlflow.pyfunc.PythonModel):
+    def load_context(self, context) -> None:
+        import torch
+        from transformers import AutoTokenizer
+
+        from components.model import HybridForCausalLM
+
+        path = context.artifacts[HYBRID_ARTIFACT]
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = HybridForCausalLM.from_pretrained(path, device=self.device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+
+    def _encode(self, prompt: str) -> list[int]:
+        tok = self.tokenizer
+        if tok.chat_template:
+            ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                          tokenize=True)
+            # transformers 5 returns a BatchEncoding here, 4.x a list
+            return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        return tok(prompt)["input_ids"]
+
+    def predict(self, context, model_input, params=None) -> list[str]:
+        from components.model import generate
+
+        p = params or {}
+        if hasattr(model_input, "columns"):
+            if "prompt" not in model_input.columns:
+                raise ValueError(f"input needs a 'prompt' column, got {list(model_input.columns)}")
+            prompts = [str(x) for x in model_input["prompt"].tolist()]
+        elif isinstance(model_input, str):
+            prompts = [model_input]
+        else:
+            prompts = [str(x) for x in model_input]
+        temperature = float(p.get("temperature", 0.0))
+        out = generate(self.model, [self._encode(x) for x in prompts], max_new_tokens=int(p.get("max_new_tokens", 256)),
+                       temperature=temperature, top_p=float(p.get("top_p", 1.0)), greedy=temperature <= 0,
+                       seed=int(p.get("seed", 0)), tokenizer=self.tokenizer,
+                       pad_token_id=self.tokenizer.pad_token_id)
+        return list(out.texts)

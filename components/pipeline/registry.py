@@ -1,0 +1,201 @@
+"""The MLflow model registry: the final hybrid is registered as <promotion.model_name> (m1-hybrid) with the alias
+`candidate`; the promotion gate moves `champion` to it only when its evaluation metrics beat the current
+champion's by more than the thresholds in `pipeline.promotion.gate`. Every decision is written to the
+candidate version's tags (gate.decision, gate.reason, gate.<metric>.*), and each version carries its metrics
+as `metric.<name>` tags so later gates compare against them without looking up runs."""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from components.errors import M1Error
+from components.tracking import tracking_uri
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+METRIC_TAG = "metric."
+
+
+@dataclass
+class GateDecision:
+    promoted: bool
+    reason: str
+    compared_to: str | None  # champion version, or None when there was none
+    details: dict[str, dict] = field(default_factory=dict)
+    version: str | None = None  # the version that was gated
+
+    def tags(self) -> dict[str, str]:
+        t = {"gate.decision": "promoted" if self.promoted else "rejected", "gate.reason": self.reason,
+             "gate.compared_to": self.compared_to or "none", "gate.time": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                        time.gmtime())}
+        for metric, d in self.details.items():
+            for k, v in d.items():
+                t[f"gate.{metric}.{k}"] = str(v)
+        return t
+
+
+@dataclass
+class RegisterOutputs:
+    model_name: str
+    version: str
+    model_uri: str
+    promoted: bool
+    decision: str
+    champion_version: str | None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def decide(gate, candidate: dict[str, float], champion: dict[str, float] | None,
+           champion_version: str | None) -> GateDecision:
+    """Pure gate logic: every gate metric must clear its floor and beat the champion by > min_improvement."""
+    details: dict[str, dict] = {}
+    failures: list[str] = []
+    for g in gate:
+        c = candidate.get(g.metric)
+        d: dict = {"candidate": c}
+        details[g.metric] = d
+        if c is None or (isinstance(c, float) and math.isnan(c)):
+            failures.append(f"candidate has no {g.metric}")
+            continue
+        sign = 1.0 if g.higher_is_better else -1.0
+        if g.min_value is not None and sign * (c - g.min_value) < 0:
+            failures.append(f"{g.metric} {c:g} does not clear the floor {g.min_value:g}")
+        ch = champion.get(g.metric) if champion is not None else None
+        if ch is None:
+            continue
+        improvement = sign * (c - ch)
+        d.update(champion=ch, improvement=round(improvement, 10), min_improvement=g.min_improvement)
+        if not improvement > g.min_improvement:
+            failures.append(f"{g.metric} {c:g} vs champion {ch:g}: improvement {improvement:+g} "
+                            f"not above {g.min_improvement:g}")
+    if failures:
+        return GateDecision(False, "; ".join(failures), champion_version, details)
+    if champion_version is None:
+        return GateDecision(True, "no champion yet", None, details)
+    beaten = ", ".join(f"{m} {d['candidate']:g} > {d['champion']:g}" for m, d in details.items() if "champion" in d)
+    return GateDecision(True, f"beats champion v{champion_version}" + (f": {beaten}" if beaten else ""),
+                        champion_version, details)
+
+
+def _client(config):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri(config.tracking), registry_uri=tracking_uri(config.tracking))
+
+
+def _version_by_alias(client, name: str, alias: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def version_metrics(mv) -> dict[str, float]:
+    out = {}
+    for k, v in (mv.tags or {}).items():
+        if k.startswith(METRIC_TAG):
+            try:
+                out[k[len(METRIC_TAG):]] = float(v)
+            except ValueError:
+                pass
+    return out
+
+
+def _pip_requirements() -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    reqs = []
+    for name in ("torch", "transformers", "tokenizers", "safetensors", "pydantic", "pyyaml", "numpy", "tqdm",
+                 "pandas"):
+        try:
+            v = version(name).split("+")[0]
+            reqs.append(f"{name}=={v}" if name != "torch" else f"torch>={v.rsplit('.', 1)[0]}")
+        except PackageNotFoundError:
+            reqs.append(name)
+    return reqs
+
+
+def register_model(config, model_dir: str | Path, metrics: dict[str, float], tags: dict | None = None) -> str:
+    """Log `model_dir` as a pyfunc model in the current stage run (MLFLOW_RUN_ID) or a new run, register it
+    and point the candidate alias at the new version; returns the version."""
+    import mlflow
+
+    from components.pipeline.mlflow_runs import experiment_id
+    from components.pipeline.pyfunc_model import HYBRID_ARTIFACT, HybridPyfunc, signature
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise M1Error(f"not a hybrid model directory (no config.json): {model_dir}")
+    promo = config.pipeline.promotion
+    uri = tracking_uri(config.tracking)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    exp = experiment_id(config.tracking, uri)
+    with mlflow.start_run(run_id=run_id, experiment_id=None if run_id else exp,
+                          run_name=None if run_id else "register") as run:
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=HybridPyfunc(), artifacts={HYBRID_ARTIFACT: str(model_dir)},
+            code_paths=[str(ROOT / "components")], signature=signature(promo.max_new_tokens),
+            pip_requirements=_pip_requirements(), registered_model_name=promo.model_name,
+            await_registration_for=60)
+        if metrics:
+            mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+        source_run = run.info.run_id
+    version = str(info.registered_model_version)
+    client = _client(config)
+    for k, v in {**{f"{METRIC_TAG}{k}": v for k, v in metrics.items()}, "m1.model_dir": str(model_dir.resolve()),
+                 "m1.profile": config.profile, "m1.source_run": source_run, **(tags or {})}.items():
+        client.set_model_version_tag(promo.model_name, version, k, str(v))
+    client.set_registered_model_alias(promo.model_name, promo.candidate_alias, version)
+    return version
+
+
+def promote(config, version: str | None = None) -> GateDecision:
+    """Gate `version` (default: the candidate) against the champion; move `champion` when it passes."""
+    promo = config.pipeline.promotion
+    client = _client(config)
+    if version is None:
+        mv = _version_by_alias(client, promo.model_name, promo.candidate_alias)
+        if mv is None:
+            raise M1Error(f"no version of {promo.model_name} has the alias {promo.candidate_alias!r}; "
+                          f"register one first (the pipeline's register stage, or m1 promote --model-dir)")
+    else:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            mv = client.get_model_version(promo.model_name, str(version))
+        except MlflowException:
+            raise M1Error(f"{promo.model_name} has no version {version}") from None
+    champ = _version_by_alias(client, promo.model_name, promo.champion_alias)
+    if champ is not None and champ.version == mv.version:
+        decision = GateDecision(False, f"version {mv.version} already is the champion", champ.version)
+    else:
+        decision = decide(promo.gate, version_metrics(mv), version_metrics(champ) if champ else None,
+                          champ.version if champ else None)
+    for k, v in decision.tags().items():
+        client.set_model_version_tag(promo.model_name, mv.version, k, v)
+    if decision.promoted:
+        client.set_registered_model_alias(promo.model_name, promo.champion_alias, mv.version)
+        if champ is not None:
+            client.set_model_version_tag(promo.model_name, champ.version, "gate.superseded_by", mv.version)
+    decision.version = mv.version
+    return decision
+
+
+def run(config, inputs: dict | None = None) -> RegisterOutputs:
+    """Stage entry point: inputs {"model_dir": final hybrid, "metrics": its evaluation metrics}."""
+    inputs = inputs or {}
+    if not inputs.get("model_dir"):
+        raise M1Error("register: no model directory given (inputs['model_dir'])")
+    metrics = {k: float(v) for k, v in (inputs.get("metrics") or {}).items()}
+    version = register_model(config, inputs["model_dir"], metrics, tags=inputs.get("tags"))
+    decision = promote(config, version)
+    promo = config.pipeline.promotion
+    champ = _version_by_alias(_client(config), promo.model_name, promo.champion_alias)
+    return RegisterOutputs(promo.model_name, version, f"models:/{promo.model_name}/{version}", decision.promoted,
+                           decision.reason, champ.version if champ else None, metrics)

@@ -1,0 +1,138 @@
+"""What the flow's tasks do, kept out of flows/ so the flow stays thin: validate everything before any stage runs,
+run one stage with its MLflow run in the environment, hash and (optionally) mirror its outputs, and render the
+per-stage and final summaries."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from components.errors import M1Error
+from components.pipeline.keys import StageResult, config_material, extract_metrics, hash_outputs
+from components.pipeline.mlflow_runs import stage_env
+from components.pipeline.stages import ROOT, Stage, get_stage, plan
+
+TELEMETRY_OFF = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "DVC_NO_ANALYTICS": "1",
+                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "RAY_USAGE_STATS_ENABLED": "0",
+                 "HF_HUB_DISABLE_TELEMETRY": "1"}
+
+
+def quiet_env() -> None:
+    """Telemetry off for every library (set before they are imported; the user's explicit values win)."""
+    for k, v in TELEMETRY_OFF.items():
+        os.environ.setdefault(k, v)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def preflight(config, stages: list[Stage]) -> None:
+    """Everything that can be checked without running a stage: config keys, code paths, stage validators."""
+    from components.pipeline.hashing import code_version
+
+    for s in stages:
+        config_material(config, s)
+        code_version(s.code_paths(), ROOT)
+        s.function()  # the stage's module imports
+        if s.validate:
+            s.validate(config)
+    if config.pipeline.result_storage and config.pipeline.result_storage.startswith("s3://") or \
+            config.pipeline.checkpoint_uri:
+        try:
+            import s3fs  # noqa: F401
+        except ImportError as e:  # pragma: no cover - installed with dvc[s3]
+            raise M1Error("S3 result storage needs s3fs (pip install s3fs)") from e
+
+
+def selected_stages(config, stages: list[str] | None = None) -> list[Stage]:
+    return plan(stages if stages is not None else config.pipeline.stages)
+
+
+def execute_stage(config, stage_name: str, inputs: dict, cache_key: str, mlflow_run_id: str | None,
+                  tracking_uri: str | None) -> StageResult:
+    """The body of a stage task. Raises on failure (so nothing is cached); outputs are the stage's own, written
+    atomically by the stage (temporary directory renamed on success)."""
+    from components.pipeline.storage import mirror_outputs
+
+    stage = get_stage(stage_name)
+    if config.pipeline.ray_address:
+        os.environ["RAY_ADDRESS"] = config.pipeline.ray_address
+    t0 = time.time()
+    with stage_env(mlflow_run_id, tracking_uri):
+        outputs = stage.function()(config, inputs, **stage.kwargs)
+    seconds = round(time.time() - t0, 2)
+    hashes = hash_outputs(stage, outputs)
+    mirror_outputs(config, stage.name, stage.output_paths(outputs))
+    return StageResult(stage.name, cache_key, outputs, hashes, extract_metrics(outputs), seconds, mlflow_run_id)
+
+
+def where(stage: Stage, result: StageResult) -> str:
+    model = stage.model_dir(result.outputs) if stage.model_output else None
+    if model is not None:
+        return _rel(model)
+    paths = stage.output_paths(result.outputs)
+    if hasattr(result.outputs, "model_uri"):
+        return str(result.outputs.model_uri)
+    return ", ".join(_rel(p) for p in paths.values()) or "-"
+
+
+def _rel(p) -> str:
+    p = Path(p).resolve()
+    try:
+        return str(p.relative_to(Path.cwd()))
+    except ValueError:
+        return str(p)
+
+
+def key_metrics(stage: Stage, result: StageResult, limit: int = 4) -> str:
+    names = [m for m in stage.summary_metrics if m in result.metrics] or sorted(result.metrics)[:limit]
+    return ", ".join(f"{m}={_fmt(result.metrics[m])}" for m in names[:limit]) or "-"
+
+
+def _fmt(v: float) -> str:
+    return f"{int(v)}" if float(v).is_integer() and abs(v) < 1e15 else f"{v:.4g}"
+
+
+def stage_markdown(stage: Stage, result: StageResult, cached: bool, link: str | None) -> str:
+    lines = [f"### {stage.name} ({'cached' if cached else 'ran'} in {result.seconds:.1f} s)", "",
+             f"{stage.description}", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted(result.metrics.items())]
+    lines += ["", "| output | content hash (DVC md5) |", "|---|---|"]
+    lines += [f"| {name} | `{h}` |" for name, h in result.output_hashes.items()]
+    lines += ["", f"outputs: `{where(stage, result)}`", f"cache key: `{result.cache_key}`"]
+    if link:
+        lines.append(f"MLflow run: [{link}]({link})")
+    return "\n".join(lines)
+
+
+def summary_rows(rows: list[dict]) -> str:
+    """Plain-text table: stage, status, seconds, key metrics, where the outputs/model went."""
+    head = ("stage", "status", "seconds", "key metrics", "outputs")
+    table = [head] + [(r["stage"], r["status"], f"{r['seconds']:.1f}", r["metrics"], r["where"]) for r in rows]
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(head))]
+    out = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def summary_markdown(rows: list[dict]) -> str:
+    lines = ["| stage | status | seconds | key metrics | outputs |", "|---|---|---|---|---|"]
+    lines += [f"| {r['stage']} | {r['status']} | {r['seconds']:.1f} | {r['metrics']} | `{r['where']}` |"
+              for r in rows]
+    return "\n".join(lines)
+
+
+def ui_commands(tracking_uri: str | None) -> list[str]:
+    from components.tracking import ui_command
+
+    api = os.environ.get("PREFECT_API_URL")
+    cmds = []
+    if api:
+        cmds.append(f"Prefect UI:  open {api.rstrip('/').removesuffix('/api')}")
+    else:
+        home = os.environ.get("PREFECT_HOME")
+        prefix = f"PREFECT_HOME={home} " if home else ""
+        cmds.append(f"Prefect UI:  {prefix}prefect server start --host 127.0.0.1 --port 4200   "
+                    f"# then open http://127.0.0.1:4200")
+    if tracking_uri:
+        cmds.append(f"MLflow UI:   {ui_command(tracking_uri)}" +
+                    ("   # then open http://127.0.0.1:5000" if not tracking_uri.startswith("http") else ""))
+    return cmds

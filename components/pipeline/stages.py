@@ -1,0 +1,213 @@
+"""The ordered registry of pipeline stages. Flows, the CLI, the dry run, tests and the summary all read it.
+
+A stage is a plain function `run(config, inputs) -> <Outputs dataclass>` living in components/; the registry
+says how to call it, which config sections and upstream outputs key its cache, and what its outputs are.
+Only stages whose code exists are listed: a stage that has not landed is absent, never a placeholder.
+
+Adding a stage is one `Stage(...)` entry in STAGES, in pipeline order (before `register`, which stays last):
+
+    Stage("distill", "components.train.stage:run", kwargs={"stage": "distill"},
+          config_keys=("distill", "seed"), upstream=("curate", "convert"),
+          inputs=lambda up: {"data": up["curate"], "model": up["convert"]},
+          outputs=("model_dir",), model_output="model_dir", code=("components/train",), uses_ray=True),
+
+- target: "module:function"; called as function(config, inputs, **kwargs).
+- config_keys: dotted paths into M1Config whose values key the cache (with run_dir, the code version and
+  the content hashes of the upstream outputs).
+- upstream: names of earlier stages whose outputs this one reads; `inputs` turns {name: outputs dataclass}
+  (every stage finished so far) into the `inputs` dict (default: {name: outputs} of the declared upstream).
+- outputs: fields of the outputs dataclass holding files/directories whose content is hashed (default:
+  every str/Path field that exists on disk). model_output: the field holding a model directory, for stages
+  that produce a model (the last such model is what `register` registers).
+- code: extra paths (relative to the repo root) hashed into the code version; the target's own package and
+  components/model always are.
+- validate(config): cheap checks run before any stage starts (bad input fails the run up front).
+- resources(config): what the stage asks for (merged under `pipeline.resources.<name>`), for the dry run.
+- datasets(outputs): {name: path} of datasets the stage produces; logged to MLflow with their DVC hashes
+  (as inputs of the pipeline's parent run and of every stage downstream of this one).
+- summary_metrics: the metrics the final summary table shows for the stage.
+A stage whose upstream is not (transitively) registered is left out, so `register` joins the pipeline by
+itself once `evaluate` is registered.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from components.errors import M1Error
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    target: str
+    config_keys: tuple[str, ...]
+    upstream: tuple[str, ...] = ()
+    inputs: Callable[[dict[str, Any]], dict] | None = None
+    kwargs: dict = field(default_factory=dict)
+    outputs: tuple[str, ...] = ()
+    model_output: str | None = None
+    code: tuple[str, ...] = ()
+    package: str | None = None  # the package versioning the stage's code (default: the target's package)
+    validate: Callable[[Any], None] | None = None
+    resources: Callable[[Any], dict] | None = None
+    datasets: Callable[[Any], dict[str, Path]] | None = None
+    uses_ray: bool = False
+    summary_metrics: tuple[str, ...] = ()  # metrics shown in the final summary table (default: the first few)
+    description: str = ""
+
+    def function(self) -> Callable:
+        module, _, attr = self.target.partition(":")
+        return getattr(importlib.import_module(module), attr)
+
+    def code_paths(self) -> list[str]:
+        pkg = self.package or self.target.partition(":")[0].rsplit(".", 1)[0].replace(".", "/")
+        return sorted({pkg, "components/model", *self.code})
+
+    def build_inputs(self, finished: dict[str, Any]) -> dict:
+        if self.inputs is not None:
+            return self.inputs(finished)
+        return {name: finished[name] for name in self.upstream}
+
+    def output_paths(self, outputs) -> dict[str, Path]:
+        """{field: path} of the outputs whose content identifies this stage's result."""
+        if self.outputs:
+            names = list(self.outputs)
+        else:
+            names = [f.name for f in dataclasses.fields(outputs) if isinstance(getattr(outputs, f.name), (str, Path))]
+        found = {}
+        for name in names:
+            value = getattr(outputs, name)
+            if value is None:
+                continue
+            p = Path(value)
+            if self.outputs and not p.exists():
+                raise M1Error(f"stage {self.name}: output {name} = {p} does not exist after the stage finished")
+            if p.exists():
+                found[name] = p
+        return found
+
+    def model_dir(self, outputs) -> Path | None:
+        return Path(getattr(outputs, self.model_output)) if self.model_output else None
+
+
+# ----------------------------------------------------------------------------- stage-specific helpers
+
+def _curate_run(config, inputs=None):
+    """curate.run, with random teachers ("random:<shape>") curated with the tokenizer they share with the
+    embedded teacher: curate resolves teacher.source as a real model location, which a random teacher is not.
+    Remove (target components.data.curate:run) once curate accepts random teachers itself."""
+    from components.data import curate
+
+    if config.teacher.source.startswith("random:"):
+        from components.model.teacher import EMBEDDED_TEACHER
+
+        config = config.model_copy(update={"teacher": config.teacher.model_copy(update={"source": EMBEDDED_TEACHER})})
+    return curate.run(config, inputs)
+
+
+def _curate_datasets(out) -> dict[str, Path]:
+    ds = {"sft1": out.sft1_dir, "sft1_heldout": out.sft1_heldout_dir, "sft2": out.sft2_dir, "rl": out.rl_dir}
+    ds.update({f"eval/{name}": path for name, path in out.eval_sets.items()})
+    return {k: Path(v) for k, v in ds.items() if Path(v).exists()}
+
+
+def _curate_resources(config) -> dict:
+    return {"cpus": config.data.num_proc}
+
+
+def _convert_validate(config) -> None:
+    # The layer indices are checked against the teacher's shape before anything runs; hub teachers this
+    # machine cannot reach are checked against their known shape (the cluster recipe is validated offline).
+    from components.pipeline.resources import teacher_llama_config
+
+    n = teacher_llama_config(config.teacher.source).num_hidden_layers
+    bad = [i for i in config.convert.attn_layers if not 0 <= i < n]
+    if bad:
+        raise M1Error(f"convert.attn_layers: indices {bad} out of range: the teacher has {n} layers (0..{n - 1})")
+
+
+def _convert_resources(config) -> dict:
+    from components.pipeline.resources import teacher_memory_gb
+
+    gb = teacher_memory_gb(config)
+    return {"cpus": 1, **({"memory_gb": gb} if gb else {})}
+
+
+def _register_inputs(finished: dict[str, Any]) -> dict:
+    """The final model (the last model-producing stage's, or the one evaluate evaluated) and its metrics."""
+    ev = finished["evaluate"]
+    model_dir = getattr(ev, "model_dir", None)
+    if model_dir is None:
+        for stage in reversed([s for s in _DECLARED if s.name in finished and s.model_output]):
+            model_dir = stage.model_dir(finished[stage.name])
+            break
+    return {"model_dir": model_dir, "metrics": dict(getattr(ev, "metrics", None) or {})}
+
+
+# ----------------------------------------------------------------------------- the registry
+
+_DECLARED: list[Stage] = [
+    Stage("curate", "components.pipeline.stages:_curate_run", config_keys=("data", "teacher.source", "seed"),
+          package="components/data", outputs=("data_dir",), code=("components/mathcheck.py",), datasets=_curate_datasets,
+          resources=_curate_resources, summary_metrics=("records.sft1", "records.sft2", "records.rl", "rejected"),
+          description="sources -> checks -> dedup -> decontamination -> templating -> packing"),
+    Stage("convert", "components.model.convert:run", config_keys=("convert", "teacher", "seed"),
+          outputs=("model_dir",), model_output="model_dir", validate=_convert_validate,
+          resources=_convert_resources, summary_metrics=("num_parameters",),
+          description="Llama teacher -> hybrid Mamba/attention (weight init)"),
+    # Registers the final model as <promotion.model_name>@candidate and gates `champion`; joins the pipeline
+    # once an `evaluate` stage is registered above it.
+    Stage("register", "components.pipeline.registry:run", config_keys=("pipeline.promotion",),
+          upstream=("evaluate",), inputs=_register_inputs, outputs=(),
+          description="MLflow registry: candidate alias, promotion gate to champion"),
+]
+
+
+def registered_stages() -> list[Stage]:
+    """The stages of the pipeline, in order; those whose upstream is not registered are left out."""
+    active: list[Stage] = []
+    names: set[str] = set()
+    for s in _DECLARED:
+        if all(u in names for u in s.upstream):
+            active.append(s)
+            names.add(s.name)
+    return active
+
+
+def stage_names() -> list[str]:
+    return [s.name for s in registered_stages()]
+
+
+def get_stage(name: str) -> Stage:
+    for s in registered_stages():
+        if s.name == name:
+            return s
+    raise M1Error(f"unknown stage {name!r}; registered stages: {', '.join(stage_names())}")
+
+
+def plan(targets: list[str] | None) -> list[Stage]:
+    """The stages to run for `targets` (None = all): the targets and everything upstream of them, in order."""
+    stages = registered_stages()
+    if not targets:
+        return stages
+    by_name = {s.name: s for s in stages}
+    need: set[str] = set()
+
+    def visit(name: str) -> None:
+        if name in need:
+            return
+        if name not in by_name:
+            raise M1Error(f"unknown stage {name!r}; registered stages: {', '.join(by_name)}")
+        need.add(name)
+        for u in by_name[name].upstream:
+            visit(u)
+
+    for t in targets:
+        visit(t)
+    return [s for s in stages if s.name in need]

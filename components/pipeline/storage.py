@@ -1,0 +1,122 @@
+"""Where results, artifacts and checkpoints go: local folders by default, S3 (AWS, MinIO, a moto server)
+when configured. One code path for every S3 endpoint: boto3 for checkpoints, s3fs (fsspec) for Prefect
+results, MLflow's own boto3 client for artifacts, dvc-s3 for the DVC remote; all read the endpoint from
+`pipeline.s3.endpoint_url` or AWS_ENDPOINT_URL / MLFLOW_S3_ENDPOINT_URL and credentials from the usual AWS
+environment/profile chain."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from components.errors import M1Error
+
+
+def export_s3_env(config) -> None:
+    """Make the configured endpoint visible to every library (and to stage subprocesses / Ray workers)."""
+    s3 = config.pipeline.s3
+    endpoint = s3.resolved_endpoint()
+    if endpoint:
+        os.environ.setdefault("AWS_ENDPOINT_URL", endpoint)
+        os.environ.setdefault("MLFLOW_S3_ENDPOINT_URL", endpoint)
+    if s3.region:
+        os.environ.setdefault("AWS_DEFAULT_REGION", s3.region)
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    if not uri.startswith("s3://"):
+        raise M1Error(f"not an s3:// URI: {uri}")
+    bucket, _, prefix = uri[5:].partition("/")
+    if not bucket:
+        raise M1Error(f"no bucket in {uri}")
+    return bucket, prefix.strip("/")
+
+
+def s3_client(config=None):
+    import boto3
+
+    endpoint = config.pipeline.s3.resolved_endpoint() if config is not None else (
+        os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("MLFLOW_S3_ENDPOINT_URL"))
+    region = (config.pipeline.s3.region if config is not None else None) or os.environ.get("AWS_DEFAULT_REGION")
+    return boto3.client("s3", endpoint_url=endpoint, region_name=region or "us-east-1")
+
+
+def upload_dir(local: str | Path, uri: str, client=None) -> int:
+    """Copy every file under `local` to s3://bucket/prefix/<relpath>; returns the number of files."""
+    bucket, prefix = split_s3(uri)
+    client = client or s3_client()
+    local = Path(local)
+    files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file())
+    for f in files:
+        rel = f.name if local.is_file() else f.relative_to(local).as_posix()
+        client.upload_file(str(f), bucket, f"{prefix}/{rel}" if prefix else rel)
+    return len(files)
+
+
+def download_dir(uri: str, local: str | Path, client=None) -> int:
+    """Copy every object under s3://bucket/prefix/ into `local` (written beside and renamed, so a reader never
+    sees a half-downloaded file); returns the number of files."""
+    bucket, prefix = split_s3(uri)
+    client = client or s3_client()
+    local = Path(local)
+    n = 0
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/" if prefix else ""):
+        for obj in page.get("Contents", []):
+            rel = obj["Key"][len(prefix) + 1:] if prefix else obj["Key"]
+            dest = local / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.with_name(dest.name + ".part")
+            client.download_file(bucket, obj["Key"], str(tmp))
+            os.replace(tmp, dest)
+            n += 1
+    return n
+
+
+def mirror_outputs(config, stage: str, paths: dict[str, Path]) -> list[str]:
+    """Upload a finished stage's outputs to <pipeline.checkpoint_uri>/<run_dir name>/<stage>/<field>/."""
+    base = config.pipeline.checkpoint_uri
+    if not base:
+        return []
+    client = s3_client(config)
+    run = Path(config.run_dir).resolve().name
+    uris = []
+    for name, p in paths.items():
+        uri = f"{base.rstrip('/')}/{run}/{stage}/{name}"
+        upload_dir(p, uri, client)
+        uris.append(uri)
+    return uris
+
+
+def checkpoint_uri(config, stage: str) -> str | None:
+    """Where a training stage mirrors its checkpoints (<checkpoint_uri>/<run_dir name>/<stage>/checkpoints)."""
+    base = config.pipeline.checkpoint_uri
+    if not base:
+        return None
+    return f"{base.rstrip('/')}/{Path(config.run_dir).resolve().name}/{stage}/checkpoints"
+
+
+def result_storage(config):
+    """Prefect result storage for the stage cache: a local folder (a Path), or for s3:// a RemoteFileSystem
+    block saved under a name derived from its location (Prefect only accepts saved blocks; it holds the
+    endpoint, never credentials, which come from the AWS environment)."""
+    where = config.pipeline.result_storage
+    if where and where.startswith("s3://"):
+        import hashlib
+
+        from prefect.filesystems import RemoteFileSystem
+
+        endpoint = config.pipeline.s3.resolved_endpoint()
+        client_kwargs = {}
+        if endpoint:
+            client_kwargs["endpoint_url"] = endpoint
+        if config.pipeline.s3.region:
+            client_kwargs["region_name"] = config.pipeline.s3.region
+        block = RemoteFileSystem(basepath=where.rstrip("/"),
+                                 settings={"client_kwargs": client_kwargs} if client_kwargs else {})
+        name = "m1-results-" + hashlib.sha256(f"{where}|{endpoint}".encode()).hexdigest()[:12]
+        block.save(name, overwrite=True)
+        return block
+    if where and where.startswith("file://"):
+        where = where[len("file://"):]
+    path = (Path(where) if where else Path(config.run_dir) / ".prefect-results").resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return path

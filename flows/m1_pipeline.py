@@ -1,0 +1,136 @@
+"""The `m1-pipeline` Prefect flow: one cached task per registered stage (components/pipeline/stages.py).
+
+Each task is cached on its stage's cache key (config sections, upstream output hashes, code version) with the
+result persisted (local folder by default, S3 when pipeline.result_storage says so): a stage whose inputs did
+not change is not run again, and a run started again after a failure skips the finished stages and re-runs the
+failed one (training stages resume from their own checkpoints). A failed task raises, so Prefect stores
+nothing for it. Transient failures retry with exponential backoff; bad input (M1Error) does not.
+
+    m1 pipeline --profile tiny                                  # in-process, no server needed
+    prefect deployment run m1-pipeline/local -p profile=tiny    # through a server + worker (infra/)
+"""
+from __future__ import annotations
+
+import time
+
+from components.pipeline.runner import quiet_env
+
+quiet_env()
+
+from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.artifacts import create_link_artifact, create_markdown_artifact  # noqa: E402
+from prefect.context import get_run_context  # noqa: E402
+
+from components.errors import M1Error  # noqa: E402
+from components.pipeline import runner  # noqa: E402
+from components.pipeline.keys import StageResult, cache_key  # noqa: E402
+from components.pipeline.mlflow_runs import PipelineRuns  # noqa: E402
+from components.pipeline.storage import export_s3_env, result_storage  # noqa: E402
+
+
+def _cache_key(context, parameters) -> str:
+    return parameters["cache_key"]
+
+
+def _transient(task, task_run, state) -> bool:
+    """Retry anything but bad input: an M1Error fails the same way every time."""
+    try:
+        state.result()
+    except M1Error:
+        return False
+    except BaseException:
+        return True
+    return True
+
+
+@task(persist_result=True, cache_key_fn=_cache_key, result_serializer="pickle", cache_result_in_memory=False,
+      retry_condition_fn=_transient)
+def run_stage(stage: str, config, inputs: dict, cache_key: str, mlflow_run_id: str | None,
+              tracking_uri: str | None) -> StageResult:
+    return runner.execute_stage(config, stage, inputs, cache_key, mlflow_run_id, tracking_uri)
+
+
+def _stage_task(stage, config, storage, refresh: bool = False):
+    r = config.pipeline.retries
+    return run_stage.with_options(
+        name=stage.name, task_run_name=stage.name, result_storage=storage, refresh_cache=refresh,
+        retries=r.retries, retry_delay_seconds=[r.delay_s * 2 ** i for i in range(r.retries)] or 0,
+        retry_jitter_factor=r.jitter if r.retries else None)
+
+
+@flow(name="m1-pipeline", persist_result=False, validate_parameters=True)
+def m1_pipeline(profile: str = "default", params: str | None = None, stages: list[str] | None = None,
+                overrides: dict | None = None) -> dict:
+    """Run the registered stages for `profile` (params.yaml + configs/profiles/<profile>.yaml [+ overrides])."""
+    from components.config import load_config
+
+    started = time.time()
+    logger = get_run_logger()
+    config = load_config(profile, params, overrides)  # bad input fails here, before any stage
+    plan = runner.selected_stages(config, stages)
+    runner.preflight(config, plan)
+    export_s3_env(config)
+    storage = result_storage(config)
+    flow_run = get_run_context().flow_run
+    runs = PipelineRuns(config, f"{config.profile}-{flow_run.name}", {"prefect.flow_run_id": str(flow_run.id)})
+    runs.start()
+    finished: dict[str, StageResult] = {}
+    datasets: dict[str, dict] = {}
+    rows: list[dict] = []
+    ok = False
+    try:
+        for stage in plan:
+            key = cache_key(config, stage, {u: finished[u].output_hash for u in stage.upstream})
+            inputs = stage.build_inputs({n: r.outputs for n, r in finished.items()})
+            run_id = runs.start_stage(stage.name)
+            for u in stage.upstream:
+                if u in datasets:
+                    runs.log_datasets([run_id], datasets[u], context=stage.name)
+            t0 = time.time()
+            try:
+                state = _stage_task(stage, config, storage)(stage.name, config, inputs, key, run_id, runs.uri,
+                                                           return_state=True)
+                result: StageResult = state.result()
+                cached = state.name == "Cached"
+                if cached and not result.outputs_intact(stage):
+                    logger.warning(f"{stage.name}: cached outputs are missing or changed on disk; running it again")
+                    state = _stage_task(stage, config, storage, refresh=True)(
+                        stage.name, config, inputs, key, run_id, runs.uri, return_state=True)
+                    result, cached = state.result(), False
+            except BaseException:
+                runs.end_stage(run_id, ok=False)
+                raise
+            seconds = time.time() - t0
+            runs.log_stage(run_id, runner.config_material(config, stage), result, cached)
+            if stage.datasets:
+                datasets[stage.name] = stage.datasets(result.outputs)
+                runs.log_datasets([runs.parent_id, run_id], datasets[stage.name], context=stage.name)
+            runs.end_stage(run_id, ok=True)
+            link = runs.link(run_id)
+            create_markdown_artifact(key=f"m1-{stage.name}", markdown=runner.stage_markdown(stage, result, cached, link),
+                                     description=f"{stage.name}: metrics and outputs")
+            if link:
+                create_link_artifact(key=f"m1-{stage.name}-mlflow", link=link, link_text=f"MLflow run of {stage.name}")
+            finished[stage.name] = result
+            rows.append({"stage": stage.name, "status": f"cached ({result.seconds:.0f} s saved)" if cached else "ran",
+                         "seconds": seconds, "metrics": runner.key_metrics(stage, result),
+                         "where": runner.where(stage, result), "cached": cached, "mlflow_run_id": run_id,
+                         "cache_key": result.cache_key, "all_metrics": result.metrics})
+        ok = True
+    finally:
+        runs.end(ok, {f"{r['stage']}.seconds": r["seconds"] for r in rows})
+    table = runner.summary_rows(rows)
+    create_markdown_artifact(key="m1-pipeline-summary", markdown=runner.summary_markdown(rows),
+                             description=f"m1 pipeline, profile {config.profile}")
+    ui = runner.ui_commands(runs.uri)
+    logger.info("summary\n" + table + "\n" + "\n".join(ui))
+    return {"profile": config.profile, "run_dir": config.run_dir, "seconds": round(time.time() - started, 2),
+            "stages": rows, "table": table, "ui": ui, "flow_run_id": str(flow_run.id),
+            "mlflow": {"uri": runs.uri, "experiment_id": runs.experiment_id, "parent_run_id": runs.parent_id,
+                       "link": runs.link(runs.parent_id)}}
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(m1_pipeline(*(sys.argv[1:2] or ["default"]))["table"])
