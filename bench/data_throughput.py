@@ -4,9 +4,10 @@
 
 Steps are timed in isolation on synthetic rows written to a local JSONL file: reading (our streaming
 reader and `datasets` streaming), row checks in 1 and N worker processes, exact and MinHash dedup,
-decontamination, templating+tokenisation and packing. The end-to-end run curates a local source of
---end-to-end-rows rows through `curate.run` and reports peak memory, which stays flat as the source
-grows because every pass streams (try --end-to-end-rows 1000000).
+decontamination, templating+tokenisation and packing. The end-to-end runs curate local sources of
+--end-to-end-rows sizes through `curate.run`, each in a fresh process, and report its peak memory:
+every pass streams, so memory grows only with the dedup indexes, not with the rows themselves
+(try --end-to-end-rows 20000,1000000).
 """
 from __future__ import annotations
 
@@ -36,20 +37,35 @@ def write_rows(path: Path, n: int, seed: int) -> None:
     from components.data.sources.synthetic import generate
 
     with open(path, "w") as f:
-        for r in generate(n, seed):
-            f.write(json.dumps(r) + "\n")
+        f.writelines(json.dumps(r) + "\n" for r in generate(n, seed))
+
+
+def _end_to_end(src: str, run_dir: str, num_proc: int):
+    """Curate one local source in this (fresh) process: (seconds, sft1 documents, rows, peak RSS MiB)."""
+    from components.config import load_config
+    from components.data import curate
+
+    conf = load_config(overrides={"run_dir": run_dir, "data": {
+        "num_proc": num_proc,
+        "sources": [{"kind": "local", "name": "big", "path": src, "splits": ["sft1"],
+                     "fields": {"problem": "problem", "solution": "solution", "answer": "answer", "id": "id"}}]}})
+    t = time.perf_counter()
+    out = curate.run(conf)
+    secs = time.perf_counter() - t
+    peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    return secs, out.records["sft1"], out.rows["sft1"], peak / 1024
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=20000)
     ap.add_argument("--num-proc", type=int, default=os.cpu_count() or 2)
-    ap.add_argument("--end-to-end-rows", type=int, default=50000)
+    ap.add_argument("--end-to-end-rows", type=lambda v: [int(x) for x in v.split(",")], default=[20000, 100000],
+                    help="comma-separated source sizes for the end-to-end runs")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
     n = args.rows
 
-    from components.config import load_config
     from components.data import curate
     from components.data import dedup as dd
     from components.data.config import DataConfig, DedupConfig, FieldMap, LocalSource
@@ -123,18 +139,17 @@ def main() -> None:
 
     timed("pack (seq_len 2048)", len(enc), pack, results)
 
-    e2e_src = tmp / "e2e.jsonl"
-    write_rows(e2e_src, args.end_to_end_rows, 2)
-    conf = load_config(overrides={"run_dir": str(tmp / "run"), "data": {
-        "num_proc": args.num_proc,
-        "sources": [{"kind": "local", "name": "big", "path": str(e2e_src), "splits": ["sft1"],
-                     "fields": {"problem": "problem", "solution": "solution", "answer": "answer", "id": "id"}}]}})
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    out = timed("curate.run end to end (local source)", args.end_to_end_rows,
-                lambda: curate.run(conf, inputs={"tokenizer": tok}), results)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(f"end-to-end kept {out.records['sft1']} sft1 documents in {out.rows['sft1']} rows; "
-          f"peak RSS {rss / 1024:.0f} MiB (before the run {rss0 / 1024:.0f} MiB)")
+    import multiprocessing as mp
+
+    for size in args.end_to_end_rows:
+        e2e_src = tmp / f"e2e-{size}.jsonl"
+        write_rows(e2e_src, size, 2)
+        # A fresh interpreter per run, so its peak memory is the stage's own.
+        with mp.get_context("spawn").Pool(1) as pool:
+            secs, kept, nrows, peak = pool.apply(_end_to_end, (str(e2e_src), str(tmp / f"run-{size}"), args.num_proc))
+        results.append((f"curate.run end to end ({size} rows)", size, secs))
+        print(f"{'curate.run end to end (local source)':<38} {size:>9} rows {secs:>8.2f} s {size / secs:>12,.0f} rows/s"
+              f"  kept {kept} sft1 docs in {nrows} rows, peak RSS {peak:.0f} MiB", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump([{"step": s, "rows": k, "seconds": round(t, 3), "rows_per_s": round(k / t, 1)}

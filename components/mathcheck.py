@@ -350,6 +350,11 @@ def answers_equivalent(a: str, b: str, timeout_s: float | None = DEFAULT_TIMEOUT
     return bool(_call("equiv", (a, b), timeout_s))
 
 
+def preload() -> None:
+    """Import math-verify (and sympy) now, e.g. before forking worker processes that will all use it."""
+    _math_verify()
+
+
 def is_plain_number(text: str) -> bool:
     """An integer, decimal or simple fraction: parses by construction, no sympy needed."""
     return bool(_PLAIN_NUMBER_RE.match(normalize_answer_text(text)))

@@ -1,11 +1,17 @@
 """Per-row filters and routing (components/data/checks.py)."""
 from collections import Counter
 
+import pytest
+
 from components.data.checks import is_math_answer, route_row
 from components.data.config import ChecksConfig
-from components.data.record import RowError, SourceRow, answer_text, check_text, stable_fraction
-
-import pytest
+from components.data.record import (
+    RowError,
+    SourceRow,
+    answer_text,
+    check_text,
+    stable_fraction,
+)
 
 CHECKS = ChecksConfig()
 

@@ -166,7 +166,7 @@ def test_rl_and_eval_layout(curated):
     rows = t.to_pylist()
     assert all(r["prompt"].endswith("<|im_start|>assistant\n") and r["answer"] for r in rows)
     assert {"csv", "mg", "champ", "mixed"} <= {r["source"] for r in rows}
-    for name, path in out.eval_sets.items():
+    for path in out.eval_sets.values():
         items = read_jsonl(path)
         assert items and all(set(e) == {"id", "source", "problem", "answer", "prompt"} for e in items)
     held = read_jsonl(out.eval_sets["syn_heldout"])
@@ -224,3 +224,18 @@ def test_embedded_default_end_to_end(tmp_path, tok):
     assert set(out.eval_sets) == {"champ_heldout", "synthetic_heldout"}
     assert out.records["eval/champ_heldout"] > 20 and out.records["eval/synthetic_heldout"] > 50
     assert out.records["sft1_heldout"] > 50
+
+
+def test_runs_off_the_main_thread(tmp_path, tok):
+    # Orchestrators (Prefect task runners, threaded Ray actors) call stages from worker threads.
+    from concurrent.futures import ThreadPoolExecutor
+
+    over = {"run_dir": str(tmp_path / "run"), "data": {"num_proc": 2, "sources": [
+        {"kind": "mathgenerator", "name": "mg", "splits": ["sft1", "rl"], "n": 30},
+        {"kind": "champ", "name": "champ", "splits": ["rl"], "max_rows": 15}]}}
+    for num_proc in (2, 1):
+        over["data"]["num_proc"] = num_proc
+        cfg = load_config(overrides=over)
+        with ThreadPoolExecutor(1) as ex:
+            out = ex.submit(curate.run, cfg, {"tokenizer": tok}).result(timeout=120)
+        assert out.records["rl"] > 20 and out.records["sft1"] > 10

@@ -8,7 +8,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from components import mathcheck
-from components.data.config import ChampSource, FieldMap, HubSource, LocalSource, MathgenSource, SyntheticSource
+from components.data.config import (
+    ChampSource,
+    FieldMap,
+    HubSource,
+    LocalSource,
+    MathgenSource,
+    SyntheticSource,
+)
 from components.data.record import RowError
 from components.data.sources import champ_answer, make_adapter
 from components.data.sources.registry import REGISTRY, lookup

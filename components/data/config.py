@@ -4,7 +4,7 @@ runs in about a minute on a 2-core CPU. Hub datasets and local files are added a
 entries (see components/data/sources/registry.py for the known hub datasets)."""
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
@@ -56,7 +56,7 @@ class HubSource(_Source):
     # than one only survives deduplication with dedup.key = problem_solution).
     max_traces_per_problem: int = Field(1, gt=0)
     # Column mapping for a hub dataset that is not in the registry (ignored for registered ones).
-    fields: "FieldMap | None" = None
+    fields: FieldMap | None = None
 
 
 class FieldMap(Section):
@@ -106,7 +106,7 @@ class SyntheticSource(_Source):
 HubSource.model_rebuild()
 
 SourceSpec = Annotated[
-    Union[HubSource, LocalSource, ChampSource, MathgenSource, SyntheticSource], Field(discriminator="kind")
+    HubSource | LocalSource | ChampSource | MathgenSource | SyntheticSource, Field(discriminator="kind")
 ]
 
 

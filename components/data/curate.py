@@ -21,9 +21,9 @@ import shutil
 import tempfile
 import time
 from collections import Counter, deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import pyarrow as pa
 
@@ -31,12 +31,23 @@ from components.data import dedup as dd
 from components.data.checks import route_row, row_error_reject
 from components.data.config import DataConfig
 from components.data.decontam import EvalIndex
-from components.data.packing import PACKED_SCHEMA, Packer, ShardWriter, real_tokens, sha256_file
+from components.data.packing import (
+    PACKED_SCHEMA,
+    Packer,
+    ShardWriter,
+    real_tokens,
+    sha256_file,
+)
 from components.data.record import Record, Reject, RowError, preview, stable_fraction
-from components.data.report import Stats, build_report, plot_lengths, write_json, write_markdown
+from components.data.report import (
+    Stats,
+    build_report,
+    plot_lengths,
+    write_json,
+    write_markdown,
+)
 from components.data.sources import make_adapter
 from components.data.templating import Formatter
-from components.errors import M1Error
 
 TRAIN_SPLITS = ("sft1", "sft2", "rl")
 PACKED_OUTPUTS = ("sft1", "sft1_heldout", "sft2")
@@ -155,6 +166,30 @@ def _progress(iterable, **kw):
     return tqdm(iterable, disable=None, leave=False, dynamic_ncols=True, **kw)
 
 
+def _jobs(adapter, src_idx: int, name: str, batch_size: int, stats: Stats) -> Iterator:
+    for batch in _batches(enumerate(adapter.raw_rows()), batch_size):
+        stats.add(name, "rows_read", len(batch))
+        yield (src_idx, batch)
+
+
+def _results(pool, jobs: Iterator, num_proc: int) -> Iterator:
+    """Worker results in submission order, with at most 2 x num_proc batches in flight: the source is read
+    only as fast as it is checked, never queued whole."""
+    if pool is None:
+        for job in jobs:
+            yield _work(job), len(job[1])
+        return
+    inflight: deque = deque()
+    for job in jobs:
+        inflight.append((pool.apply_async(_work, (job,)), len(job[1])))
+        if len(inflight) >= 2 * num_proc:
+            res, n = inflight.popleft()
+            yield res.get(), n
+    while inflight:
+        res, n = inflight.popleft()
+        yield res.get(), n
+
+
 def _pass1(config, cfg: DataConfig, staging: _Staging, rejects, stats: Stats) -> None:
     deduper = dd.Deduper(cfg.dedup)
     eval_seen: dict[str, set] = {}
@@ -162,6 +197,9 @@ def _pass1(config, cfg: DataConfig, staging: _Staging, rejects, stats: Stats) ->
     if cfg.num_proc > 1:
         import multiprocessing as mp
 
+        from components import mathcheck
+
+        mathcheck.preload()  # imported once here and inherited by the forked workers
         pool = mp.get_context("fork").Pool(cfg.num_proc, initializer=_init_worker, initargs=(cfg, config.seed))
     else:
         _init_worker(cfg, config.seed)
@@ -170,28 +208,8 @@ def _pass1(config, cfg: DataConfig, staging: _Staging, rejects, stats: Stats) ->
             t0 = time.time()
             adapter = make_adapter(spec, config.seed)
             bar = _progress(None, total=adapter.expected_rows(), desc=f"check {spec.name}", unit="row")
-
-            def jobs():
-                for batch in _batches(enumerate(adapter.raw_rows()), cfg.batch_size):
-                    stats.add(spec.name, "rows_read", len(batch))
-                    yield (src_idx, batch)
-
-            def results():
-                if pool is None:
-                    for job in jobs():
-                        yield _work(job), len(job[1])
-                    return
-                inflight: deque = deque()
-                for job in jobs():
-                    inflight.append((pool.apply_async(_work, (job,)), len(job[1])))
-                    if len(inflight) >= 2 * cfg.num_proc:
-                        res, n = inflight.popleft()
-                        yield res.get(), n
-                while inflight:
-                    res, n = inflight.popleft()
-                    yield res.get(), n
-
-            for (out, rej, counts), n in results():
+            for (out, rej, counts), n in _results(pool, _jobs(adapter, src_idx, spec.name, cfg.batch_size, stats),
+                                                    cfg.num_proc):
                 bar.update(n)
                 stats.merge(spec.name, counts)
                 for line in rej:
@@ -293,6 +311,12 @@ def _pack_output(name, seq_len, cfg, fmt, staging, out_dir, rejects, stats, seed
     stream = _shuffled(staging.read(f"clean__{name}"), cfg.shuffle_buffer, rng)
     for batch in _batches(_progress(stream, desc=f"pack {name}", unit="doc"), 256):
         for rec, enc in zip(batch, fmt.encode(batch)):
+            if enc is None:
+                rejects.write(Reject(rec.source, rec.id, "template_dropped_content",
+                                     "the chat template rewrote the assistant text", split=name, stage="template",
+                                     row=rec.problem[:200]).to_json() + "\n")
+                stats.reject(rec.source, "template_dropped_content", name)
+                continue
             ids, mask = enc.input_ids, enc.loss_mask
             reason = None
             if enc.prompt_tokens > cfg.max_prompt_tokens:
@@ -478,4 +502,4 @@ def _sha(s: str) -> str:
     return hashlib.sha256(s.encode()).hexdigest()
 
 
-__all__ = ["run", "CurateOutputs"]
+__all__ = ["CurateOutputs", "run"]

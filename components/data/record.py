@@ -50,7 +50,7 @@ class Record:
         return json.dumps(asdict(self), ensure_ascii=False)
 
     @classmethod
-    def from_json(cls, line: str) -> "Record":
+    def from_json(cls, line: str) -> Record:
         return cls(**json.loads(line))
 
 
@@ -121,5 +121,5 @@ def answer_text(value: Any, name: str = "answer", required: bool = True) -> str 
 
 def stable_fraction(key: str, seed: int) -> float:
     """A uniform number in [0, 1) fixed by (seed, key): selects held-out rows without holding the stream."""
-    h = hashlib.blake2b(f"{seed}\x1f{key}".encode("utf-8"), digest_size=8).digest()
+    h = hashlib.blake2b(f"{seed}\x1f{key}".encode(), digest_size=8).digest()
     return int.from_bytes(h, "big") / 2**64

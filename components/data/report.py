@@ -36,7 +36,7 @@ def histogram(lengths: array, bins: int = 40) -> dict:
         return {"edges": [], "counts": []}
     arr = np.frombuffer(lengths, dtype=np.uint32)
     counts, edges = np.histogram(arr, bins=bins)
-    return {"edges": [int(round(e)) for e in edges], "counts": counts.tolist(), "min": int(arr.min()),
+    return {"edges": [round(e) for e in edges], "counts": counts.tolist(), "min": int(arr.min()),
             "max": int(arr.max()), "mean": round(float(arr.mean()), 1), "p50": int(np.percentile(arr, 50)),
             "p95": int(np.percentile(arr, 95))}
 

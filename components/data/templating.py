@@ -49,21 +49,29 @@ class Formatter:
             return f"<think>\n{rec.solution.strip()}\n</think>\n{final.strip()}"
         return rec.solution.strip()
 
-    def render(self, rec: Record) -> tuple[str, int, int]:
-        """(full text, start, end) of the assistant content within the templated conversation."""
+    def render(self, rec: Record) -> tuple[str, int, int] | None:
+        """(full text, start, end) of the assistant content within the templated conversation; None when
+        the chat template rewrote the content (some templates drop reasoning), so no mask can be built."""
         content = self.assistant_text(rec)
         full = self.tok.apply_chat_template(self.messages(rec.problem, content), tokenize=False)
         # The assistant turn is the last one, so its content is the last occurrence (one render, not two).
         pos = full.rfind(content)
         if pos < 0:
-            raise ValueError("chat template altered the assistant content; cannot locate it for the loss mask")
+            return None
         return full, pos, pos + len(content)
 
-    def encode(self, recs: list[Record]) -> list[Encoded]:
+    def encode(self, recs: list[Record]) -> list[Encoded | None]:
+        """One Encoded per record (None where render() failed), tokenised in one batch."""
         rendered = [self.render(r) for r in recs]
-        enc = self.tok([t for t, _, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
-        out = []
-        for (text, a0, a1), ids, offs in zip(rendered, enc["input_ids"], enc["offset_mapping"]):
+        ok = [x for x in rendered if x is not None]
+        enc = self.tok([t for t, _, _ in ok], add_special_tokens=False, return_offsets_mapping=True) if ok else None
+        done = iter(zip(ok, enc["input_ids"], enc["offset_mapping"])) if ok else iter(())
+        out: list[Encoded | None] = []
+        for x in rendered:
+            if x is None:
+                out.append(None)
+                continue
+            (text, a0, a1), ids, offs = next(done)
             mask = [0] * len(ids)
             prompt_tokens = 0
             last = -1

@@ -16,9 +16,16 @@ import json
 import os
 import random
 import re
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
-from components.data.config import ChampSource, HubSource, LocalSource, MathgenSource, SyntheticSource
+from components.data.config import (
+    ChampSource,
+    HubSource,
+    LocalSource,
+    MathgenSource,
+    SyntheticSource,
+)
 from components.data.record import RowError, SourceRow, answer_text, check_text, preview
 from components.data.sources import registry, synthetic
 from components.errors import M1Error
@@ -185,7 +192,6 @@ def _csv_rows(path: str) -> Iterator[Any]:
 
     def on_bad(fields):
         bad.append(fields)
-        return None
 
     reader = pd.read_csv(path, dtype=str, keep_default_na=False, chunksize=1024, engine="python",
                          encoding="utf-8", encoding_errors="surrogateescape", on_bad_lines=on_bad)
@@ -235,12 +241,12 @@ class LocalAdapter(Adapter):
 
 _SQRT_RE = re.compile(r"(?<!\\)sqrt\(")
 _CHAMP_PATTERNS = [
-    (re.compile(r"^(.+?),? or equivalently (.+)$", re.I), 2),  # "C(10, 5), or equivalently 252"
-    (re.compile(r"^(.+?),? or approximately .+$", re.I), 1),  # "5/14, or approximately 35.7%"
-    (re.compile(r"^(.+?) is the only possible value$", re.I), 1),
-    (re.compile(r"^the limit exists and is equal to (.+)$", re.I), 1),
-    (re.compile(r"^the only possible value for the limit is (.+)$", re.I), 1),
-    (re.compile(r"^(-?\d+) [a-z]+$", re.I), 1),  # "98 values", "0 pairs"
+    (re.compile(r"^(.+?),? or equivalently (.+)$", re.IGNORECASE), 2),  # "C(10, 5), or equivalently 252"
+    (re.compile(r"^(.+?),? or approximately .+$", re.IGNORECASE), 1),  # "5/14, or approximately 35.7%"
+    (re.compile(r"^(.+?) is the only possible value$", re.IGNORECASE), 1),
+    (re.compile(r"^the limit exists and is equal to (.+)$", re.IGNORECASE), 1),
+    (re.compile(r"^the only possible value for the limit is (.+)$", re.IGNORECASE), 1),
+    (re.compile(r"^(-?\d+) [a-z]+$", re.IGNORECASE), 1),  # "98 values", "0 pairs"
 ]
 
 
@@ -408,5 +414,13 @@ def make_adapter(spec, global_seed: int) -> Adapter:
     return ADAPTERS[spec.kind](spec, global_seed)
 
 
-__all__ = ["Adapter", "make_adapter", "derived_seed", "ChampSource", "HubSource", "LocalSource", "MathgenSource",
-           "SyntheticSource"]
+__all__ = [
+    "Adapter",
+    "ChampSource",
+    "HubSource",
+    "LocalSource",
+    "MathgenSource",
+    "SyntheticSource",
+    "derived_seed",
+    "make_adapter",
+]

@@ -26,8 +26,8 @@ marker are treated as unfinished and rejected.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from components.data.record import RowError, SourceRow, answer_text, check_text
 from components.mathcheck import extract_boxed

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Callable, Iterator
 
 NAMES = ["Ava", "Ben", "Chloe", "Dev", "Elena", "Farid", "Grace", "Hiro", "Ines", "Jonas", "Kira", "Liam",
          "Maya", "Noor", "Omar", "Priya", "Quinn", "Rosa", "Sami", "Tara", "Uma", "Victor", "Wen", "Yusuf"]
@@ -57,7 +57,7 @@ def _pick2(rng: random.Random, seq):
 
 def shopping_change(rng: random.Random) -> Generated:
     name = rng.choice(NAMES)
-    (i1, i1s), (i2, i2s) = _pick2(rng, ITEMS)
+    (_, i1s), (_, i2s) = _pick2(rng, ITEMS)
     while True:
         a, p, b, q = rng.randint(3, 19), rng.randint(12, 95), rng.randint(2, 14), rng.randint(7, 60)
         total = a * p + b * q
