@@ -37,6 +37,9 @@ class InferenceCache:
                     torch.zeros(batch, nh, cfg.mamba2_headdim, cfg.head_dim, device=device, dtype=torch.float32))
         self.key_mask = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)
+        # Device-side mirrors of the write position, for decode steps without host syncs (CUDA graphs).
+        self.write_pos = torch.zeros(1, dtype=torch.long, device=device)
+        self.slot_index = torch.arange(max_len, device=device)
         self.has_padding = False
         self.seqlen = 0  # tokens written per row so far (left-padded rows all advance together)
 
@@ -51,6 +54,19 @@ class InferenceCache:
         kc[:, :, pos : pos + L] = k
         vc[:, :, pos : pos + L] = v
         return kc[:, :, : pos + L], vc[:, :, : pos + L]
+
+    def snapshot(self) -> dict:
+        """Copies of everything a decode step mutates except KV slots past write_pos (rewritten before use)."""
+        return {"states": [(s.conv.clone(), s.ssm.clone()) for s in self.mamba.values()],
+                "key_mask": self.key_mask.clone(), "next_pos": self.next_pos.clone(), "write_pos": self.write_pos.clone()}
+
+    def restore(self, snap: dict) -> None:
+        for s, (conv, ssm) in zip(self.mamba.values(), snap["states"]):
+            s.conv.copy_(conv)
+            s.ssm.copy_(ssm)
+        self.key_mask.copy_(snap["key_mask"])
+        self.next_pos.copy_(snap["next_pos"])
+        self.write_pos.copy_(snap["write_pos"])
 
     def nbytes(self) -> int:
         tensors = [t for kv in self.kv.values() for t in kv] + [t for s in self.mamba.values() for t in (s.conv, s.ssm)]

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from components.model.decode import EagerDecoder, StaticDecoder
+
 
 @dataclass
 class GenerationOutput:
@@ -61,7 +63,10 @@ def sample_next(logits, temperature: float, top_k: int, top_p: float, greedy: bo
 def generate(model, prompts: list[list[int]], max_new_tokens: int = 64, *, temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 0, greedy: bool = False, seed: int | None = 0,
              eos_token_ids: list[int] | None = None, stop_strings: list[str] | None = None, tokenizer=None,
-             pad_token_id: int | None = None, sync_every: int = 16, progress: bool = False) -> GenerationOutput:
+             pad_token_id: int | None = None, sync_every: int = 16, progress: bool = False,
+             engine: str = "auto", bucket_size: int = 256) -> GenerationOutput:
+    """engine: "eager" (growing masks, any device), "static" (fixed-shape steps), "graph" (static + CUDA graphs);
+    "auto" = graph on CUDA, eager elsewhere."""
     if not prompts:
         return GenerationOutput([], [], [], [] if tokenizer else None)
     if any(len(p) == 0 for p in prompts):
@@ -78,6 +83,9 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int = 64, *, tempe
     gen.manual_seed(0 if seed is None else seed)
     cache = model.new_cache(b, P + max_new_tokens)
     logits = model(ids, attention_mask=mask, cache=cache, logits_to_keep=1)[:, -1]
+    if engine == "auto":
+        engine = "graph" if dev.type == "cuda" else "eager"
+    decoder = EagerDecoder(model, cache) if engine == "eager" else StaticDecoder(model, cache, bucket_size, engine == "graph")
     eos_t = torch.tensor(eos or [-1], device=dev)
     out_tok = torch.full((b, max_new_tokens), pad, dtype=torch.long, device=dev)
     out_lp = torch.zeros((b, max_new_tokens), device=dev)
@@ -102,7 +110,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int = 64, *, tempe
         if (t + 1) % sync == 0 and bool(done.all()):
             break
         if t + 1 < max_new_tokens:
-            logits = model(tok[:, None], cache=cache)[:, -1]
+            logits = decoder.step(tok[:, None])
     toks = out_tok[:, :n_steps].tolist()
     lps = out_lp[:, :n_steps].tolist()
     res_tokens, res_lps = [], []

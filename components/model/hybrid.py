@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 from components.errors import M1Error
 from components.model.cache import InferenceCache
 from components.model.config import HybridConfig
-from components.model.layers import MLP, Attention, RMSNorm, RotaryEmbedding, build_attention_mask
+from components.model.layers import MLP, Attention, RMSNorm, RotaryEmbedding, build_attention_mask, decode_attention
 from components.model.mamba import Mamba1Mixer, Mamba2Mixer
 
 WEIGHTS = "model.safetensors"
@@ -124,6 +124,7 @@ class HybridForCausalLM(nn.Module):
                 h = layer(h, seq, cache)
         if cache is not None:
             cache.seqlen += input_ids.shape[1]
+            cache.write_pos.fill_(cache.seqlen)
             cache.next_pos += input_ids.shape[1] if attention_mask is None else attention_mask.long().sum(1)
         h = self.model.norm(h)
         if logits_to_keep:
@@ -131,6 +132,24 @@ class HybridForCausalLM(nn.Module):
         if return_hidden:
             return h
         return self.lm_head(h)
+
+    def decode_step(self, tok: torch.Tensor, cache: InferenceCache, bucket: int) -> torch.Tensor:
+        """One token per row (tok: (b, 1)) after a prefill, with no host sync and fixed shapes: attention reads the
+        first `bucket` cache slots (bucket >= tokens so far + 1). Updates the cache's device-side counters; the
+        caller advances cache.seqlen. Returns logits (b, 1, vocab)."""
+        h = self.model.embed_tokens(tok)
+        cache.key_mask.index_fill_(1, cache.write_pos, True)
+        rope = self.model.rotary_emb(cache.next_pos[:, None], h.dtype)
+        seq = SeqInfo(rope, None, None, None, 0)
+        for layer in self.model.layers:
+            x = layer.input_layernorm(h)
+            x = decode_attention(layer.self_attn, x, rope, cache, bucket) if layer.kind == "attention" \
+                else layer.mamba(x, seq, cache)
+            h = h + x
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        cache.next_pos.add_(1)
+        cache.write_pos.add_(1)
+        return self.lm_head(self.model.norm(h))
 
     def new_cache(self, batch: int, max_len: int) -> InferenceCache:
         p = next(self.parameters())

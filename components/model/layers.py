@@ -116,6 +116,27 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, L, self.n_heads * self.hd))
 
 
+def decode_attention(attn: "Attention", x, rope, cache, bucket: int):
+    """One-token attention over a static KV cache, free of host syncs and of shapes that change per step (so it
+    can be captured in a CUDA graph): the new key/value go to cache.write_pos and the query attends to the first
+    `bucket` cache slots, masked to the slots written so far. Query heads are grouped by their key/value head
+    (b, n_kv, rep, hd), so keys and values are read once, not repeated per query head."""
+    b = x.shape[0]
+    q = attn.q_proj(x).view(b, 1, attn.n_heads, attn.hd).transpose(1, 2)
+    k = attn.k_proj(x).view(b, 1, attn.n_kv, attn.hd).transpose(1, 2)
+    v = attn.v_proj(x).view(b, 1, attn.n_kv, attn.hd).transpose(1, 2)
+    cos, sin = rope
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    kc, vc = cache.kv[attn.layer_idx]
+    kc.index_copy_(2, cache.write_pos, k.to(kc.dtype))
+    vc.index_copy_(2, cache.write_pos, v.to(vc.dtype))
+    mask = cache.key_mask[:, None, None, :bucket] & (cache.slot_index[:bucket] <= cache.write_pos)
+    rep = attn.n_heads // attn.n_kv
+    out = F.scaled_dot_product_attention(q.reshape(b, attn.n_kv, rep, attn.hd), kc[:, :, :bucket], vc[:, :, :bucket],
+                                         attn_mask=mask)
+    return attn.o_proj(out.reshape(b, 1, attn.n_heads * attn.hd))
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: HybridConfig):
         super().__init__()
