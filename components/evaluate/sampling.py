@@ -1,0 +1,82 @@
+"""Prompts and sampled completions: n samples per problem through components.model.generate, in batches.
+
+The (problem, sample) pairs are sorted by prompt length (longest first) before batching so that rows of a batch
+need little left padding; each batch gets its own seed derived from the run seed and the batch index, so the same
+seed, problems and batch size give the same completions.
+
+Simplification: a batch runs until its longest row stops, so short rows wait for long ones, as in any static
+batching engine; the time-budget analysis uses a separately measured throughput, not these wall times.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+
+from tqdm.auto import tqdm
+
+from components.evaluate.benchmarks import Problem
+from components.evaluate.config import EvalConfig
+
+
+@dataclass
+class Completion:
+    text: str
+    n_tokens: int
+    finish_reason: str  # eos | stop_string | length
+
+
+def derived_seed(seed: int, *parts) -> int:
+    h = hashlib.blake2b("/".join(str(p) for p in (seed, *parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "big") % (2**63 - 1)
+
+
+def prompt_texts(problems: list[Problem], tokenizer, cfg: EvalConfig, instruction: str, system_prompt: str | None) -> list[str]:
+    from components.data.templating import Formatter
+
+    pc = cfg.prompt
+    fmt = Formatter(tokenizer, instruction, system_prompt) if pc.chat_template else None
+    out = []
+    for p in problems:
+        if pc.use_dataset_prompt and p.prompt:
+            out.append(p.prompt)
+        elif fmt is not None:
+            out.append(fmt.prompt(p.problem))
+        else:
+            out.append(f"{p.problem}\n{instruction}" if instruction else p.problem)
+    return out
+
+
+def tokenize_prompts(texts: list[str], tokenizer, chat_template: bool) -> list[list[int]]:
+    # A chat template writes its own BOS (Llama 3) or none (SmolLM2): adding one would change the prompt.
+    return tokenizer(texts, add_special_tokens=not chat_template)["input_ids"]
+
+
+def sample_completions(em, prompt_ids: list[list[int]], cfg: EvalConfig, seed: int, desc: str = "") -> tuple[list[list[Completion]], dict]:
+    """n_samples completions per prompt (in sample order) and generation statistics."""
+    from components.model import generate
+
+    n = cfg.n_samples
+    jobs = sorted(((i, j) for i in range(len(prompt_ids)) for j in range(n)), key=lambda x: (-len(prompt_ids[x[0]]), x))
+    out: list[list[Completion | None]] = [[None] * n for _ in prompt_ids]
+    tok = em.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (em.eos_ids[0] if em.eos_ids else 0)
+    gen_s, tokens = 0.0, 0
+    bar = tqdm(total=len(jobs), desc=f"generate {desc}".strip(), unit="sample", leave=False)
+    for b, start in enumerate(range(0, len(jobs), cfg.batch_size)):
+        chunk = jobs[start:start + cfg.batch_size]
+        t0 = time.perf_counter()
+        res = generate(em.model, [prompt_ids[i] for i, _ in chunk], cfg.max_new_tokens, temperature=cfg.temperature,
+                       top_p=cfg.top_p, top_k=cfg.top_k, greedy=cfg.temperature <= 0, seed=derived_seed(seed, b),
+                       eos_token_ids=em.eos_ids, stop_strings=cfg.stop_strings or None, tokenizer=tok,
+                       pad_token_id=pad)
+        gen_s += time.perf_counter() - t0
+        for (i, j), toks, text, reason in zip(chunk, res.tokens, res.texts, res.finish_reasons):
+            out[i][j] = Completion(text, len(toks), reason)
+            tokens += len(toks)
+        bar.update(len(chunk))
+    bar.close()
+    stats = {"generate_s": gen_s, "generated_tokens": float(tokens),
+             "effective_tokens_per_s": tokens / gen_s if gen_s > 0 else 0.0,
+             "prompt_tokens_mean": sum(len(p) for p in prompt_ids) / max(1, len(prompt_ids))}
+    return out, stats

@@ -1,0 +1,34 @@
+"""Scoring completions against reference answers (definitions in components/evaluate/metrics.py).
+
+Each distinct answer of a problem is verified once (cached by its normalised text), and equivalence checks between
+answers go through components.mathcheck, time-bounded; a timeout counts as "not equivalent" / "wrong".
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from components.evaluate.benchmarks import Problem
+from components.evaluate.metrics import ProblemScore, group_answers
+from components.evaluate.sampling import Completion
+from components.mathcheck import answers_equivalent, extract_boxed, normalize_answer_text, verify
+
+
+def score_problem(problem: Problem, completions: Sequence[Completion], timeout_s: float = 5.0) -> ProblemScore:
+    answers = [extract_boxed(c.text) for c in completions]
+    answers = [a if a is not None and a.strip() else None for a in answers]
+    verdict: dict[str, bool] = {}
+
+    def is_correct(a: str | None) -> bool:
+        if a is None:
+            return False
+        key = normalize_answer_text(a)
+        if key not in verdict:
+            verdict[key] = bool(verify(problem.answer, a, timeout_s=timeout_s))
+        return verdict[key]
+
+    labels, reps = group_answers(answers, lambda x, y: answers_equivalent(x, y, timeout_s=timeout_s))
+    return ProblemScore(
+        benchmark=problem.benchmark, id=problem.id, source=problem.source, reference=problem.answer,
+        answers=answers, correct=[is_correct(a) for a in answers], n_tokens=[c.n_tokens for c in completions],
+        finished=[c.finish_reason != "length" for c in completions], labels=labels,
+        group_correct=[is_correct(r) for r in reps])
