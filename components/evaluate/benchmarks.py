@@ -97,7 +97,9 @@ def _reference_problem(answer: str | None, timeout_s: float) -> tuple[str, str] 
         return "missing_reference", "no reference answer"
     if is_plain_number(answer):
         return None
-    if parse_answer(answer, timeout_s=timeout_s) is None:
+    parsed = parse_answer(answer, timeout_s=timeout_s)
+    # math-verify falls back to the raw string when it extracts nothing ("???" -> ["???"]): that is no answer
+    if not parsed or all(isinstance(x, str) for x in parsed):
         return "unparseable_reference", f"reference answer {answer[:80]!r} does not parse"
     return None
 

@@ -60,11 +60,17 @@ def _first_line(e: BaseException) -> str:
 
 def _tokenizer_for_dir(d: str):
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    # AutoTokenizer reads config.json first and warns that m1_hybrid is no transformers model type: expected here
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
     try:
         tok = AutoTokenizer.from_pretrained(d)
     except Exception as e:
         raise M1Error(f"no usable tokenizer in {d}: {_first_line(e)}") from None
+    finally:
+        hf_logging.set_verbosity(level)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

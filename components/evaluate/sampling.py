@@ -31,25 +31,30 @@ def derived_seed(seed: int, *parts) -> int:
     return int.from_bytes(h, "big") % (2**63 - 1)
 
 
-def prompt_texts(problems: list[Problem], tokenizer, cfg: EvalConfig, instruction: str, system_prompt: str | None) -> list[str]:
+def prompt_texts(problems: list[Problem], tokenizer, cfg: EvalConfig, instruction: str,
+                 system_prompt: str | None) -> tuple[list[str], list[bool]]:
+    """Prompt text per problem and whether it is chat-templated."""
     from components.data.templating import Formatter
 
     pc = cfg.prompt
     fmt = Formatter(tokenizer, instruction, system_prompt) if pc.chat_template else None
-    out = []
+    texts, templated = [], []
     for p in problems:
         if pc.use_dataset_prompt and p.prompt:
-            out.append(p.prompt)
+            texts.append(p.prompt)
+            templated.append(True)
         elif fmt is not None:
-            out.append(fmt.prompt(p.problem))
+            texts.append(fmt.prompt(p.problem))
+            templated.append(True)
         else:
-            out.append(f"{p.problem}\n{instruction}" if instruction else p.problem)
-    return out
+            texts.append(f"{p.problem}\n{instruction}" if instruction else p.problem)
+            templated.append(False)
+    return texts, templated
 
 
-def tokenize_prompts(texts: list[str], tokenizer, chat_template: bool) -> list[list[int]]:
+def tokenize_prompts(texts: list[str], tokenizer, templated: list[bool]) -> list[list[int]]:
     # A chat template writes its own BOS (Llama 3) or none (SmolLM2): adding one would change the prompt.
-    return tokenizer(texts, add_special_tokens=not chat_template)["input_ids"]
+    return [tokenizer(t, add_special_tokens=not c)["input_ids"] for t, c in zip(texts, templated)]
 
 
 def sample_completions(em, prompt_ids: list[list[int]], cfg: EvalConfig, seed: int, desc: str = "") -> tuple[list[list[Completion]], dict]:

@@ -6,8 +6,10 @@ Engines, all with random weights of one shape (speed does not depend on trained 
   * hf_static  -- transformers' LlamaForCausalLM.generate with cache_implementation="static" (optionally with the
                   forward compiled, --hf-compile).
 Every configuration decodes exactly `decode_len` tokens (EOS disabled) greedily after a random prompt of
-`prompt_len` tokens, for each batch size. Recorded per configuration: total seconds, time to first token (a
-separate run with one new token: prefill + one step), decode latency per step = (total - ttft) / (decode_len - 1),
+`prompt_len` tokens, for each batch size. Recorded per configuration: total seconds, time to first token (our
+engine: its prefill lap; transformers: a separate run with one new token), decode latency per step =
+(total - ttft) / (decode_len - 1), the CUDA-graph capture time of our engine (left out of total: a serving engine
+captures once at start-up),
 tokens/s = batch * decode_len / total, decode tokens/s = batch * (decode_len - 1) / (total - ttft), peak GPU memory
 (torch.cuda.max_memory_allocated, weights included; blank on CPU) and the analytic size of the inference cache.
 A configuration that runs out of memory is recorded as "oom" and larger batches of that engine and length are
@@ -36,8 +38,8 @@ import torch
 ENGINES = ("hybrid", "attention", "hf_static")
 # Attention layers kept by the reference recipes for the named random shapes.
 SHAPE_ATTN = {"tiny": [1, 3], "smollm2-135m": [4, 9, 14, 19, 24, 29], "llama-3.2-3b": [3, 8, 13, 18, 23, 27]}
-CSV_FIELDS = ["shape", "engine", "mixer", "attn_layers", "batch", "prompt_len", "decode_len", "status", "total_s",
-              "ttft_s", "decode_ms_per_token", "tokens_per_s", "decode_tokens_per_s", "peak_mem_gib", "cache_gib",
+CSV_FIELDS = ["shape", "engine", "decode_engine", "mixer", "attn_layers", "batch", "prompt_len", "decode_len", "status",
+              "total_s", "ttft_s", "capture_s", "decode_ms_per_token", "tokens_per_s", "decode_tokens_per_s", "peak_mem_gib", "cache_gib",
               "weights_gib", "device", "device_name", "dtype", "torch", "transformers", "kernel_ssm", "kernel_conv",
               "command"]
 
@@ -125,41 +127,55 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _run_once(engine: str, model, ids: torch.Tensor, decode_len: int, device: torch.device) -> float:
+def _run_once(engine: str, model, ids: torch.Tensor, decode_len: int, device: torch.device,
+              decode_engine: str = "auto") -> dict:
+    """Seconds of one generation: {"wall": ..., and for our engine generate()'s own prefill/capture/decode laps}."""
     from components.model import generate
 
     _sync(device)
     t0 = time.perf_counter()
+    laps: dict = {}
     if engine == "hf_static":
         eos = model.config.eos_token_id
         model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=decode_len,
                        min_new_tokens=decode_len, do_sample=False, cache_implementation="static",
                        pad_token_id=0, eos_token_id=eos)
     else:
-        generate(model, ids.tolist(), decode_len, greedy=True, eos_token_ids=[], seed=0)
+        out = generate(model, ids.tolist(), decode_len, greedy=True, eos_token_ids=[], seed=0, engine=decode_engine)
+        laps = dict(out.timings or {})
     _sync(device)
-    return time.perf_counter() - t0
+    return {"wall": time.perf_counter() - t0, **laps}
 
 
 def time_generation(engine: str, model, batch: int, prompt_len: int, decode_len: int, device: torch.device,
-                    seed: int = 0, warmup: bool = True) -> dict:
-    """Time one configuration: {total_s, ttft_s, decode_ms_per_token, tokens_per_s, decode_tokens_per_s, peak_mem_gib}."""
+                    seed: int = 0, warmup: bool = True, decode_engine: str = "auto") -> dict:
+    """Time one configuration: {total_s, ttft_s, capture_s, decode_ms_per_token, tokens_per_s, decode_tokens_per_s,
+    peak_mem_gib}. Our engine reports its own prefill / graph-capture / decode laps; total_s leaves the CUDA-graph
+    capture out (a serving engine captures once at start-up) and ttft_s is its prefill. For transformers, ttft_s is
+    a separate run with one new token."""
     g = torch.Generator().manual_seed(seed)
     vocab = model.config.vocab_size
     ids = torch.randint(3, vocab, (batch, prompt_len), generator=g).to(device)
     if warmup:
-        _run_once(engine, model, ids, min(decode_len, 4), device)
+        _run_once(engine, model, ids, min(decode_len, 4), device, decode_engine)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    ttft = _run_once(engine, model, ids, 1, device)
-    total = _run_once(engine, model, ids, decode_len, device)
+    capture = None
+    if engine == "hf_static":
+        ttft = _run_once(engine, model, ids, 1, device)["wall"]
+        total = _run_once(engine, model, ids, decode_len, device)["wall"]
+    else:
+        laps = _run_once(engine, model, ids, decode_len, device, decode_engine)
+        capture = laps.get("capture", 0.0)
+        ttft = laps.get("prefill", 0.0)
+        total = laps["wall"] - capture
     decode_s = max(total - ttft, 1e-9)
     steps = max(decode_len - 1, 1)
     return {
-        "total_s": total, "ttft_s": ttft,
-        "decode_ms_per_token": 1000 * decode_s / steps if decode_len > 1 else 1000 * total,
+        "total_s": total, "ttft_s": ttft, "capture_s": capture,
+        "decode_ms_per_token": 1000 * decode_s / steps,
         "tokens_per_s": batch * decode_len / total,
-        "decode_tokens_per_s": batch * steps / decode_s if decode_len > 1 else batch / total,
+        "decode_tokens_per_s": batch * steps / decode_s,
         "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
     }
 
@@ -207,7 +223,8 @@ def environment(device: torch.device, dtype: torch.dtype, command: str | None = 
 
 def run_speed(cfg, shape: str, engines: list[str], batch_sizes: list[int], prompt_len: int, decode_lens: list[int],
               device: torch.device, dtype: torch.dtype, seed: int = 0, warmup: bool = True, hf_compile: bool = False,
-              time_limit_s: float | None = None, command: str | None = None, progress: bool = True) -> list[dict]:
+              time_limit_s: float | None = None, command: str | None = None, progress: bool = True,
+              decode_engine: str = "auto") -> list[dict]:
     """Rows of the speed grid (one per engine x decode length x batch size), out-of-memory configurations included."""
     from tqdm.auto import tqdm
 
@@ -232,7 +249,10 @@ def run_speed(cfg, shape: str, engines: list[str], batch_sizes: list[int], promp
         for decode_len in decode_lens:
             stop = build_error
             for batch in sorted(batch_sizes):
-                row = {"shape": shape, "engine": engine, "mixer": cfg.mixer if engine == "hybrid" else "",
+                row = {"shape": shape, "engine": engine,
+                       "decode_engine": "hf_generate" + ("_compiled" if hf_compile else "") if engine == "hf_static"
+                       else (decode_engine if decode_engine != "auto" else ("graph" if device.type == "cuda" else "eager")),
+                       "mixer": cfg.mixer if engine == "hybrid" else "",
                        "attn_layers": (",".join(map(str, cfg.attn_layers)) if engine == "hybrid" else "all"),
                        "batch": batch, "prompt_len": prompt_len, "decode_len": decode_len,
                        "cache_gib": cache_bytes(engine, cfg, batch, prompt_len + decode_len, elt) / 2**30,
@@ -243,7 +263,8 @@ def run_speed(cfg, shape: str, engines: list[str], batch_sizes: list[int], promp
                     row["status"] = "oom" if build_error else "skipped_oom"
                 else:
                     try:
-                        row.update(time_generation(engine, model, batch, prompt_len, decode_len, device, seed, warmup))
+                        row.update(time_generation(engine, model, batch, prompt_len, decode_len, device, seed, warmup,
+                                                   decode_engine))
                         row["status"] = "ok"
                     except Exception as e:
                         if not _is_oom(e):
@@ -365,7 +386,7 @@ def _engines(text: str) -> list[str]:
 
 
 def add_arguments(p: argparse.ArgumentParser, defaults: dict | None = None) -> None:
-    d = {"device": "auto", "shape": "tiny", "batch": [1, 4], "prompt_len": 256, "decode_len": [512, 4096],
+    d = {"device": "auto", "shape": "tiny", "batch": [1, 4], "prompt_len": 256, "decode_len": [64, 512],
          "engines": list(ENGINES), "dtype": "auto", **(defaults or {})}
     p.add_argument("--device", default=d["device"], help="cpu, cuda, cuda:N or auto")
     p.add_argument("--shape", default=d["shape"], help=f"random Llama shape: {', '.join(SHAPE_ATTN)}")
@@ -380,6 +401,8 @@ def add_arguments(p: argparse.ArgumentParser, defaults: dict | None = None) -> N
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-warmup", action="store_true")
     p.add_argument("--hf-compile", action="store_true", help="torch.compile the HF forward (static cache)")
+    p.add_argument("--decode-engine", choices=["auto", "eager", "static", "graph"], default="auto",
+                   help="our generate()'s decode engine (auto = CUDA graphs on CUDA, eager on CPU)")
     p.add_argument("--time-limit-s", type=float, default=None, help="start no new configuration after this")
     p.add_argument("--out", default=None, help="output directory for speed.csv / speed.json / speed.png")
 
@@ -401,7 +424,7 @@ def run_from_args(args, command: str | None = None) -> tuple[list[dict], dict]:
             "python": platform.python_version(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     rows = run_speed(cfg, args.shape, args.engines, args.batch, args.prompt_len, args.decode_len, dev, dt,
                      seed=args.seed, warmup=not args.no_warmup, hf_compile=args.hf_compile,
-                     time_limit_s=args.time_limit_s, command=meta["command"])
+                     time_limit_s=args.time_limit_s, command=meta["command"], decode_engine=args.decode_engine)
     return rows, meta
 
 
