@@ -17,8 +17,7 @@ def cached_result(config, key: str) -> StageResult | None:
 
         from components.pipeline.storage import result_storage
 
-        store = ResultStore(result_storage=LocalFileSystem(basepath=str(result_storage(config))),
-                            serializer="pickle")
+        store = ResultStore(result_storage=LocalFileSystem(basepath=str(result_storage(config))))
         if not store.exists(key):
             return None
         value = store.read(key).result

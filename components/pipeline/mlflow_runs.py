@@ -90,7 +90,7 @@ class PipelineRuns:
         for name, path in datasets.items():
             md5 = hashes[name]
             source = json.dumps({"uri": str(Path(path).resolve()), "dvc_md5": md5})
-            ds = Dataset(name=name, digest=md5[:32], source_type="dvc", source=source,
+            ds = Dataset(name=name, digest=md5, source_type="dvc", source=source,
                          profile=json.dumps({"dvc_md5": md5}))
             inputs.append(DatasetInput(ds, tags=[InputTag("mlflow.data.context", context)]))
         client = _client(self.uri)

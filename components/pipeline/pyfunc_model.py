@@ -9,6 +9,8 @@ Each prompt becomes a user turn (the chat template adds the generation prompt); 
 temperature > 0 is passed."""
 from __future__ import annotations
 
+import warnings
+
 import mlflow.pyfunc
 
 HYBRID_ARTIFACT = "hybrid"
@@ -40,7 +42,18 @@ class HybridPyfunc(mlflow.pyfunc.PythonModel):
         path = context.artifacts[HYBRID_ARTIFACT]
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = HybridForCausalLM.from_pretrained(path, device=self.device).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        from transformers.utils import logging as hf_logging
+
+        # The directory's config.json describes the hybrid, not a transformers model type: the tokenizer loader
+        # says so at warning level, which is noise here.
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self.tokenizer = AutoTokenizer.from_pretrained(path)
+        finally:
+            hf_logging.set_verbosity(level)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,7 +126,8 @@ def register_model(config, model_dir: str | Path, metrics: dict[str, float], tag
     import mlflow
 
     from components.pipeline.mlflow_runs import experiment_id
-    from components.pipeline.pyfunc_model import HYBRID_ARTIFACT, HybridPyfunc, signature
+    from components.pipeline import pyfunc_entry_path
+    from components.pipeline.pyfunc_model import HYBRID_ARTIFACT, signature
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
@@ -137,9 +139,11 @@ def register_model(config, model_dir: str | Path, metrics: dict[str, float], tag
     run_id = os.environ.get("MLFLOW_RUN_ID")
     exp = experiment_id(config.tracking, uri)
     with mlflow.start_run(run_id=run_id, experiment_id=None if run_id else exp,
-                          run_name=None if run_id else "register") as run:
+                          run_name=None if run_id else "register") as run, warnings.catch_warnings():
+        # MLflow suggests an input example and type hints: both would make logging load and run the model.
+        warnings.filterwarnings("ignore", message=".*(input example|type hints).*", category=UserWarning)
         info = mlflow.pyfunc.log_model(
-            name="model", python_model=HybridPyfunc(), artifacts={HYBRID_ARTIFACT: str(model_dir)},
+            name="model", python_model=pyfunc_entry_path(), artifacts={HYBRID_ARTIFACT: str(model_dir)},
             code_paths=[str(ROOT / "components")], signature=signature(promo.max_new_tokens),
             pip_requirements=_pip_requirements(), registered_model_name=promo.model_name,
             await_registration_for=60)

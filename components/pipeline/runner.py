@@ -22,6 +22,7 @@ def quiet_env() -> None:
     for k, v in TELEMETRY_OFF.items():
         os.environ.setdefault(k, v)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def preflight(config, stages: list[Stage]) -> None:

@@ -1,0 +1,170 @@
+"""The m1-pipeline Prefect flow on the tiny profile, in-process (ephemeral Prefect API): end to end, again from
+cache without executing any stage, a failing stage that leaves nothing cached and is resumed on the next run,
+retries of transient failures, and cached results whose outputs vanished being recomputed."""
+import importlib
+import time
+from pathlib import Path
+
+import pytest
+
+from components.pipeline.keys import cache_key
+from components.pipeline.stages import get_stage, stage_names
+
+pytestmark = pytest.mark.slow
+# components.model re-exports the convert() function under the submodule's name: patch the module itself
+CONVERT = importlib.import_module("components.model.convert")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    from prefect.settings import PREFECT_HOME, temporary_settings
+
+    root = tmp_path_factory.mktemp("flow")
+    with temporary_settings(updates={PREFECT_HOME: str(root / "prefect")}):
+        yield root
+    stop_ephemeral_server()
+
+
+def stop_ephemeral_server():
+    """Stop Prefect's temporary server while pytest still captures output (its atexit hook logs to a closed
+    stream otherwise); the next flow starts a new one."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogHandler, APILogWorker
+    from prefect.server.api.server import SubprocessASGIServer
+
+    APILogHandler().flush()  # queued run logs/events go out first, or their workers retry a dead server at exit
+    APILogWorker.drain_all(timeout=10)
+    EventsWorker.drain_all(timeout=10)
+    SubprocessASGIServer().stop()
+
+
+def overrides(root: Path, **extra) -> dict:
+    o = {"run_dir": str(root / "run"), "tracking": {"uri": f"sqlite:///{root}/mlflow.db"},
+         "pipeline": {"retries": {"retries": 1, "delay_s": 0.2}}}
+    for k, v in extra.items():
+        o[k] = v
+    return o
+
+
+def run(root: Path, **extra):
+    from flows.m1_pipeline import m1_pipeline
+
+    return m1_pipeline(profile="tiny", overrides=overrides(root, **extra))
+
+
+def statuses(summary) -> dict:
+    return {r["stage"]: r["cached"] for r in summary["stages"]}
+
+
+@pytest.fixture(scope="module")
+def first(env):
+    t0 = time.time()
+    summary = run(env)
+    return summary, time.time() - t0
+
+
+def test_tiny_end_to_end(first, env):
+    summary, seconds = first
+    assert [r["stage"] for r in summary["stages"]] == stage_names()
+    assert not any(statuses(summary).values())
+    run_dir = env / "run"
+    assert (run_dir / "data" / "manifest.json").is_file()
+    assert (run_dir / "convert" / "model" / "model.safetensors").is_file()
+    assert seconds < 180
+    # MLflow: a parent run with a nested run per stage, datasets logged with their DVC hashes
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(summary["mlflow"]["uri"])
+    parent = summary["mlflow"]["parent_run_id"]
+    children = client.search_runs([summary["mlflow"]["experiment_id"]],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    assert sorted(r.info.run_name for r in children) == sorted(stage_names())
+    curate_run = next(r for r in children if r.info.run_name == "curate")
+    assert curate_run.data.metrics["records.sft1"] > 0
+    assert curate_run.data.params["data.num_proc"] == "1"
+    inputs = client.get_run(parent).inputs.dataset_inputs
+    names = {d.dataset.name: d.dataset.digest for d in inputs}
+    assert {"sft1", "sft2", "rl"} <= set(names) and names["sft1"].endswith(".dir")
+    assert "curate" in summary["table"] and "mlflow ui" in "\n".join(summary["ui"])
+
+
+def test_second_run_is_all_cached(first, env, monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("a cached stage was executed")
+
+    monkeypatch.setattr("components.pipeline.stages._curate_run", boom)
+    monkeypatch.setattr(CONVERT, "run", boom)
+    t0 = time.time()
+    summary = run(env)
+    assert all(statuses(summary).values()), summary["table"]
+    assert time.time() - t0 < 30
+    assert [r["cache_key"] for r in summary["stages"]] == [r["cache_key"] for r in first[0]["stages"]]
+
+
+def test_failed_stage_is_not_cached_and_resumes(first, env, monkeypatch):
+    from components.config import load_config
+    from components.pipeline.dryrun import cached_result
+
+    real = CONVERT.run
+    calls = []
+
+    def broken(config, inputs=None):
+        calls.append(1)
+        partial = Path(config.run_dir) / "convert" / "model.partial"
+        partial.mkdir(parents=True, exist_ok=True)
+        (partial / "half.bin").write_bytes(b"x")
+        raise ValueError("disk on fire")  # not an M1Error: retried once, then the run fails
+
+    monkeypatch.setattr(CONVERT, "run", broken)
+    extra = {"convert": {"attn_layers": [1, 3], "seed": 7}}
+    with pytest.raises(ValueError, match="disk on fire"):
+        run(env, **extra)
+    assert len(calls) == 2  # first try + one retry
+    cfg = load_config("tiny", overrides=overrides(env, **extra))
+    key = cache_key(cfg, get_stage("convert"), {})
+    assert cached_result(cfg, key) is None  # nothing cached for the failed stage
+
+    monkeypatch.setattr(CONVERT, "run", real)
+    summary = run(env, **extra)
+    assert statuses(summary) == {"curate": True, "convert": False}
+    assert cached_result(cfg, key) is not None
+
+
+def test_transient_failure_is_retried(first, env, monkeypatch):
+
+    real = CONVERT.run
+    calls = []
+
+    def flaky(config, inputs=None):
+        calls.append(1)
+        if len(calls) == 1:
+            raise ConnectionError("network blip")
+        return real(config, inputs)
+
+    monkeypatch.setattr(CONVERT, "run", flaky)
+    summary = run(env, convert={"attn_layers": [1, 3], "seed": 8})
+    assert len(calls) == 2 and statuses(summary)["convert"] is False
+
+
+def test_bad_input_is_not_retried(first, env, monkeypatch):
+    from components.errors import M1Error
+
+    calls = []
+
+    def bad(config, inputs=None):
+        calls.append(1)
+        raise M1Error("teacher weights unreadable")
+
+    monkeypatch.setattr(CONVERT, "run", bad)
+    with pytest.raises(M1Error):
+        run(env, convert={"attn_layers": [1, 3], "seed": 9})
+    assert len(calls) == 1
+
+
+def test_vanished_outputs_are_recomputed(first, env):
+    import shutil
+
+    shutil.rmtree(env / "run" / "convert" / "model")
+    summary = run(env)
+    assert statuses(summary) == {"curate": True, "convert": False}
+    assert (env / "run" / "convert" / "model" / "config.json").is_file()
