@@ -47,6 +47,19 @@ class StaticDecoder:
         self.graphs[b] = (g, out)
 
     @torch.no_grad()
+    def capture_all(self, total_len: int) -> None:
+        """Capture the graphs of every bucket a generation up to total_len tokens will use, before timing starts."""
+        if not self.graphs_on:
+            return
+        b = self.bucket()
+        while True:
+            if b not in self.graphs:
+                self._capture(b)
+            if b >= min(total_len, self.cache.max_len):
+                break
+            b = min(self.cache.max_len, b + self.bucket_size)
+
+    @torch.no_grad()
     def step(self, tok: torch.Tensor) -> torch.Tensor:
         b = self.bucket()
         self.tok.copy_(tok)

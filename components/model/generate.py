@@ -21,6 +21,7 @@ class GenerationOutput:
     finish_reasons: list[str]  # "eos" | "stop_string" | "length"
     texts: list[str] | None = None
     prompt_lengths: list[int] = field(default_factory=list)
+    timings: dict = field(default_factory=dict)  # seconds: prefill, capture (CUDA graphs), decode
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,11 +82,16 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int = 64, *, tempe
     b, P = ids.shape
     gen = torch.Generator(device=dev)
     gen.manual_seed(0 if seed is None else seed)
-    cache = model.new_cache(b, P + max_new_tokens)
-    logits = model(ids, attention_mask=mask, cache=cache, logits_to_keep=1)[:, -1]
     if engine == "auto":
         engine = "graph" if dev.type == "cuda" else "eager"
+    clock = _Clock(dev)
+    cache = model.new_cache(b, P + max_new_tokens)
+    logits = model(ids, attention_mask=mask, cache=cache, logits_to_keep=1)[:, -1]
+    clock.lap("prefill")
     decoder = EagerDecoder(model, cache) if engine == "eager" else StaticDecoder(model, cache, bucket_size, engine == "graph")
+    if engine == "graph" and max_new_tokens > 1:
+        decoder.capture_all(P + max_new_tokens)
+    clock.lap("capture")
     eos_t = torch.tensor(eos or [-1], device=dev)
     out_tok = torch.full((b, max_new_tokens), pad, dtype=torch.long, device=dev)
     out_lp = torch.zeros((b, max_new_tokens), device=dev)
@@ -111,6 +117,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int = 64, *, tempe
             break
         if t + 1 < max_new_tokens:
             logits = decoder.step(tok[:, None])
+    clock.lap("decode")
     toks = out_tok[:, :n_steps].tolist()
     lps = out_lp[:, :n_steps].tolist()
     res_tokens, res_lps = [], []
@@ -126,7 +133,24 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int = 64, *, tempe
         res_tokens.append(toks[i][:n])
         res_lps.append(lps[i][:n])
     texts = [tokenizer.decode(t, skip_special_tokens=True) for t in res_tokens] if tokenizer is not None else None
-    return GenerationOutput(res_tokens, res_lps, stop_reason, texts, mask.sum(1).tolist())
+    return GenerationOutput(res_tokens, res_lps, stop_reason, texts, mask.sum(1).tolist(), clock.laps)
+
+
+class _Clock:
+    """Wall-clock laps; on CUDA each lap waits for the device (three syncs per generate call, none per token)."""
+
+    def __init__(self, dev):
+        import time
+
+        self.dev, self.time, self.laps = dev, time.perf_counter, {}
+        self.t = self.time()
+
+    def lap(self, name: str) -> None:
+        if self.dev.type == "cuda":
+            torch.cuda.synchronize(self.dev)
+        now = self.time()
+        self.laps[name] = now - self.t
+        self.t = now
 
 
 def _stop_string_end(tokenizer, toks: list[int], stop_strings: list[str]) -> int:

@@ -36,6 +36,15 @@ def _conv_ops():
     return causal_conv1d_fn
 
 
+@functools.lru_cache(maxsize=None)
+def _conv_update():
+    try:
+        from causal_conv1d import causal_conv1d_update
+    except Exception:
+        return None
+    return causal_conv1d_update
+
+
 def _cuda(t: torch.Tensor) -> bool:
     return t.is_cuda and os.environ.get("M1_KERNELS", "auto") != "torch"
 
@@ -61,6 +70,30 @@ def conv_step(conv_state, x, weight, bias):
     conv_state[..., -1] = x.to(conv_state.dtype)
     out = (conv_state * weight).sum(-1)
     return (out if bias is None else out + bias).to(x.dtype)
+
+
+def fused_mamba1_step(state, x, dt_in, dt_weight, dt_bias, A, B, C, D, z, conv_w, conv_b):
+    """Mamba-1 decode step with the fused CUDA kernels (conv update + SiLU in one kernel; softplus(dt + bias),
+    the D skip and the SiLU(z) gate inside selective_state_update). Returns y (b, d), or None when the kernels are
+    not available for these tensors (the caller then takes the unfused path)."""
+    ops, upd = (_mamba_ops(), _conv_update()) if _cuda(x) else (None, None)
+    if ops is None or upd is None:
+        return None
+    b, d = x.shape
+    G, N = B.shape[1], B.shape[2]
+    xc = upd(x, state.conv, conv_w, conv_b, activation="silu")
+    dt_raw = F.linear(dt_in, dt_weight)
+    y = ops["selective_state_update"](state.ssm.view(b, G, d // G, N), xc.view(b, G, d // G), dt_raw.view(b, G, d // G),
+                                      A.view(G, d // G, N), B, C, D.view(G, d // G), z=z.reshape(b, G, d // G),
+                                      dt_bias=dt_bias.float().view(G, d // G), dt_softplus=True)
+    return y.reshape(b, d)
+
+
+def rms_norm(x, weight, eps):
+    """Fused RMSNorm on CUDA (torch's kernel); None elsewhere, where the caller keeps transformers' exact numerics."""
+    if _cuda(x) and hasattr(F, "rms_norm"):
+        return F.rms_norm(x, (x.shape[-1],), weight.to(x.dtype), eps)
+    return None
 
 
 def selective_scan(u, dt, A, B, C, D, resets=None, h0=None):

@@ -103,6 +103,13 @@ class Mamba1Mixer(nn.Module):
         x = repeat_heads(x, cfg.head_dim, cfg.d_inner)
         B = repeat_heads(B, cfg.head_dim, cfg.d_inner).view(b, L, -1, cfg.d_state)
         C = C.reshape(b, L, -1, cfg.d_state)
+        state = cache.mamba_state(self.layer_idx) if cache is not None else None
+        if state is not None and state.started and L == 1 and seq.pad_mask is None:
+            y = kernels.fused_mamba1_step(state, x[:, 0], dt[:, 0], self.dt_proj.weight, self.dt_proj.bias,
+                                          -torch.exp(self.A_log.float()), B[:, 0], C[:, 0], self.D, z[:, 0],
+                                          self.conv1d.weight[:, 0], self.conv1d.bias)
+            if y is not None:
+                return self.out_proj(y[:, None])
         dt = F.softplus(self.dt_proj(dt))
         if seq.pad_mask is not None:  # zero input and step size on padding: the state stays exactly 0
             keep = seq.pad_mask[..., None]
@@ -110,7 +117,6 @@ class Mamba1Mixer(nn.Module):
             dt = torch.where(keep, dt, torch.zeros_like(dt))
         A = -torch.exp(self.A_log.float())
         w = self.conv1d.weight[:, 0]
-        state = cache.mamba_state(self.layer_idx) if cache is not None else None
         if state is not None and state.started and L == 1:
             xc = kernels.conv_step(state.conv, x[:, 0], w, self.conv1d.bias)
             y = kernels.selective_state_step(state.ssm, F.silu(xc), dt[:, 0], A, B[:, 0], C[:, 0], self.D)[:, None]

@@ -1,0 +1,250 @@
+"""GPU suite for one H100/H200: decode throughput, decode-step floors, training MFU (issue: GPU performance).
+
+    python3 bench/gpu_suite.py anchors  --out DIR   # prompt 256 / decode 512: ours vs HF static cache vs mamba_ssm engine
+    python3 bench/gpu_suite.py decode   --out DIR   # prompt 256 / decode 4096 grid + floors (3B shape)
+    python3 bench/gpu_suite.py train    --out DIR   # training tokens/s and MFU (SmolLM2 and 3B shapes)
+    python3 bench/gpu_suite.py smollm2  --out DIR   # SmolLM2-sized pair, decode grid
+
+Imports only torch, transformers, numpy, matplotlib and components.model (the GPU image has no pydantic/Ray).
+Weights are random (bf16): speed does not depend on their values. Throughput = batch * decoded tokens /
+(prefill + decode seconds); CUDA-graph capture is a one-time cost, reported separately."""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from components.model import HybridConfig, HybridForCausalLM, generate  # noqa: E402
+from components.model.kernels import active_backend  # noqa: E402
+from components.model.teacher import RANDOM_SHAPES, random_llama_config  # noqa: E402
+
+SHAPES = {"llama-3.2-3b": [3, 8, 13, 18, 23, 27], "smollm2-135m": [4, 9, 14, 19, 24, 29]}
+
+
+def ours(shape: str, attn: list[int], warm: bool = True) -> HybridForCausalLM:
+    cfg = HybridConfig.from_llama(random_llama_config(shape), attn_layers=attn)
+    with torch.device("cuda"):
+        m = HybridForCausalLM(cfg)
+    m = m.to(torch.bfloat16).eval()
+    if warm:  # first calls JIT-compile Triton kernels and initialise cuBLAS: keep that out of the timings
+        run_ours(m, 2, 256, 8)
+    return m
+
+
+def run_ours(model, batch: int, prompt: int, decode: int, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    prompts = torch.randint(100, 1000, (batch, prompt), generator=g).tolist()
+    out = generate(model, prompts, decode, greedy=True, eos_token_ids=[], engine="graph")
+    t = out.timings
+    return {"prefill_s": t["prefill"], "capture_s": t["capture"], "decode_s": t["decode"],
+            "tokens_per_s": batch * decode / (t["prefill"] + t["decode"]),
+            "decode_tokens_per_s": batch * decode / t["decode"], "ms_per_step": 1e3 * t["decode"] / decode}
+
+
+def hf_model(shape: str):
+    from transformers import LlamaForCausalLM
+
+    with torch.device("cuda"):
+        m = LlamaForCausalLM(random_llama_config(shape))
+    return m.to(torch.bfloat16).eval()
+
+
+def run_hf(model, batch: int, prompt: int, decode: int) -> dict:
+    ids = torch.randint(100, 1000, (batch, prompt), device="cuda")
+    kw = dict(max_new_tokens=decode, min_new_tokens=decode, do_sample=False, cache_implementation="static",
+              disable_compile=True, pad_token_id=0, attention_mask=torch.ones_like(ids))
+    model.generate(ids, **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    model.generate(ids, **kw)
+    torch.cuda.synchronize()
+    dt = time.perf_counter() - t
+    return {"seconds": dt, "tokens_per_s": batch * decode / dt}
+
+
+def mamba_ssm_model(shape: str, attn: list[int]):
+    from mamba_ssm.models.config_mamba import MambaConfig
+    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+
+    s = RANDOM_SHAPES[shape]
+    hd = s.get("head_dim") or s["hidden_size"] // s["num_attention_heads"]
+    cfg = MambaConfig(d_model=s["hidden_size"], d_intermediate=s["intermediate_size"], n_layer=s["num_hidden_layers"],
+                      vocab_size=s["vocab_size"], ssm_cfg={"layer": "Mamba1", "expand": 1, "d_state": 16},
+                      attn_layer_idx=attn, attn_cfg={"num_heads": s["num_attention_heads"], "num_heads_kv":
+                                                     s["num_key_value_heads"], "head_dim": hd, "causal": True},
+                      rms_norm=True, residual_in_fp32=True, fused_add_norm=True, tie_embeddings=True)
+    return MambaLMHeadModel(cfg, device="cuda", dtype=torch.bfloat16).eval()
+
+
+def run_mamba_ssm(model, batch: int, prompt: int, decode: int) -> dict:
+    ids = torch.randint(100, 1000, (batch, prompt), device="cuda")
+    model.generate(ids, max_length=prompt + 4, cg=True, top_k=1)  # warm-up; its graph cache is rebuilt per size
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    model.generate(ids, max_length=prompt + decode, cg=True, top_k=1)
+    torch.cuda.synchronize()
+    dt = time.perf_counter() - t
+    return {"seconds": dt, "tokens_per_s": batch * decode / dt}
+
+
+def hbm_bandwidth() -> float:
+    """Bytes/s of a large device-to-device copy, counting bytes read and written."""
+    x = torch.empty(2 * 1024**3, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    bw = 2 * x.numel() * 10 / (time.perf_counter() - t)
+    del x, y
+    return bw
+
+
+def step_bytes(cfg: HybridConfig, batch: int, kv_len: int, weight_bytes: int) -> float:
+    """Bytes one decode step must move: every weight once, the attention layers' KV up to kv_len, and each Mamba
+    layer's conv (bf16) and SSM (fp32) state read and written."""
+    n_attn = len(cfg.attn_layers)
+    n_mamba = cfg.num_hidden_layers - n_attn
+    kv = n_attn * batch * kv_len * 2 * cfg.num_key_value_heads * cfg.head_dim * 2
+    state = n_mamba * batch * 2 * (cfg.d_inner * cfg.d_conv * 2 + cfg.d_inner * cfg.d_state * 4)
+    return weight_bytes + kv + state
+
+
+def floor_ms(model, batch: int, prompt: int, decode: int, bw: float) -> float:
+    cfg = model.config
+    wb = sum(p.numel() * p.element_size() for p in model.parameters())  # tied embeddings counted once
+    mean_bytes = sum(step_bytes(cfg, batch, prompt + i + 1, wb) for i in range(0, decode, 16)) / len(range(0, decode, 16))
+    return 1e3 * mean_bytes / bw
+
+
+def max_batch(model, prompt: int, decode: int, budget_frac: float = 0.9) -> int:
+    cfg = model.config
+    free, _ = torch.cuda.mem_get_info()
+    per_seq = step_bytes(cfg, 1, prompt + decode, 0) + 4 * cfg.vocab_size * 4  # cache + a few logit rows
+    return int(free * budget_frac // per_seq)
+
+
+def meta() -> dict:
+    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
+            "kernels": active_backend("cuda"), "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M")}
+
+
+def free(*objs):
+    for o in objs:
+        del o
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def cmd_anchors(a) -> dict:
+    rows, shape, P, D = [], "llama-3.2-3b", 256, 512
+    for name, attn in (("hybrid", SHAPES[shape]), ("attention", list(range(28)))):
+        m = ours(shape, attn)
+        for b in a.batches:
+            rows.append({"engine": "m1", "model": name, "batch": b, **run_ours(m, b, P, D)})
+            print(rows[-1], flush=True)
+        free(m)
+    m = hf_model(shape)
+    for b in a.batches:
+        d = 128 if b == 1 else D  # batch 1 runs at ~10 tokens/s: fewer tokens, same rate
+        rows.append({"engine": "hf_static", "model": "attention", "batch": b, **run_hf(m, b, P, d)})
+        print(rows[-1], flush=True)
+    free(m)
+    try:
+        for name, attn in (("hybrid", SHAPES[shape]), ("attention", list(range(28)))):
+            m = mamba_ssm_model(shape, attn)
+            for b in a.batches:
+                rows.append({"engine": "mamba_ssm", "model": name, "batch": b, **run_mamba_ssm(m, b, P, D)})
+                print(rows[-1], flush=True)
+            free(m)
+    except Exception as e:  # recorded, not hidden: the comparison row is then missing
+        rows.append({"engine": "mamba_ssm", "error": repr(e)[:300]})
+    return {"meta": meta(), "prompt": P, "decode": D, "rows": rows}
+
+
+def cmd_decode(a) -> dict:
+    shape, P, D = a.shape, 256, a.decode
+    bw = hbm_bandwidth()
+    rows = []
+    for name, attn in (("hybrid", SHAPES[shape]), ("attention", list(range(RANDOM_SHAPES[shape]["num_hidden_layers"])))):
+        m = ours(shape, attn)
+        top = max_batch(m, P, D)
+        for b in sorted(set([x for x in a.batches if x <= top] + [top])):
+            try:
+                r = run_ours(m, b, P, D)
+            except torch.OutOfMemoryError:
+                rows.append({"model": name, "batch": b, "oom": True})
+                free()
+                continue
+            fl = floor_ms(m, b, P, D, bw)
+            rows.append({"model": name, "batch": b, "largest": b == top, **r, "floor_ms_per_step": fl,
+                         "step_over_floor": r["ms_per_step"] / fl, "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9})
+            torch.cuda.reset_peak_memory_stats()
+            print(rows[-1], flush=True)
+        free(m)
+    return {"meta": meta(), "shape": shape, "prompt": P, "decode": D, "hbm_bytes_per_s": bw, "rows": rows}
+
+
+def cmd_train(a) -> dict:
+    from components.train.loop import flops_per_token
+
+    rows = []
+    for shape, seq, batch in (("smollm2-135m", 2048, 8), ("llama-3.2-3b", 2048, 2)):
+        m = ours(shape, SHAPES[shape], warm=False).float().train()
+        m.gradient_checkpointing_enable(shape != "smollm2-135m")
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-5, fused=True)
+        ids = torch.randint(0, 1000, (batch, seq), device="cuda")
+        times = []
+        for i in range(6):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = torch.nn.functional.cross_entropy(m(ids)[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        dt = sum(times[2:]) / len(times[2:])
+        tps = batch * seq / dt
+        fpt = flops_per_token(m, seq)
+        rows.append({"shape": shape, "seq_len": seq, "batch": batch, "step_s": dt, "tokens_per_s": tps,
+                     "tflops": tps * fpt / 1e12, "mfu": tps * fpt / 989e12,
+                     "grad_ckpt": m.gradient_checkpointing, "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9})
+        print(rows[-1], flush=True)
+        free(m, opt)
+        torch.cuda.reset_peak_memory_stats()
+    return {"meta": meta(), "peak_tflops_bf16": 989.0, "rows": rows}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what", choices=["anchors", "decode", "train", "smollm2"])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--batches", default="1,16,64,128,256")
+    ap.add_argument("--decode", type=int, default=4096)
+    ap.add_argument("--shape", default="llama-3.2-3b")
+    a = ap.parse_args()
+    a.batches = [int(x) for x in a.batches.split(",")]
+    if a.what == "smollm2":
+        a.shape = "smollm2-135m"
+    res = {"anchors": cmd_anchors, "decode": cmd_decode, "train": cmd_train, "smollm2": cmd_decode}[a.what](a)
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    name = a.what if a.what != "decode" else f"decode_{a.shape}"
+    (Path(a.out) / f"{name}.json").write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
