@@ -40,7 +40,19 @@ def write_rows(path: Path, n: int, seed: int) -> None:
         f.writelines(json.dumps(r) + "\n" for r in generate(n, seed))
 
 
-def _end_to_end(src: str, run_dir: str, num_proc: int):
+def _peak_rss_mib() -> float:
+    """This process's own peak RSS (VmHWM; getrusage's maxrss can carry over from the parent)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _end_to_end(src: str, run_dir: str, num_proc: int, q) -> None:
     """Curate one local source in this (fresh) process: (seconds, sft1 documents, rows, peak RSS MiB)."""
     from components.config import load_config
     from components.data import curate
@@ -52,8 +64,7 @@ def _end_to_end(src: str, run_dir: str, num_proc: int):
     t = time.perf_counter()
     out = curate.run(conf)
     secs = time.perf_counter() - t
-    peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
-    return secs, out.records["sft1"], out.rows["sft1"], peak / 1024
+    q.put((secs, out.records["sft1"], out.rows["sft1"], _peak_rss_mib()))
 
 
 def main() -> None:
@@ -145,11 +156,15 @@ def main() -> None:
         e2e_src = tmp / f"e2e-{size}.jsonl"
         write_rows(e2e_src, size, 2)
         # A fresh interpreter per run, so its peak memory is the stage's own.
-        with mp.get_context("spawn").Pool(1) as pool:
-            secs, kept, nrows, peak = pool.apply(_end_to_end, (str(e2e_src), str(tmp / f"run-{size}"), args.num_proc))
+        ctx = mp.get_context("spawn")
+        q = ctx.Queue()
+        proc = ctx.Process(target=_end_to_end, args=(str(e2e_src), str(tmp / f"run-{size}"), args.num_proc, q))
+        proc.start()
+        secs, kept, nrows, peak = q.get()
+        proc.join()
         results.append((f"curate.run end to end ({size} rows)", size, secs))
         print(f"{'curate.run end to end (local source)':<38} {size:>9} rows {secs:>8.2f} s {size / secs:>12,.0f} rows/s"
-              f"  kept {kept} sft1 docs in {nrows} rows, peak RSS {peak:.0f} MiB", flush=True)
+              f"  kept {kept} sft1 docs in {nrows} rows, peak RSS of the stage process {peak:.0f} MiB", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump([{"step": s, "rows": k, "seconds": round(t, 3), "rows_per_s": round(k / t, 1)}

@@ -193,9 +193,11 @@ def _results(pool, jobs: Iterator, num_proc: int) -> Iterator:
 def _pass1(config, cfg: DataConfig, staging: _Staging, rejects, stats: Stats) -> None:
     deduper = dd.Deduper(cfg.dedup)
     eval_seen: dict[str, set] = {}
+    import multiprocessing as mp
+
     pool = None
-    if cfg.num_proc > 1:
-        import multiprocessing as mp
+    # A daemonic process (a multiprocessing pool worker) may not start children: check in-process there.
+    if cfg.num_proc > 1 and not mp.current_process().daemon:
 
         from components import mathcheck
 

@@ -298,6 +298,9 @@ class ChampAdapter(Adapter):
                 for key, ann in sorted((p.fws_annotations or {}).items()):
                     prompt = key.split("|", 1)[-1]
                     if prompt in self.spec.trace_prompts and ann.start_idx is None and ann.text:
+                        # Our user turn has no hints, so a solution that talks about "the hint" would not fit it.
+                        if "w/ H" in prompt and re.search(r"\bhints?\b", ann.text, re.I):
+                            continue
                         traces.append({"key": key, "text": ann.text})
                 yield {
                     "identifier": pid,
