@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -86,7 +87,7 @@ class Tracker:
             flat = _flatten(params)
             from mlflow.entities import Param
 
-            items = [Param(k, str(v)[:6000]) for k, v in flat.items()]
+            items = [Param(mlflow_key(k), str(v)[:6000]) for k, v in flat.items()]
             for i in range(0, len(items), 100):
                 self.client.log_batch(self.run_id, params=items[i:i + 100])
 
@@ -99,7 +100,8 @@ class Tracker:
             from mlflow.entities import Metric
 
             ts = int(time.time() * 1000)
-            self.client.log_batch(self.run_id, metrics=[Metric(k, v, ts, step or 0) for k, v in clean.items()])
+            self.client.log_batch(self.run_id, metrics=[Metric(mlflow_key(k), v, ts, step or 0)
+                                                        for k, v in clean.items()])
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if self.client:
@@ -112,7 +114,15 @@ class Tracker:
     def set_tags(self, tags: dict[str, Any]) -> None:
         if self.client:
             for k, v in tags.items():
-                self.client.set_tag(self.run_id, k, str(v))
+                self.client.set_tag(self.run_id, mlflow_key(k), str(v))
+
+
+_BAD_KEY_CHARS = re.compile(r"[^\w\-. :/]")
+
+
+def mlflow_key(name: str) -> str:
+    """MLflow accepts only alphanumerics, _ - . space : / in metric/param/tag names ("pass@1" -> "pass_1")."""
+    return _BAD_KEY_CHARS.sub("_", str(name))
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -168,3 +168,17 @@ def test_vanished_outputs_are_recomputed(first, env):
     summary = run(env)
     assert statuses(summary) == {"curate": True, "convert": False}
     assert (env / "run" / "convert" / "model" / "config.json").is_file()
+
+
+def test_flow_refuses_bad_profile_before_any_stage(first, env, monkeypatch):
+    from components.errors import M1Error
+    from flows.m1_pipeline import m1_pipeline
+
+    def boom(*a, **k):
+        raise AssertionError("a stage ran")
+
+    monkeypatch.setattr(CONVERT, "run", boom)
+    with pytest.raises(M1Error, match="unknown profile 'huge'"):
+        m1_pipeline(profile="huge")
+    with pytest.raises(M1Error, match="convert.mixer"):
+        m1_pipeline(profile="tiny", overrides=overrides(env, convert={"mixer": "mamba3"}))

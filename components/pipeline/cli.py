@@ -60,6 +60,7 @@ def register(sub) -> None:
 
     r = sub.add_parser("promote", help="register a model as candidate and/or gate the candidate to champion")
     add_config_args(r)
+    r.add_argument("--set", dest="overrides", type=_assignment, action="append", metavar="KEY=VALUE")
     r.add_argument("--model-dir", default=None, help="register this hybrid model directory as a new candidate first")
     r.add_argument("--metric", type=_metric, action="append", default=[], metavar="NAME=VALUE",
                    help="evaluation metric of --model-dir (repeatable)")

@@ -32,55 +32,60 @@ def signature(max_new_tokens: int = 256):
     )
 
 
-class HybridPyfunc(mlflow.pyfunc.PythonModel):
-    def load_context(self, context) -> None:
-        import torch
-        from transformers import AutoTokenizer
+# The input is validated against the logged signature (a DataFrame with a `prompt` column); MLflow's nudge
+# towards type-hint validation at class creation does not apply.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message=".*Add type hints", category=UserWarning)
 
-        from components.model import HybridForCausalLM
+    class HybridPyfunc(mlflow.pyfunc.PythonModel):
+        def load_context(self, context) -> None:
+            import torch
+            from transformers import AutoTokenizer
 
-        path = context.artifacts[HYBRID_ARTIFACT]
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = HybridForCausalLM.from_pretrained(path, device=self.device).eval()
-        from transformers.utils import logging as hf_logging
+            from components.model import HybridForCausalLM
 
-        # The directory's config.json describes the hybrid, not a transformers model type: the tokenizer loader
-        # says so at warning level, which is noise here.
-        level = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                self.tokenizer = AutoTokenizer.from_pretrained(path)
-        finally:
-            hf_logging.set_verbosity(level)
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+            path = context.artifacts[HYBRID_ARTIFACT]
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+            self.model = HybridForCausalLM.from_pretrained(path, device=self.device).eval()
+            from transformers.utils import logging as hf_logging
 
-    def _encode(self, prompt: str) -> list[int]:
-        tok = self.tokenizer
-        if tok.chat_template:
-            ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                          tokenize=True)
-            # transformers 5 returns a BatchEncoding here, 4.x a list
-            return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-        return tok(prompt)["input_ids"]
+            # The directory's config.json describes the hybrid, not a transformers model type: the tokenizer loader
+            # says so at warning level, which is noise here.
+            level = hf_logging.get_verbosity()
+            hf_logging.set_verbosity_error()
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    self.tokenizer = AutoTokenizer.from_pretrained(path)
+            finally:
+                hf_logging.set_verbosity(level)
+            if self.tokenizer.pad_token is None:
+                self.tokenizer.pad_token = self.tokenizer.eos_token
 
-    def predict(self, context, model_input, params=None) -> list[str]:
-        from components.model import generate
+        def _encode(self, prompt: str) -> list[int]:
+            tok = self.tokenizer
+            if tok.chat_template:
+                ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                              tokenize=True)
+                # transformers 5 returns a BatchEncoding here, 4.x a list
+                return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+            return tok(prompt)["input_ids"]
 
-        p = params or {}
-        if hasattr(model_input, "columns"):
-            if "prompt" not in model_input.columns:
-                raise ValueError(f"input needs a 'prompt' column, got {list(model_input.columns)}")
-            prompts = [str(x) for x in model_input["prompt"].tolist()]
-        elif isinstance(model_input, str):
-            prompts = [model_input]
-        else:
-            prompts = [str(x) for x in model_input]
-        temperature = float(p.get("temperature", 0.0))
-        out = generate(self.model, [self._encode(x) for x in prompts], max_new_tokens=int(p.get("max_new_tokens", 256)),
-                       temperature=temperature, top_p=float(p.get("top_p", 1.0)), greedy=temperature <= 0,
-                       seed=int(p.get("seed", 0)), tokenizer=self.tokenizer,
-                       pad_token_id=self.tokenizer.pad_token_id)
-        return list(out.texts)
+        def predict(self, context, model_input, params=None) -> list[str]:
+            from components.model import generate
+
+            p = params or {}
+            if hasattr(model_input, "columns"):
+                if "prompt" not in model_input.columns:
+                    raise ValueError(f"input needs a 'prompt' column, got {list(model_input.columns)}")
+                prompts = [str(x) for x in model_input["prompt"].tolist()]
+            elif isinstance(model_input, str):
+                prompts = [model_input]
+            else:
+                prompts = [str(x) for x in model_input]
+            temperature = float(p.get("temperature", 0.0))
+            out = generate(self.model, [self._encode(x) for x in prompts], max_new_tokens=int(p.get("max_new_tokens", 256)),
+                           temperature=temperature, top_p=float(p.get("top_p", 1.0)), greedy=temperature <= 0,
+                           seed=int(p.get("seed", 0)), tokenizer=self.tokenizer,
+                           pad_token_id=self.tokenizer.pad_token_id)
+            return list(out.texts)

@@ -5,6 +5,7 @@ candidate version's tags (gate.decision, gate.reason, gate.<metric>.*), and each
 as `metric.<name>` tags so later gates compare against them without looking up runs."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -13,10 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from components.errors import M1Error
-from components.tracking import tracking_uri
+from components.tracking import mlflow_key, tracking_uri
 
 ROOT = Path(__file__).resolve().parent.parent.parent
-METRIC_TAG = "metric."
+METRIC_TAG = "metric."  # one tag per metric, for reading in the UI (names made MLflow-safe)
+METRICS_TAG = "m1.metrics"  # all metrics as JSON under their own names: what the gate compares
 
 
 @dataclass
@@ -33,7 +35,7 @@ class GateDecision:
                                                                                         time.gmtime())}
         for metric, d in self.details.items():
             for k, v in d.items():
-                t[f"gate.{metric}.{k}"] = str(v)
+                t[mlflow_key(f"gate.{metric}.{k}")] = str(v)
         return t
 
 
@@ -96,6 +98,10 @@ def _version_by_alias(client, name: str, alias: str):
 
 
 def version_metrics(mv) -> dict[str, float]:
+    """The metrics a version was registered with (names as the evaluation reported them)."""
+    raw = (mv.tags or {}).get(METRICS_TAG)
+    if raw:
+        return {k: float(v) for k, v in json.loads(raw).items()}
     out = {}
     for k, v in (mv.tags or {}).items():
         if k.startswith(METRIC_TAG):
@@ -148,11 +154,12 @@ def register_model(config, model_dir: str | Path, metrics: dict[str, float], tag
             pip_requirements=_pip_requirements(), registered_model_name=promo.model_name,
             await_registration_for=60)
         if metrics:
-            mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+            mlflow.log_metrics({mlflow_key(k): float(v) for k, v in metrics.items()})
         source_run = run.info.run_id
     version = str(info.registered_model_version)
     client = _client(config)
-    for k, v in {**{f"{METRIC_TAG}{k}": v for k, v in metrics.items()}, "m1.model_dir": str(model_dir.resolve()),
+    for k, v in {**{mlflow_key(f"{METRIC_TAG}{k}"): v for k, v in metrics.items()}, METRICS_TAG: json.dumps(metrics),
+                 "m1.model_dir": str(model_dir.resolve()),
                  "m1.profile": config.profile, "m1.source_run": source_run, **(tags or {})}.items():
         client.set_model_version_tag(promo.model_name, version, k, str(v))
     client.set_registered_model_alias(promo.model_name, promo.candidate_alias, version)
@@ -176,18 +183,19 @@ def promote(config, version: str | None = None) -> GateDecision:
         except MlflowException:
             raise M1Error(f"{promo.model_name} has no version {version}") from None
     champ = _version_by_alias(client, promo.model_name, promo.champion_alias)
-    if champ is not None and champ.version == mv.version:
-        decision = GateDecision(False, f"version {mv.version} already is the champion", champ.version)
+    version = str(mv.version)
+    champ_version = str(champ.version) if champ is not None else None
+    if champ_version == version:
+        decision = GateDecision(False, f"version {version} already is the champion", champ_version)
     else:
-        decision = decide(promo.gate, version_metrics(mv), version_metrics(champ) if champ else None,
-                          champ.version if champ else None)
+        decision = decide(promo.gate, version_metrics(mv), version_metrics(champ) if champ else None, champ_version)
     for k, v in decision.tags().items():
-        client.set_model_version_tag(promo.model_name, mv.version, k, v)
+        client.set_model_version_tag(promo.model_name, version, k, v)
     if decision.promoted:
-        client.set_registered_model_alias(promo.model_name, promo.champion_alias, mv.version)
-        if champ is not None:
-            client.set_model_version_tag(promo.model_name, champ.version, "gate.superseded_by", mv.version)
-    decision.version = mv.version
+        client.set_registered_model_alias(promo.model_name, promo.champion_alias, version)
+        if champ_version is not None:
+            client.set_model_version_tag(promo.model_name, champ_version, "gate.superseded_by", version)
+    decision.version = version
     return decision
 
 
@@ -202,4 +210,4 @@ def run(config, inputs: dict | None = None) -> RegisterOutputs:
     promo = config.pipeline.promotion
     champ = _version_by_alias(_client(config), promo.model_name, promo.champion_alias)
     return RegisterOutputs(promo.model_name, version, f"models:/{promo.model_name}/{version}", decision.promoted,
-                           decision.reason, champ.version if champ else None, metrics)
+                           decision.reason, str(champ.version) if champ else None, metrics)

@@ -1,0 +1,145 @@
+"""Pipeline config and plan, without running a stage: bad profiles, keys and types fail up front naming the key;
+the registry only lists importable stages; cache keys react to what they should and nothing else; the
+dry run of every profile (m1-3b included) validates and prints the resources each stage asks for."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from components.cli import main
+from components.config import ROOT, load_config
+from components.errors import M1Error
+from components.pipeline.keys import cache_key, extract_metrics
+from components.pipeline.stages import get_stage, plan, registered_stages, stage_names
+
+PROFILES = ["default", "tiny", "gpu", "m1-3b"]
+
+
+def m1(*argv) -> int:
+    """`m1 ...` in-process. components.train.cli keeps its `m1 train` subparser group in a module global, so the
+    parser can only be built once per process unless that global is reset."""
+    import importlib
+
+    try:
+        importlib.import_module("components.train.cli")._train_sub = None
+    except ImportError:
+        pass
+    return main(list(argv))
+
+
+def test_registry_lists_only_existing_stages():
+    names = stage_names()
+    assert names[:2] == ["curate", "convert"]
+    for s in registered_stages():
+        assert callable(s.function()), s.name
+        for rel in s.code_paths():
+            assert (ROOT / rel).exists(), (s.name, rel)
+    # register waits for an evaluate stage: it is absent until one is registered
+    assert ("register" in names) == ("evaluate" in names)
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_profiles_validate_with_every_stage_key(profile):
+    from components.pipeline.keys import config_material
+
+    cfg = load_config(profile)
+    for s in registered_stages():
+        config_material(cfg, s)  # every key a stage is cached on exists in every profile
+
+
+def test_plan_pulls_in_upstream_stages():
+    assert [s.name for s in plan(["convert"])] == ["convert"]
+    assert [s.name for s in plan(None)] == stage_names()
+    with pytest.raises(M1Error, match="unknown stage 'nope'"):
+        plan(["nope"])
+
+
+def test_cache_key_depends_on_own_sections_only(tmp_path):
+    base = {"run_dir": str(tmp_path)}
+    conv, cur = get_stage("convert"), get_stage("curate")
+    a = load_config("tiny", overrides=base)
+    b = load_config("tiny", overrides={**base, "convert": {"attn_layers": [0, 3]}})
+    c = load_config("tiny", overrides={**base, "data": {"num_proc": 2}, "pipeline": {"retries": {"retries": 5}}})
+    assert cache_key(a, conv, {}) != cache_key(b, conv, {})
+    assert cache_key(a, cur, {}) == cache_key(b, cur, {})
+    assert cache_key(a, conv, {}) == cache_key(c, conv, {})  # data and pipeline settings do not touch convert
+    assert cache_key(a, cur, {}) != cache_key(c, cur, {})
+    d = load_config("tiny", overrides={"run_dir": str(tmp_path / "other")})
+    assert cache_key(a, conv, {}) != cache_key(d, conv, {})
+
+
+def test_cache_key_follows_upstream_content(tmp_path, monkeypatch):
+    from components.pipeline.stages import Stage
+
+    down = Stage("down", "components.model.convert:run", config_keys=("seed",), upstream=("curate",))
+    cfg = load_config("tiny", overrides={"run_dir": str(tmp_path)})
+    assert cache_key(cfg, down, {"curate": "a"}) != cache_key(cfg, down, {"curate": "b"})
+    with pytest.raises(M1Error, match="upstream results missing"):
+        cache_key(cfg, down, {})
+
+
+def test_dvc_style_hashes_are_cached_by_stat(tmp_path):
+    from components.pipeline.hashing import StatCache, dvc_md5
+
+    d = tmp_path / "d"
+    (d / "sub").mkdir(parents=True)
+    (d / "a.txt").write_text("hello")
+    (d / "sub" / "b.bin").write_bytes(b"\x00\x01")
+    cache = StatCache(tmp_path / "c.json")
+    h1 = dvc_md5(d, cache)
+    assert h1.endswith(".dir") and dvc_md5(d / "a.txt", cache) == "5d41402abc4b2a76b9719d911017c592"
+    assert (tmp_path / "c.json").is_file()
+    (d / "a.txt").write_text("hellO")
+    assert dvc_md5(d, cache) != h1
+
+
+def test_metrics_are_flattened_from_outputs():
+    from components.model.convert import ConvertOutputs
+
+    assert extract_metrics(ConvertOutputs("x", 12, [1], "mamba1")) == {"num_parameters": 12.0}
+
+
+@pytest.mark.parametrize("override, key", [
+    ({"convert": {"mixr": "mamba1"}}, "convert.mixr: unknown key"),
+    ({"convert": {"d_state": "sixteen"}}, "convert.d_state"),
+    ({"pipeline": {"retries": {"retries": -1}}}, "pipeline.retries.retries"),
+    ({"pipeline": {"stages": ["convert", "distil"]}}, "pipeline.stages"),
+    ({"pipeline": {"result_storage": "gs://bucket/x"}}, "pipeline.result_storage"),
+    ({"pipeline": {"promotion": {"gate": [{"metric": "pass@1", "min_improvment": 0.1}]}}},
+     "pipeline.promotion.gate.0.min_improvment"),
+])
+def test_bad_params_fail_before_any_stage_naming_the_key(tmp_path, capsys, override, key):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for section, value in override.items():
+        params.setdefault(section, {}).update(value)
+    p = tmp_path / "params.yaml"
+    p.write_text(yaml.safe_dump(params))
+    assert m1("pipeline", "--params", str(p)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("m1: error: invalid config") and key in err, err
+
+
+def test_unknown_profile_and_bad_attention_layers_fail_up_front(capsys):
+    assert m1("pipeline", "--profile", "nope") == 2
+    assert "unknown profile 'nope'" in capsys.readouterr().err
+    assert m1("pipeline", "--profile", "tiny", "--set", "convert.attn_layers=[1,9]") == 2
+    assert "convert.attn_layers" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("profile", ["tiny", "m1-3b"])
+def test_dry_run_prints_stages_keys_and_resources(profile, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert m1("pipeline", "--profile", profile, "--dry-run") == 0
+    out = capsys.readouterr().out
+    for name in stage_names():
+        assert f"  {name} " in out
+    assert "key m1-curate-" in out and "asks for" in out
+    if profile == "m1-3b":
+        assert "1 GPU (H100)" in out and "largest request" in out and "s3://m1-pipeline" in out
+
+
+def test_profiles_dir_holds_the_documented_profiles():
+    names = sorted(p.stem for p in (ROOT / "configs" / "profiles").glob("*.yaml"))
+    assert {"tiny", "gpu", "m1-3b"} <= set(names)
+    tiny = yaml.safe_load(Path(ROOT / "configs/profiles/tiny.yaml").read_text())
+    assert tiny["teacher"]["source"] == "random:tiny" and tiny["convert"]["attn_layers"] == [1, 3]
