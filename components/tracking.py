@@ -52,15 +52,35 @@ def run_link(uri: str, experiment_id: str, run_id: str) -> str:
 
 
 def setup_mlflow(cfg: TrackingConfig) -> str:
-    """Point MLflow at the configured store and experiment; returns the experiment id."""
+    """Point MLflow at the configured store and experiment (created on first use); returns the experiment id."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri(cfg))
-    exp = mlflow.get_experiment_by_name(cfg.experiment)
-    if exp is None:
-        return mlflow.create_experiment(cfg.experiment, artifact_location=cfg.artifact_location)
-    mlflow.set_experiment(cfg.experiment)
-    return exp.experiment_id
+    uri = tracking_uri(cfg)
+    mlflow.set_tracking_uri(uri)
+    exp_id = ensure_experiment(cfg, uri)
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
+
+
+def ensure_experiment(cfg: TrackingConfig, uri: str) -> str:
+    """The id of cfg.experiment in the store at `uri`, created when missing. Without an explicit
+    artifact_location, a sqlite store keeps artifacts in mlruns/<experiment> beside the database file."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(cfg.experiment)
+    if exp is not None:
+        return exp.experiment_id
+    location = cfg.artifact_location
+    if location is None and uri.startswith("sqlite:///"):
+        location = str(Path(uri[len("sqlite:///"):]).parent / "mlruns" / cfg.experiment)
+    try:
+        return client.create_experiment(cfg.experiment, artifact_location=location)
+    except Exception:  # created by another process meanwhile
+        exp = client.get_experiment_by_name(cfg.experiment)
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 class Tracker:

@@ -99,8 +99,9 @@ def rms_norm(x, weight, eps):
 def selective_scan(u, dt, A, B, C, D, resets=None, h0=None):
     ops = _mamba_ops() if _cuda(u) else None
     if ops is not None and resets is None and h0 is None:
+        # the kernel wants delta in u's dtype (under autocast softplus comes out fp32 while u is bf16)
         y, last = ops["selective_scan_fn"](
-            u.transpose(1, 2).contiguous(), dt.transpose(1, 2).contiguous(), A.float().contiguous(),
+            u.transpose(1, 2).contiguous(), dt.to(u.dtype).transpose(1, 2).contiguous(), A.float().contiguous(),
             B.permute(0, 2, 3, 1).contiguous(), C.permute(0, 2, 3, 1).contiguous(), D.float(),
             delta_softplus=False, return_last_state=True)
         return y.transpose(1, 2), last.float()

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
 from components.pipeline.hashing import dvc_md5
-from components.tracking import Tracker, run_link, tracking_uri
+from components.tracking import Tracker, ensure_experiment, run_link, tracking_uri
 
 
 def _client(uri: str):
@@ -20,21 +19,7 @@ def _client(uri: str):
 
 
 def experiment_id(cfg, uri: str) -> str:
-    """The experiment of `cfg` (created on first use; artifacts beside a sqlite store unless configured)."""
-    client = _client(uri)
-    exp = client.get_experiment_by_name(cfg.experiment)
-    if exp is not None:
-        return exp.experiment_id
-    location = cfg.artifact_location
-    if location is None and uri.startswith("sqlite:///"):
-        location = str(Path(uri[len("sqlite:///"):]).parent / "mlruns" / cfg.experiment)
-    try:
-        return client.create_experiment(cfg.experiment, artifact_location=location)
-    except Exception:  # another process created it meanwhile
-        exp = client.get_experiment_by_name(cfg.experiment)
-        if exp is None:
-            raise
-        return exp.experiment_id
+    return ensure_experiment(cfg, uri)
 
 
 class PipelineRuns:
@@ -131,7 +116,3 @@ def stage_env(run_id: str | None, uri: str | None):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)

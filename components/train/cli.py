@@ -6,16 +6,12 @@ from pathlib import Path
 # The model each stage starts from, relative to run_dir, when --model is not given.
 DEFAULT_INPUT = {"distill": "convert/model", "sft1": "distill/model", "sft2": "sft1/model"}
 
-_train_sub = None
-
-
 def train_subparsers(sub):
-    """The `m1 train` subcommand group, created once and shared by every stage that registers under it."""
-    global _train_sub
-    if _train_sub is None:
+    """The `m1 train` subcommand group of this parser, created once and shared by every stage under it."""
+    if not hasattr(sub, "_m1_train"):
         p = sub.add_parser("train", help="training stages")
-        _train_sub = p.add_subparsers(dest="train_stage", required=True)
-    return _train_sub
+        sub._m1_train = p.add_subparsers(dest="train_stage", required=True)
+    return sub._m1_train
 
 
 def register(sub) -> None:
