@@ -17,15 +17,15 @@ from components.pipeline.runner import quiet_env
 
 quiet_env()
 
-from prefect import flow, get_run_logger, task  # noqa: E402
-from prefect.artifacts import create_link_artifact, create_markdown_artifact  # noqa: E402
-from prefect.context import get_run_context  # noqa: E402
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.context import get_run_context
 
-from components.errors import M1Error  # noqa: E402
-from components.pipeline import runner  # noqa: E402
-from components.pipeline.keys import StageResult, cache_key  # noqa: E402
-from components.pipeline.mlflow_runs import PipelineRuns  # noqa: E402
-from components.pipeline.storage import export_s3_env, result_storage  # noqa: E402
+from components.errors import M1Error
+from components.pipeline import runner
+from components.pipeline.keys import StageResult, cache_key
+from components.pipeline.mlflow_runs import PipelineRuns
+from components.pipeline.storage import export_s3_env, result_storage
 
 
 def _cache_key(context, parameters) -> str:
@@ -38,7 +38,7 @@ def _transient(task, task_run, state) -> bool:
         state.result()
     except M1Error:
         return False
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - anything else may be transient
         return True
     return True
 

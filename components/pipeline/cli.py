@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 
 def _assignment(text: str) -> tuple[str, object]:
@@ -139,7 +140,7 @@ def _promote(args) -> int:
     metrics = dict(args.metric)
     if args.metrics_json:
         try:
-            metrics.update({k: float(v) for k, v in json.load(open(args.metrics_json)).items()})
+            metrics.update({k: float(v) for k, v in json.loads(Path(args.metrics_json).read_text()).items()})
         except (OSError, ValueError, AttributeError) as e:
             raise M1Error(f"cannot read metrics from {args.metrics_json}: {e}") from None
     if args.model_dir:

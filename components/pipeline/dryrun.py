@@ -22,7 +22,7 @@ def cached_result(config, key: str) -> StageResult | None:
             return None
         value = store.read(key).result
         return value if isinstance(value, StageResult) else None
-    except Exception:  # unreachable storage, foreign record: the dry run just cannot tell
+    except Exception:  # noqa: BLE001 - unreadable or foreign record: the dry run just cannot tell
         return None
 
 
@@ -31,14 +31,13 @@ def dry_run(config, stages) -> str:
 
     p = config.pipeline
     lines = [f"profile {config.profile}: config valid; run_dir {config.run_dir}; teacher {config.teacher.source}",
-             f"results/cache: {p.result_storage or config.run_dir + '/.prefect-results'}; "
-             f"checkpoints mirrored to: {p.checkpoint_uri or '-'}; "
-             f"MLflow: {tracking_uri(config.tracking) if config.tracking.enabled else 'disabled'}; "
-             f"Ray: {p.ray_address or 'RAY_ADDRESS or a local cluster'}",
+             (f"results/cache: {p.result_storage or config.run_dir + '/.prefect-results'}; "
+              f"checkpoints mirrored to: {p.checkpoint_uri or '-'}; "
+              f"MLflow: {tracking_uri(config.tracking) if config.tracking.enabled else 'disabled'}; "
+              f"Ray: {p.ray_address or 'RAY_ADDRESS or a local cluster'}"),
              "", "stages:"]
     hashes: dict[str, str] = {}
-    total = {"cpus": 0.0, "gpus": 0.0, "memory_gb": 0.0}
-    peak = {"cpus": 0.0, "gpus": 0.0, "memory_gb": 0.0, "nodes": 1}
+    largest = {"nodes": 1, "cpus": 0.0, "gpus": 0.0, "memory_gb": 0.0}
     for s in stages:
         res = stage_resources(config, s)
         if all(u in hashes for u in s.upstream):
@@ -57,10 +56,8 @@ def dry_run(config, stages) -> str:
                      + (f" + outputs of {', '.join(s.upstream)}" if s.upstream else "")
                      + f"; code {', '.join(s.code_paths())}")
         lines.append(f"  {'':<10} asks for {format_resources(res)}" + ("; uses Ray" if s.uses_ray else ""))
-        for k in total:
-            v = float(res.get(k) or 0) * (res.get("nodes", 1) if k != "memory_gb" else 1)
-            total[k] = max(total[k], v)
-        peak["nodes"] = max(peak["nodes"], res.get("nodes", 1))
-    lines += ["", f"largest request (stages run one after another): {peak['nodes']} node(s), "
-                  f"{total['cpus']:g} CPU, {total['gpus']:g} GPU, {total['memory_gb']:g} GB"]
+        for k, v in largest.items():
+            largest[k] = max(v, float(res.get(k) or 0))
+    lines += ["", (f"largest request (stages run one after another): {largest['nodes']:g} node(s), "
+                   f"{largest['cpus']:g} CPU, {largest['gpus']:g} GPU, {largest['memory_gb']:g} GB per node")]
     return "\n".join(lines)

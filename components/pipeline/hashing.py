@@ -12,6 +12,7 @@ import json
 import os
 import threading
 from pathlib import Path
+from typing import ClassVar
 
 _CHUNK = 1 << 20
 _lock = threading.Lock()
@@ -20,7 +21,7 @@ _lock = threading.Lock()
 class StatCache:
     """MD5 by file stat, persisted as JSON (one per cache file path; shared within the process)."""
 
-    _instances: dict[str, "StatCache"] = {}
+    _instances: ClassVar[dict[str, StatCache]] = {}
 
     def __init__(self, path: Path | None):
         self.path = path
@@ -33,7 +34,7 @@ class StatCache:
                 self.entries = {}
 
     @classmethod
-    def at(cls, path: Path | None) -> "StatCache":
+    def at(cls, path: Path | None) -> StatCache:
         key = str(path)
         with _lock:
             if key not in cls._instances:

@@ -131,8 +131,8 @@ def register_model(config, model_dir: str | Path, metrics: dict[str, float], tag
     and point the candidate alias at the new version; returns the version."""
     import mlflow
 
-    from components.pipeline.mlflow_runs import experiment_id
     from components.pipeline import pyfunc_entry_path
+    from components.pipeline.mlflow_runs import experiment_id
     from components.pipeline.pyfunc_model import HYBRID_ARTIFACT, signature
 
     model_dir = Path(model_dir)
