@@ -16,14 +16,7 @@ PROFILES = ["default", "tiny", "gpu", "m1-3b"]
 
 
 def m1(*argv) -> int:
-    """`m1 ...` in-process. components.train.cli keeps its `m1 train` subparser group in a module global, so the
-    parser can only be built once per process unless that global is reset."""
-    import importlib
 
-    try:
-        importlib.import_module("components.train.cli")._train_sub = None
-    except ImportError:
-        pass
     return main(list(argv))
 
 

@@ -29,14 +29,8 @@ def test_gate_rules():
 
 
 def m1(*argv) -> int:
-    import importlib
-
     from components.cli import main
 
-    try:  # components.train.cli keeps its subparser group in a module global (see test_pipeline_config.m1)
-        importlib.import_module("components.train.cli")._train_sub = None
-    except ImportError:
-        pass
     return main(list(argv))
 
 
