@@ -73,10 +73,11 @@ class StageResources(Section):
 class PipelineConfig(Section):
     # Stages to run (their upstream stages are included, from cache when unchanged); None = all registered.
     stages: list[str] | None = None
-    # Where Prefect persists stage results (the cache): None = <run_dir>/.prefect-results; a local path or
-    # s3://bucket/prefix.
+    # Where Prefect persists stage results (the cache): a local path or s3://bucket/prefix; None =
+    # $M1_RESULT_STORAGE, else <run_dir>/.prefect-results.
     result_storage: str | None = None
-    # s3://bucket/prefix to mirror each finished stage's outputs (checkpoints, models) to; None = local only.
+    # s3://bucket/prefix to mirror each finished stage's outputs (checkpoints, models) to; None =
+    # $M1_CHECKPOINT_URI, else local only.
     checkpoint_uri: str | None = None
     retries: RetryConfig = RetryConfig()
     promotion: PromotionConfig = PromotionConfig()
@@ -85,6 +86,17 @@ class PipelineConfig(Section):
     # local cluster started by the stage that needs it.
     ray_address: str | None = None
     resources: dict[str, StageResources] = Field(default_factory=dict)
+
+    def storage_location(self) -> str | None:
+        return self.result_storage or os.environ.get("M1_RESULT_STORAGE") or None
+
+    def mirror_location(self) -> str | None:
+        uri = self.checkpoint_uri or os.environ.get("M1_CHECKPOINT_URI") or None
+        if uri is not None and not uri.startswith("s3://"):
+            from components.errors import M1Error
+
+            raise M1Error(f"M1_CHECKPOINT_URI must be an s3://bucket/prefix URI, got {uri!r}")
+        return uri
 
     @field_validator("checkpoint_uri")
     @classmethod

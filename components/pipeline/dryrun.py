@@ -9,7 +9,7 @@ from components.pipeline.resources import format_resources, stage_resources
 
 def cached_result(config, key: str) -> StageResult | None:
     """The persisted result under `key` in the configured result storage, if any (read without a Prefect API)."""
-    if (config.pipeline.result_storage or "").startswith("s3://"):
+    if (config.pipeline.storage_location() or "").startswith("s3://"):
         return None  # a dry run stays offline: remote caches are looked up when the pipeline runs
     try:
         from prefect.filesystems import LocalFileSystem
@@ -31,8 +31,8 @@ def dry_run(config, stages) -> str:
 
     p = config.pipeline
     lines = [f"profile {config.profile}: config valid; run_dir {config.run_dir}; teacher {config.teacher.source}",
-             (f"results/cache: {p.result_storage or config.run_dir + '/.prefect-results'}; "
-              f"checkpoints mirrored to: {p.checkpoint_uri or '-'}; "
+             (f"results/cache: {p.storage_location() or config.run_dir + '/.prefect-results'}; "
+              f"checkpoints mirrored to: {p.mirror_location() or '-'}; "
               f"MLflow: {tracking_uri(config.tracking) if config.tracking.enabled else 'disabled'}; "
               f"Ray: {p.ray_address or 'RAY_ADDRESS or a local cluster'}"),
              "", "stages:"]

@@ -35,8 +35,7 @@ def preflight(config, stages: list[Stage]) -> None:
         s.function()  # the stage's module imports
         if s.validate:
             s.validate(config)
-    if config.pipeline.result_storage and config.pipeline.result_storage.startswith("s3://") or \
-            config.pipeline.checkpoint_uri:
+    if (config.pipeline.storage_location() or "").startswith("s3://") or config.pipeline.mirror_location():
         try:
             import s3fs  # noqa: F401
         except ImportError as e:  # pragma: no cover - installed with dvc[s3]

@@ -73,7 +73,7 @@ def download_dir(uri: str, local: str | Path, client=None) -> int:
 
 def mirror_outputs(config, stage: str, paths: dict[str, Path]) -> list[str]:
     """Upload a finished stage's outputs to <pipeline.checkpoint_uri>/<run_dir name>/<stage>/<field>/."""
-    base = config.pipeline.checkpoint_uri
+    base = config.pipeline.mirror_location()
     if not base:
         return []
     client = s3_client(config)
@@ -88,7 +88,7 @@ def mirror_outputs(config, stage: str, paths: dict[str, Path]) -> list[str]:
 
 def checkpoint_uri(config, stage: str) -> str | None:
     """Where a training stage mirrors its checkpoints (<checkpoint_uri>/<run_dir name>/<stage>/checkpoints)."""
-    base = config.pipeline.checkpoint_uri
+    base = config.pipeline.mirror_location()
     if not base:
         return None
     return f"{base.rstrip('/')}/{Path(config.run_dir).resolve().name}/{stage}/checkpoints"
@@ -98,7 +98,7 @@ def result_storage(config):
     """Prefect result storage for the stage cache: a local folder (a Path), or for s3:// a RemoteFileSystem
     block saved under a name derived from its location (Prefect only accepts saved blocks; it holds the
     endpoint, never credentials, which come from the AWS environment)."""
-    where = config.pipeline.result_storage
+    where = config.pipeline.storage_location()
     if where and where.startswith("s3://"):
         import hashlib
 

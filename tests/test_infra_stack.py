@@ -1,0 +1,81 @@
+"""The local stack end to end: `infra/local-stack.sh start --s3` on free ports, a run of the deployment
+m1-pipeline/local (tiny profile) through the Prefect server and the process worker, its MLflow runs on the
+MLflow server, its cached results and stage outputs in the moto S3 server; `stop` ends exactly the recorded
+processes."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from components.config import ROOT
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def test_stack_runs_a_deployment_with_s3(tmp_path):
+    stack = tmp_path / "stack"
+    ports = {"PREFECT_PORT": free_port(), "MLFLOW_PORT": free_port(), "S3_PORT": free_port()}
+    env = {**os.environ, **{k: str(v) for k, v in ports.items()}, "M1_STACK_DIR": str(stack),
+           "PREFECT_HOME": str(tmp_path / "prefect-home"), "S3_BUCKET": "m1-stack-test", "M1_VENV": str(BIN.parent)}
+    for k in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL",
+              "M1_RESULT_STORAGE", "M1_CHECKPOINT_URI", "AWS_PROFILE"):
+        env.pop(k, None)
+    script = str(ROOT / "infra" / "local-stack.sh")
+    started = subprocess.run(["bash", script, "start", "--s3"], env=env, capture_output=True, text=True,
+                             timeout=400, check=False)
+    pids = []
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        pids = [int(line.split()[1]) for line in (stack / "pids").read_text().splitlines()]
+        assert len(pids) == 4 and all(alive(p) for p in pids)
+
+        stack_env = dict(env)
+        for line in (stack / "env.sh").read_text().splitlines():
+            if line.startswith("export "):
+                for assignment in line[len("export "):].split():
+                    k, _, v = assignment.partition("=")
+                    stack_env[k] = v
+        assert stack_env["PREFECT_API_URL"] == f"http://127.0.0.1:{ports['PREFECT_PORT']}/api"
+        params = {"profile": "tiny", "stages": ["convert"], "overrides": {"run_dir": str(tmp_path / "run")}}
+        run = subprocess.run([str(BIN / "prefect"), "deployment", "run", "m1-pipeline/local", "--params",
+                              json.dumps(params), "--watch", "--watch-timeout", "400"],
+                             env=stack_env, capture_output=True, text=True, timeout=450, check=False)
+        assert run.returncode == 0 and "Completed" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
+
+        import boto3
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(stack_env["MLFLOW_TRACKING_URI"])
+        exp = client.get_experiment_by_name("m1")
+        names = {r.info.run_name for r in client.search_runs([exp.experiment_id])}
+        assert "convert" in names
+        s3 = boto3.client("s3", endpoint_url=stack_env["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                          aws_access_key_id="testing", aws_secret_access_key="testing")
+        keys = [o["Key"] for o in s3.list_objects_v2(Bucket="m1-stack-test").get("Contents", [])]
+        assert any(k.startswith("prefect-results/m1-convert-") for k in keys), keys
+        assert any(k.startswith("checkpoints/run/convert/model_dir/") for k in keys), keys
+    finally:
+        stopped = subprocess.run(["bash", script, "stop"], env=env, capture_output=True, text=True, timeout=120,
+                                 check=False)
+    assert stopped.returncode == 0, stopped.stderr
+    assert not any(alive(p) for p in pids)
+    assert not (stack / "pids").exists()
