@@ -6,7 +6,7 @@ are mapped exactly as curation maps them.
 A row whose reference answer is missing or does not parse (math-verify, or a plain number) is excluded and
 reported with its reason, never scored as wrong; so is a row the adapter rejects (missing problem, bad UTF-8).
 
-Simplification: `max_problems` keeps the problems with the smallest seeded hash of their id (a subset that is
+Simplification: `max_problems` (per benchmark, else evaluate.max_problems) keeps the problems with the smallest seeded hash of their id (a subset that is
 stable when a set grows), after the bad rows are excluded; the exclusion count covers every row read.
 """
 from __future__ import annotations
@@ -141,6 +141,7 @@ def load_benchmarks(cfg: EvalConfig, data_dir: str | Path | None, seed: int) -> 
     out: list[Benchmark] = []
     t = cfg.verify_timeout_s
     for spec in cfg.benchmarks:
+        cap = spec.max_problems if spec.max_problems is not None else cfg.max_problems
         if isinstance(spec, CuratedBenchmark):
             if data_dir is None:
                 raise M1Error(f"benchmark {spec.name}: curated sets need a data directory (the curate stage's output)")
@@ -154,12 +155,12 @@ def load_benchmarks(cfg: EvalConfig, data_dir: str | Path | None, seed: int) -> 
                     have = ", ".join(curated_set_names(data_dir)) or "none"
                     raise M1Error(f"evaluation set {name} not found: {path} (sets there: {have})")
                 rows = _local_rows(name, str(path), "jsonl", CURATED_FIELDS)
-                out.append(load_benchmark(name, rows, cfg.max_problems, seed, t))
+                out.append(load_benchmark(name, rows, cap, seed, t))
         elif isinstance(spec, HubBenchmark):
-            out.append(load_benchmark(spec.name, _hub_rows(spec), cfg.max_problems, seed, t))
+            out.append(load_benchmark(spec.name, _hub_rows(spec), cap, seed, t))
         elif isinstance(spec, LocalBenchmark):
             rows = _local_rows(spec.name, spec.path, spec.format, spec.fields)
-            out.append(load_benchmark(spec.name, rows, cfg.max_problems, seed, t))
+            out.append(load_benchmark(spec.name, rows, cap, seed, t))
     if not any(b.problems for b in out):
         from collections import Counter
 

@@ -163,13 +163,16 @@ def run(config, inputs: dict | None = None) -> EvalOutputs:
                                                "reference": p.answer, "prompt": text, "completion": c[0].text,
                                                "answer": s.answers[0], "correct": s.correct[0],
                                                "n_tokens": c[0].n_tokens, "finish_reason": c[0].finish_reason})
-            if cfg.time_budget.enabled:
+            batch = min(cfg.batch_size, len(ids) * cfg.n_samples)
+            if cfg.time_budget.enabled and cfg.time_budget.throughput == "measured":
                 mean_prompt = int(round(sum(len(x) for x in ids) / max(1, len(ids))))
-                batch = min(cfg.batch_size, len(ids) * cfg.n_samples)
                 tp = timebudget.measure_throughput(em.model, batch, mean_prompt, cfg.time_budget.throughput_tokens,
                                                    device, seed)
+            else:
+                tp = {"tokens_per_s": gstats["decode_tokens_per_s"], "batch": batch, "source": "generation"}
+            if tp["tokens_per_s"] > 0:
                 throughput[name] = tp["tokens_per_s"]
-                info[name]["throughput"] = {k: round(v, 4) if isinstance(v, float) else v for k, v in tp.items()}
+            info[name]["throughput"] = {k: round(v, 4) if isinstance(v, float) else v for k, v in tp.items()}
             del em
             gc.collect()
             if device.type == "cuda":

@@ -4,8 +4,11 @@ The (problem, sample) pairs are sorted by prompt length (longest first) before b
 need little left padding; each batch gets its own seed derived from the run seed and the batch index, so the same
 seed, problems and batch size give the same completions.
 
+Statistics: wall seconds, generate()'s own prefill / CUDA-graph capture / decode laps, and the decode throughput
+(batch rows x decode steps per decode second, what the time-budget analysis uses by default).
+
 Simplification: a batch runs until its longest row stops, so short rows wait for long ones, as in any static
-batching engine; the time-budget analysis uses a separately measured throughput, not these wall times.
+batching engine.
 """
 from __future__ import annotations
 
@@ -67,6 +70,8 @@ def sample_completions(em, prompt_ids: list[list[int]], cfg: EvalConfig, seed: i
     tok = em.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else (em.eos_ids[0] if em.eos_ids else 0)
     gen_s, tokens = 0.0, 0
+    laps = {"prefill": 0.0, "capture": 0.0, "decode": 0.0}
+    decode_steps = 0  # rows x decode steps: every row of a batch costs a step until the batch's last row stops
     bar = tqdm(total=len(jobs), desc=f"generate {desc}".strip(), unit="sample", leave=False)
     for b, start in enumerate(range(0, len(jobs), cfg.batch_size)):
         chunk = jobs[start:start + cfg.batch_size]
@@ -74,8 +79,11 @@ def sample_completions(em, prompt_ids: list[list[int]], cfg: EvalConfig, seed: i
         res = generate(em.model, [prompt_ids[i] for i, _ in chunk], cfg.max_new_tokens, temperature=cfg.temperature,
                        top_p=cfg.top_p, top_k=cfg.top_k, greedy=cfg.temperature <= 0, seed=derived_seed(seed, b),
                        eos_token_ids=em.eos_ids, stop_strings=cfg.stop_strings or None, tokenizer=tok,
-                       pad_token_id=pad)
+                       pad_token_id=pad, engine=cfg.decode_engine)
         gen_s += time.perf_counter() - t0
+        for k in laps:
+            laps[k] += (res.timings or {}).get(k, 0.0)
+        decode_steps += len(chunk) * max(max((len(t) for t in res.tokens), default=0) - 1, 0)
         for (i, j), toks, text, reason in zip(chunk, res.tokens, res.texts, res.finish_reasons):
             out[i][j] = Completion(text, len(toks), reason)
             tokens += len(toks)
@@ -83,5 +91,7 @@ def sample_completions(em, prompt_ids: list[list[int]], cfg: EvalConfig, seed: i
     bar.close()
     stats = {"generate_s": gen_s, "generated_tokens": float(tokens),
              "effective_tokens_per_s": tokens / gen_s if gen_s > 0 else 0.0,
+             "prefill_s": laps["prefill"], "capture_s": laps["capture"], "decode_s": laps["decode"],
+             "decode_tokens_per_s": decode_steps / laps["decode"] if laps["decode"] > 0 else 0.0,
              "prompt_tokens_mean": sum(len(p) for p in prompt_ids) / max(1, len(prompt_ids))}
     return out, stats

@@ -1,8 +1,10 @@
 """Accuracy under a fixed generation-time budget, from each model's measured throughput and its pool of samples.
 
-Throughput: tokens/s of the model's own engine (components.model.generate, the same code for teacher and hybrid),
-measured at the evaluation batch size and mean prompt length, decoding `throughput_tokens` tokens per row with EOS
-disabled (prefill included, CUDA-graph capture excluded). The budget B is wall-clock seconds of generation per
+Throughput: decode tokens/s of the model's own engine (components.model.generate, the same code for teacher and
+hybrid), measured at the evaluation batch size after a prompt of the mean prompt length, decoding
+`throughput_tokens` tokens per row with EOS disabled; prefill and CUDA-graph capture are left out (long
+generations are dominated by decoding, and on CPU a short measurement would be dominated by the prefill). The
+budget B is wall-clock seconds of generation per
 problem when problems are decoded in batches at that throughput, so a problem's token allowance is
 A(B) = B x tokens/s.
 
@@ -13,7 +15,7 @@ A(B) = B x tokens/s.
       stopped by itself (EOS / stop string) within L tokens and its answer is correct; a sample cut off earlier has
       no answer. Accuracy is averaged over all n samples of each problem (the expected single-sample accuracy).
 
-Simplifications: the costs are what the pool shows (prompt prefill is in the throughput, not charged per sample);
+Simplifications: the costs are what the pool shows (prompt prefill is charged to no sample);
 beyond the pool (m > n samples, or L > max_new_tokens) the curve cannot grow and such points are flagged `capped`;
 (b) simulates length limits by truncating samples generated with the full max_new_tokens instead of re-generating.
 """
@@ -34,8 +36,9 @@ def measure_throughput(model, batch: int, prompt_len: int, decode_tokens: int, d
     from components.evaluate.speed import time_generation
 
     r = time_generation("hybrid", model, batch, max(1, prompt_len), decode_tokens, device, seed, warmup=True)
-    return {"tokens_per_s": r["tokens_per_s"], "batch": batch, "prompt_len": prompt_len,
-            "decode_tokens": decode_tokens, "seconds": r["total_s"], "ms_per_step": r["decode_ms_per_token"]}
+    return {"tokens_per_s": r["decode_tokens_per_s"], "batch": batch, "prompt_len": prompt_len,
+            "decode_tokens": decode_tokens, "prefill_s": r["ttft_s"], "seconds": r["total_s"],
+            "ms_per_step": r["decode_ms_per_token"]}
 
 
 def _mean_tokens(problems: Sequence[ProblemScore]) -> float:
