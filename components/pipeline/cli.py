@@ -51,6 +51,7 @@ def register(sub) -> None:
                    help="override a config value, e.g. --set run_dir=runs/x (repeatable)")
     p.add_argument("--dry-run", action="store_true",
                    help="validate the config and print the stages, their cache keys and the resources they ask for")
+    p.add_argument("--dvc-yaml", action="store_true", help="print the dvc.yaml stages generated from the registry")
     p.set_defaults(func=_pipeline)
 
     s = sub.add_parser("stage", help="run one registered stage directly, without Prefect (what dvc.yaml runs)")
@@ -84,6 +85,11 @@ def _pipeline(args) -> int:
         # A dry run never downloads: hub teachers it cannot read locally are sized from their known shapes.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     config = _load(args)  # a bad profile / key fails here, before Prefect starts
+    if args.dvc_yaml:
+        from components.pipeline.dvc_stages import dvc_yaml_text
+
+        print(dvc_yaml_text(config), end="")
+        return 0
     from components.pipeline.runner import preflight, selected_stages
 
     stages = selected_stages(config, args.stages)
@@ -124,6 +130,10 @@ def _stage(args) -> int:
         metrics = extract_metrics(outputs)
         Tracker().log_metrics(metrics)
     hashes = hash_outputs(stage, outputs)
+    if stage.dvc_outs and not stage.dvc_metrics:  # the metrics file dvc.yaml names for this stage
+        path = Path(config.run_dir) / "metrics" / f"{stage.name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(metrics, indent=1, sort_keys=True) + "\n")
     print(f"{stage.name}: {time.time() - t0:.1f} s")
     for name, h in hashes.items():
         print(f"  {name}: {getattr(outputs, name)}  (md5 {h})")

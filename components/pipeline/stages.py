@@ -26,6 +26,8 @@ Adding a stage is one `Stage(...)` entry in STAGES, in pipeline order (before `r
 - datasets(outputs): {name: path} of datasets the stage produces; logged to MLflow with their DVC hashes
   (as inputs of the pipeline's parent run and of every stage downstream of this one).
 - summary_metrics: the metrics the final summary table shows for the stage.
+- dvc_outs: the stage's output paths relative to run_dir, for the generated dvc.yaml
+  (`m1 pipeline --dvc-yaml`); dvc_metrics: a metrics file the stage writes itself, if any.
 A stage whose upstream is not (transitively) registered is left out, so `register` joins the pipeline by
 itself once `evaluate` is registered.
 """
@@ -60,6 +62,10 @@ class Stage:
     datasets: Callable[[Any], dict[str, Path]] | None = None
     uses_ray: bool = False
     summary_metrics: tuple[str, ...] = ()  # metrics shown in the final summary table (default: the first few)
+    # DVC: output paths relative to run_dir (what `m1 stage <name>` writes), and a metrics file the stage
+    # writes itself (None: `m1 stage` writes <run_dir>/metrics/<name>.json from the outputs' metrics).
+    dvc_outs: tuple[str, ...] = ()
+    dvc_metrics: str | None = None
     description: str = ""
 
     def function(self) -> Callable:
@@ -155,11 +161,12 @@ def _register_inputs(finished: dict[str, Any]) -> dict:
 
 _DECLARED: list[Stage] = [
     Stage("curate", "components.pipeline.stages:_curate_run", config_keys=("data", "teacher.source", "seed"),
-          package="components/data", outputs=("data_dir",), code=("components/mathcheck.py",), datasets=_curate_datasets,
+          package="components/data", outputs=("data_dir",), code=("components/mathcheck.py",),
+          dvc_outs=("data",), dvc_metrics="metrics/curate.json", datasets=_curate_datasets,
           resources=_curate_resources, summary_metrics=("records.sft1", "records.sft2", "records.rl", "rejected"),
           description="sources -> checks -> dedup -> decontamination -> templating -> packing"),
     Stage("convert", "components.model.convert:run", config_keys=("convert", "teacher", "seed"),
-          outputs=("model_dir",), model_output="model_dir", validate=_convert_validate,
+          outputs=("model_dir",), model_output="model_dir", validate=_convert_validate, dvc_outs=("convert/model",),
           resources=_convert_resources, summary_metrics=("num_parameters",),
           description="Llama teacher -> hybrid Mamba/attention (weight init)"),
     # Registers the final model as <promotion.model_name>@candidate and gates `champion`; joins the pipeline
