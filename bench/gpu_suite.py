@@ -132,7 +132,9 @@ def floor_ms(model, batch: int, prompt: int, decode: int, bw: float) -> float:
 def max_batch(model, prompt: int, decode: int, budget_frac: float = 0.9) -> int:
     cfg = model.config
     free, _ = torch.cuda.mem_get_info()
-    per_seq = step_bytes(cfg, 1, prompt + decode, 0) + 4 * cfg.vocab_size * 4  # cache + a few logit rows
+    # cache + logit rows + the prefill's largest activations (in_proj/MLP outputs of one layer, bf16)
+    act = prompt * 2 * (2 * cfg.d_inner + 2 * cfg.d_xb + 3 * cfg.intermediate_size + 4 * cfg.hidden_size)
+    per_seq = step_bytes(cfg, 1, prompt + decode, 0) + 4 * cfg.vocab_size * 4 + act
     return int(free * budget_frac // per_seq)
 
 
@@ -179,6 +181,8 @@ def cmd_decode(a) -> dict:
     bw = hbm_bandwidth()
     rows = []
     for name, attn in (("hybrid", SHAPES[shape]), ("attention", list(range(RANDOM_SHAPES[shape]["num_hidden_layers"])))):
+        if name not in a.models:
+            continue
         m = ours(shape, attn)
         top = max_batch(m, P, D)
         for b in sorted(set([x for x in a.batches if x <= top] + [top])):
@@ -236,13 +240,16 @@ def main():
     ap.add_argument("--batches", default="1,16,64,128,256")
     ap.add_argument("--decode", type=int, default=4096)
     ap.add_argument("--shape", default="llama-3.2-3b")
+    ap.add_argument("--models", default="hybrid,attention")
+    ap.add_argument("--tag", default="")
     a = ap.parse_args()
-    a.batches = [int(x) for x in a.batches.split(",")]
+    a.batches = [int(x) for x in a.batches.split(",") if x]
+    a.models = a.models.split(",")
     if a.what == "smollm2":
         a.shape = "smollm2-135m"
     res = {"anchors": cmd_anchors, "decode": cmd_decode, "train": cmd_train, "smollm2": cmd_decode}[a.what](a)
     Path(a.out).mkdir(parents=True, exist_ok=True)
-    name = a.what if a.what != "decode" else f"decode_{a.shape}"
+    name = (a.what if a.what not in ("decode", "smollm2") else f"decode_{a.shape}") + a.tag
     (Path(a.out) / f"{name}.json").write_text(json.dumps(res, indent=1))
 
 
