@@ -22,20 +22,10 @@ def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("flow")
     with temporary_settings(updates={PREFECT_HOME: str(root / "prefect")}):
         yield root
+    from components.pipeline.prefect_local import stop_ephemeral_server
+
     stop_ephemeral_server()
 
-
-def stop_ephemeral_server():
-    """Stop Prefect's temporary server while pytest still captures output (its atexit hook logs to a closed
-    stream otherwise); the next flow starts a new one."""
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogHandler, APILogWorker
-    from prefect.server.api.server import SubprocessASGIServer
-
-    APILogHandler().flush()  # queued run logs/events go out first, or their workers retry a dead server at exit
-    APILogWorker.drain_all(timeout=10)
-    EventsWorker.drain_all(timeout=10)
-    SubprocessASGIServer().stop()
 
 
 def overrides(root: Path, **extra) -> dict:

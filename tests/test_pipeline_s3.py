@@ -136,18 +136,10 @@ def test_prefect_cache_and_output_mirror_on_s3(s3, tmp_path):
         assert any(k.endswith("model.safetensors") for k in keys(client, "outputs/run/convert/model_dir/"))
         again = m1_pipeline(profile="tiny", stages=["convert"], overrides=over)
         assert [r["cached"] for r in again["stages"]] == [True]
-        flush_and_stop_prefect()
+        from components.pipeline.prefect_local import stop_ephemeral_server
 
+        stop_ephemeral_server()
 
-def flush_and_stop_prefect():
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogHandler, APILogWorker
-    from prefect.server.api.server import SubprocessASGIServer
-
-    APILogHandler().flush()
-    APILogWorker.drain_all(timeout=10)
-    EventsWorker.drain_all(timeout=10)
-    SubprocessASGIServer().stop()
 
 
 @pytest.mark.slow

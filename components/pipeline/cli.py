@@ -99,11 +99,15 @@ def _pipeline(args) -> int:
 
         print(dry_run(config, stages))
         return 0
+    from components.pipeline.prefect_local import stop_ephemeral_server
     from flows.m1_pipeline import m1_pipeline
 
     t0 = time.time()
-    summary = m1_pipeline(profile=args.profile, params=args.params, stages=args.stages,
-                          overrides=overrides_from(args.overrides) or None)
+    try:
+        summary = m1_pipeline(profile=args.profile, params=args.params, stages=args.stages,
+                              overrides=overrides_from(args.overrides) or None)
+    finally:
+        stop_ephemeral_server()
     print()
     print(f"m1 pipeline, profile {summary['profile']}, run_dir {summary['run_dir']}: "
           f"{time.time() - t0:.1f} s (flow {summary['seconds']:.1f} s)")

@@ -22,7 +22,8 @@ class RetryConfig(Section):
 
 
 class GateMetric(Section):
-    # A key of the evaluation metrics (as the evaluate stage reports them and the version carries as tags).
+    # A key of the evaluation metrics as the evaluate stage reports them (<model>/<benchmark>/<metric>, the
+    # evaluated hybrid being "hybrid", all benchmarks pooled under "all").
     metric: str = Field(min_length=1)
     # The candidate must beat the champion by more than this (absolute, in the metric's units).
     min_improvement: float = Field(0.0, ge=0)
@@ -36,7 +37,7 @@ class PromotionConfig(Section):
     candidate_alias: str = Field("candidate", pattern=_ALIAS)
     champion_alias: str = Field("champion", pattern=_ALIAS)
     # Every listed metric must pass for `champion` to move; an empty list promotes every candidate.
-    gate: list[GateMetric] = Field(default_factory=lambda: [GateMetric(metric="pass@1")])
+    gate: list[GateMetric] = Field(default_factory=lambda: [GateMetric(metric="hybrid/all/pass_at_1")])
     # Tokens the pyfunc wrapper generates per prompt unless the caller passes max_new_tokens.
     max_new_tokens: int = Field(256, gt=0)
 

@@ -14,6 +14,7 @@ import yaml
 
 from components.pipeline.stages import ROOT, Stage, registered_stages
 
+
 def _in_params(params: dict, dotted: str) -> bool:
     node = params
     for part in dotted.split("."):

@@ -83,6 +83,8 @@ def _rel(p) -> str:
 
 
 def key_metrics(stage: Stage, result: StageResult, limit: int = 4) -> str:
+    if stage.summary is not None:
+        return stage.summary(result.outputs)
     names = [m for m in stage.summary_metrics if m in result.metrics] or sorted(result.metrics)[:limit]
     return ", ".join(f"{m}={_fmt(result.metrics[m])}" for m in names[:limit]) or "-"
 

@@ -62,6 +62,7 @@ class Stage:
     datasets: Callable[[Any], dict[str, Path]] | None = None
     uses_ray: bool = False
     summary_metrics: tuple[str, ...] = ()  # metrics shown in the final summary table (default: the first few)
+    summary: Callable[[Any], str] | None = None  # or a one-line summary of the outputs instead of metrics
     # DVC: output paths relative to run_dir (what `m1 stage <name>` writes), and a metrics file the stage
     # writes itself (None: `m1 stage` writes <run_dir>/metrics/<name>.json from the outputs' metrics).
     dvc_outs: tuple[str, ...] = ()
@@ -157,6 +158,11 @@ def _register_inputs(finished: dict[str, Any]) -> dict:
     return {"model_dir": model_dir, "metrics": dict(getattr(ev, "metrics", None) or {})}
 
 
+def _register_summary(out) -> str:
+    champ = "-> champion" if out.promoted else f"champion stays v{out.champion_version}"
+    return f"v{out.version} candidate, {champ}: {out.decision}"
+
+
 # ----------------------------------------------------------------------------- the registry
 
 _DECLARED: list[Stage] = [
@@ -172,7 +178,7 @@ _DECLARED: list[Stage] = [
     # Registers the final model as <promotion.model_name>@candidate and gates `champion`; joins the pipeline
     # once an `evaluate` stage is registered above it.
     Stage("register", "components.pipeline.registry:run", config_keys=("pipeline.promotion",),
-          upstream=("evaluate",), inputs=_register_inputs, outputs=(),
+          upstream=("evaluate",), inputs=_register_inputs, outputs=(), summary=_register_summary,
           description="MLflow registry: candidate alias, promotion gate to champion"),
 ]
 
