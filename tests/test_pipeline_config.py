@@ -136,3 +136,42 @@ def test_profiles_dir_holds_the_documented_profiles():
     assert {"tiny", "gpu", "m1-3b"} <= set(names)
     tiny = yaml.safe_load(Path(ROOT / "configs/profiles/tiny.yaml").read_text())
     assert tiny["teacher"]["source"] == "random:tiny" and tiny["convert"]["attn_layers"] == [1, 3]
+
+
+def test_stage_runs_with_its_mlflow_run_and_ray_address_in_the_environment(tmp_path, monkeypatch):
+    import importlib
+    import os
+
+    from components.model.convert import ConvertOutputs
+    from components.pipeline.runner import execute_stage
+
+    seen = {}
+
+    def fake(config, inputs=None):
+        seen.update({k: os.environ.get(k) for k in ("MLFLOW_RUN_ID", "MLFLOW_TRACKING_URI", "RAY_ADDRESS")})
+        d = tmp_path / "model"
+        d.mkdir()
+        (d / "config.json").write_text("{}")
+        return ConvertOutputs(str(d), 7, [1, 3], "mamba1")
+
+    monkeypatch.setattr(importlib.import_module("components.model.convert"), "run", fake)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    cfg = load_config("tiny", overrides={"run_dir": str(tmp_path), "pipeline": {"ray_address": "ray://10.0.0.5:10001"}})
+    res = execute_stage(cfg, "convert", {}, "k", "run123", "sqlite:////x/mlflow.db")
+    assert seen == {"MLFLOW_RUN_ID": "run123", "MLFLOW_TRACKING_URI": "sqlite:////x/mlflow.db",
+                    "RAY_ADDRESS": "ray://10.0.0.5:10001"}
+    assert "RAY_ADDRESS" not in os.environ and "MLFLOW_RUN_ID" not in os.environ
+    assert res.metrics == {"num_parameters": 7.0} and res.output_hashes["model_dir"].endswith(".dir")
+
+
+def test_dvc_yaml_is_generated_from_the_registry():
+    from components.pipeline.dvc_stages import dvc_stages
+
+    st = dvc_stages(load_config("default"))["stages"]
+    assert st["convert"]["cmd"] == "m1 stage convert" and st["convert"]["outs"] == ["runs/default/convert/model"]
+    assert "components/model" in st["convert"]["deps"] and st["convert"]["params"] == ["convert", "teacher", "seed"]
+    assert st["curate"]["outs"] == ["runs/default/data"]
+    tiny = dvc_stages(load_config("tiny"))["stages"]
+    assert tiny["curate"]["cmd"] == "m1 stage curate --profile tiny"
+    assert "configs/profiles/tiny.yaml" in tiny["curate"]["deps"]

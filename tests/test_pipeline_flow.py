@@ -76,6 +76,16 @@ def test_tiny_end_to_end(first, env):
     names = {d.dataset.name: d.dataset.digest for d in inputs}
     assert {"sft1", "sft2", "rl"} <= set(names) and names["sft1"].endswith(".dir")
     assert "curate" in summary["table"] and "mlflow ui" in "\n".join(summary["ui"])
+    # Prefect artifacts: a markdown table per stage, a link to its MLflow run, the summary
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        keys = {a.key: a for a in client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["m1-curate", "m1-convert-mlflow", "m1-pipeline-summary"])))}
+    assert set(keys) == {"m1-curate", "m1-convert-mlflow", "m1-pipeline-summary"}
+    assert "| records.sft1 |" in keys["m1-curate"].data and "MLflow run" in keys["m1-curate"].data
+    assert "/#/experiments/" in keys["m1-convert-mlflow"].data
 
 
 def test_second_run_is_all_cached(first, env, monkeypatch):

@@ -44,6 +44,8 @@ def dvc_stages(config, stages: list[Stage] | None = None, params_file: Path | No
             entry["params"] = keys
         entry["outs"] = [f"{run_dir}/{o}" for o in s.dvc_outs]
         entry["metrics"] = [{f"{run_dir}/{s.dvc_metrics or f'metrics/{s.name}.json'}": {"cache": False}}]
+        if s.dvc_plots:
+            entry["plots"] = [{f"{run_dir}/{p}": {"cache": False}} for p in s.dvc_plots]
         out[s.name] = entry
     return {"stages": out}
 

@@ -102,13 +102,14 @@ class PipelineRuns:
 
 
 @contextmanager
-def stage_env(run_id: str | None, uri: str | None):
-    """MLFLOW_RUN_ID / MLFLOW_TRACKING_URI for the duration of a stage, restored afterwards."""
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_RUN_ID", "MLFLOW_TRACKING_URI")}
+def stage_env(run_id: str | None, uri: str | None, ray_address: str | None = None):
+    """The environment a stage runs in, restored afterwards: its MLflow run (MLFLOW_RUN_ID, MLFLOW_TRACKING_URI)
+    and the Ray cluster to join (RAY_ADDRESS, from pipeline.ray_address), which Ray workers inherit."""
+    updates = {"MLFLOW_RUN_ID": run_id, "MLFLOW_TRACKING_URI": uri if run_id else None, "RAY_ADDRESS": ray_address}
+    updates = {k: v for k, v in updates.items() if v}
+    saved = {k: os.environ.get(k) for k in updates}
     try:
-        if run_id:
-            os.environ["MLFLOW_RUN_ID"] = run_id
-            os.environ["MLFLOW_TRACKING_URI"] = uri
+        os.environ.update(updates)
         yield
     finally:
         for k, v in saved.items():

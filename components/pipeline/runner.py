@@ -53,10 +53,8 @@ def execute_stage(config, stage_name: str, inputs: dict, cache_key: str, mlflow_
     from components.pipeline.storage import mirror_outputs
 
     stage = get_stage(stage_name)
-    if config.pipeline.ray_address:
-        os.environ["RAY_ADDRESS"] = config.pipeline.ray_address
     t0 = time.time()
-    with stage_env(mlflow_run_id, tracking_uri):
+    with stage_env(mlflow_run_id, tracking_uri, config.pipeline.ray_address):
         outputs = stage.function()(config, inputs, **stage.kwargs)
     seconds = round(time.time() - t0, 2)
     hashes = hash_outputs(stage, outputs)

@@ -27,7 +27,8 @@ Adding a stage is one `Stage(...)` entry in STAGES, in pipeline order (before `r
   (as inputs of the pipeline's parent run and of every stage downstream of this one).
 - summary_metrics: the metrics the final summary table shows for the stage.
 - dvc_outs: the stage's output paths relative to run_dir, for the generated dvc.yaml
-  (`m1 pipeline --dvc-yaml`); dvc_metrics: a metrics file the stage writes itself, if any.
+  (`m1 pipeline --dvc-yaml`); dvc_metrics: a metrics file the stage writes itself, if any; dvc_plots:
+  files (outside dvc_outs) that `dvc plots` draws.
 A stage whose upstream is not (transitively) registered is left out, so `register` joins the pipeline by
 itself once `evaluate` is registered.
 """
@@ -67,6 +68,7 @@ class Stage:
     # writes itself (None: `m1 stage` writes <run_dir>/metrics/<name>.json from the outputs' metrics).
     dvc_outs: tuple[str, ...] = ()
     dvc_metrics: str | None = None
+    dvc_plots: tuple[str, ...] = ()  # e.g. ("distill/history.jsonl",): loss curves for `dvc plots show`
     description: str = ""
 
     def function(self) -> Callable:
