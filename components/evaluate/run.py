@@ -8,7 +8,8 @@ the other (one in memory at a time), in the same engine (components/evaluate/mod
 
 Output layout:
   metrics.json                 flat metrics (keys in components/evaluate/report.py); also copied to
-                               <run_dir>/metrics/eval.json for `dvc metrics`
+                               <run_dir>/metrics/eval.json for `dvc metrics` (and the plots to
+                               <run_dir>/plots/eval/ for `dvc plots`) when writing to the default place
   results.csv / results.md     model x benchmark table (pass@1 +- SE, pass@k, maj@k, excluded rows, ...)
   by_source.csv / by_source.md model x source table
   samples.jsonl                per model and problem: answers, correctness, lengths, answer groups (all samples)
@@ -52,6 +53,10 @@ class EvalOutputs:
     speed_json: Path | None = None
     speed_png: Path | None = None
     dvc_metrics_json: Path | None = None
+    # copies of the plots outside eval/ (DVC cannot declare plots inside a tracked output directory)
+    dvc_plots: list[Path] = field(default_factory=list)
+    # the hybrid that was evaluated (the model the pipeline registers), None when only teachers were scored
+    model_dir: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     models: dict[str, dict] = field(default_factory=dict)
     excluded: dict[str, int] = field(default_factory=dict)
@@ -238,11 +243,19 @@ def run(config, inputs: dict | None = None) -> EvalOutputs:
         raise
 
     if "out_dir" not in inputs:
-        # DVC cannot declare a metrics file inside a tracked output directory: keep a copy beside it.
+        # DVC cannot declare metrics or plots inside a tracked output directory: keep copies beside it.
         mdir = Path(config.run_dir) / "metrics"
         mdir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(out.metrics_json, mdir / "eval.json")
         out.dvc_metrics_json = mdir / "eval.json"
+        pdir = Path(config.run_dir) / "plots" / "eval"
+        shutil.rmtree(pdir, ignore_errors=True)
+        pdir.mkdir(parents=True)
+        for p in (out.time_budget_csv, out.time_budget_png, out.speed_csv, out.speed_png):
+            if p is not None and p.exists():
+                shutil.copyfile(p, pdir / p.name)
+                out.dvc_plots.append(pdir / p.name)
+    out.model_dir = next((m for m, i in zip(models.values(), info.values()) if i["kind"] == "hybrid"), None)
     out.metrics = metrics
     out.seconds = time.time() - started
 
