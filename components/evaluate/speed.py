@@ -3,8 +3,9 @@
 Engines, all with random weights of one shape (speed does not depend on trained weights):
   * hybrid     -- HybridForCausalLM with Mamba mixers except at `attn_layers`, decoded by components.model.generate;
   * attention  -- the same shape with every layer attention, same engine (the fair "same code" transformer);
-  * hf_static  -- transformers' LlamaForCausalLM.generate with cache_implementation="static" (optionally with the
-                  forward compiled, --hf-compile).
+  * hf_static  -- transformers' LlamaForCausalLM.generate with cache_implementation="static", uncompiled
+                  (disable_compile=True: transformers would otherwise compile per cache shape inside the timed
+                  run), or with its own compilation and a full-length warm-up of the same shape (--hf-compile).
 Every configuration decodes exactly `decode_len` tokens (EOS disabled) greedily after a random prompt of
 `prompt_len` tokens, for each batch size. Recorded per configuration: total seconds, time to first token (our
 engine: its prefill lap; transformers: a separate run with one new token), decode latency per step =
@@ -128,7 +129,7 @@ def _sync(device: torch.device) -> None:
 
 
 def _run_once(engine: str, model, ids: torch.Tensor, decode_len: int, device: torch.device,
-              decode_engine: str = "auto") -> dict:
+              decode_engine: str = "auto", hf_compile: bool = False) -> dict:
     """Seconds of one generation: {"wall": ..., and for our engine generate()'s own prefill/capture/decode laps}."""
     from components.model import generate
 
@@ -139,7 +140,7 @@ def _run_once(engine: str, model, ids: torch.Tensor, decode_len: int, device: to
         eos = model.config.eos_token_id
         model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=decode_len,
                        min_new_tokens=decode_len, do_sample=False, cache_implementation="static",
-                       pad_token_id=0, eos_token_id=eos)
+                       pad_token_id=0, eos_token_id=eos, disable_compile=not hf_compile)
     else:
         out = generate(model, ids.tolist(), decode_len, greedy=True, eos_token_ids=[], seed=0, engine=decode_engine)
         laps = dict(out.timings or {})
@@ -148,7 +149,7 @@ def _run_once(engine: str, model, ids: torch.Tensor, decode_len: int, device: to
 
 
 def time_generation(engine: str, model, batch: int, prompt_len: int, decode_len: int, device: torch.device,
-                    seed: int = 0, warmup: bool = True, decode_engine: str = "auto") -> dict:
+                    seed: int = 0, warmup: bool = True, decode_engine: str = "auto", hf_compile: bool = False) -> dict:
     """Time one configuration: {total_s, ttft_s, capture_s, decode_ms_per_token, tokens_per_s, decode_tokens_per_s,
     peak_mem_gib}. Our engine reports its own prefill / graph-capture / decode laps; total_s leaves the CUDA-graph
     capture out (a serving engine captures once at start-up) and ttft_s is its prefill. For transformers, ttft_s is
@@ -156,14 +157,16 @@ def time_generation(engine: str, model, batch: int, prompt_len: int, decode_len:
     g = torch.Generator().manual_seed(seed)
     vocab = model.config.vocab_size
     ids = torch.randint(3, vocab, (batch, prompt_len), generator=g).to(device)
+    compiled = engine == "hf_static" and hf_compile
     if warmup:
-        _run_once(engine, model, ids, min(decode_len, 4), device, decode_engine)
+        # transformers compiles per static-cache shape: the warm-up of a compiled run must be the timed shape
+        _run_once(engine, model, ids, decode_len if compiled else min(decode_len, 4), device, decode_engine, compiled)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     capture = None
     if engine == "hf_static":
-        ttft = _run_once(engine, model, ids, 1, device)["wall"]
-        total = _run_once(engine, model, ids, decode_len, device)["wall"]
+        ttft = _run_once(engine, model, ids, 1, device, hf_compile=compiled)["wall"]
+        total = _run_once(engine, model, ids, decode_len, device, hf_compile=compiled)["wall"]
     else:
         laps = _run_once(engine, model, ids, decode_len, device, decode_engine)
         capture = laps.get("capture", 0.0)
@@ -238,8 +241,6 @@ def run_speed(cfg, shape: str, engines: list[str], batch_sizes: list[int], promp
         model = None
         try:
             model = build_model(engine, cfg, device, dtype, seed)
-            if engine == "hf_static" and hf_compile:
-                model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
             weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
             build_error = None
         except Exception as e:
@@ -264,7 +265,7 @@ def run_speed(cfg, shape: str, engines: list[str], batch_sizes: list[int], promp
                 else:
                     try:
                         row.update(time_generation(engine, model, batch, prompt_len, decode_len, device, seed, warmup,
-                                                   decode_engine))
+                                                   decode_engine, hf_compile))
                         row["status"] = "ok"
                     except Exception as e:
                         if not _is_oom(e):
@@ -319,7 +320,7 @@ def plot_speed(rows: list[dict], path: Path, title: str = "") -> Path:
     import matplotlib.pyplot as plt
 
     decode_lens = sorted({r["decode_len"] for r in rows})
-    fig, axes = plt.subplots(2, len(decode_lens), figsize=(5.2 * len(decode_lens), 7.5), squeeze=False)
+    fig, axes = plt.subplots(2, len(decode_lens), figsize=(max(8.0, 5.2 * len(decode_lens)), 7.5), squeeze=False)
     styles = {"hybrid": ("tab:red", "o"), "attention": ("tab:blue", "s"), "hf_static": ("tab:gray", "^")}
     for col, d in enumerate(decode_lens):
         for engine in ENGINES:
@@ -400,7 +401,8 @@ def add_arguments(p: argparse.ArgumentParser, defaults: dict | None = None) -> N
                    help="auto = bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-warmup", action="store_true")
-    p.add_argument("--hf-compile", action="store_true", help="torch.compile the HF forward (static cache)")
+    p.add_argument("--hf-compile", action="store_true",
+                   help="let transformers compile its static-cache forward (off: disable_compile=True)")
     p.add_argument("--decode-engine", choices=["auto", "eager", "static", "graph"], default="auto",
                    help="our generate()'s decode engine (auto = CUDA graphs on CUDA, eager on CPU)")
     p.add_argument("--time-limit-s", type=float, default=None, help="start no new configuration after this")
