@@ -81,7 +81,7 @@ def m1_pipeline(profile: str = "default", params: str | None = None, stages: lis
     try:
         for stage in plan:
             key = cache_key(config, stage, {u: finished[u].output_hash for u in stage.upstream})
-            inputs = stage.build_inputs({n: r.outputs for n, r in finished.items()})
+            inputs = stage.build_inputs({n: r.outputs for n, r in finished.items()}, config)
             run_id = runs.start_stage(stage.name)
             for u in stage.upstream:
                 if u in datasets:
@@ -118,7 +118,9 @@ def m1_pipeline(profile: str = "default", params: str | None = None, stages: lis
                          "cache_key": result.cache_key, "all_metrics": result.metrics})
         ok = True
     finally:
-        runs.end(ok, {f"{r['stage']}.seconds": r["seconds"] for r in rows})
+        # the parent run carries every stage's metrics (<stage>/<metric>) to compare pipeline runs side by side
+        runs.end(ok, {**{f"{r['stage']}/{k}": v for r in rows for k, v in r["all_metrics"].items()},
+                      **{f"{r['stage']}/seconds": r["seconds"] for r in rows}})
     table = runner.summary_rows(rows)
     create_markdown_artifact(key="m1-pipeline-summary", markdown=runner.summary_markdown(rows),
                              description=f"m1 pipeline, profile {config.profile}")

@@ -70,14 +70,15 @@ def test_register_gate_and_load_champion(setup, capsys):
     assert tags["metric.pass_1"] == "0.205" and "improvement" in tags["gate.reason"]
 
     # m1 promote: register a better model from the command line (metrics passed explicitly)
-    uri = f"tracking.uri={over['tracking']['uri']}"
-    assert m1("promote", "--profile", "tiny", "--set", uri, "--model-dir", model_dir, "--metric", "pass@1=0.3") == 0
+    sets = ["--set", f"tracking.uri={over['tracking']['uri']}",
+            "--set", "pipeline.promotion.gate=[{metric: pass@1, min_improvement: 0.01}]"]
+    assert m1("promote", "--profile", "tiny", *sets, "--model-dir", model_dir, "--metric", "pass@1=0.3") == 0
     assert "promoted to champion" in capsys.readouterr().out
     assert str(client.get_model_version_by_alias("m1-hybrid", "champion").version) == "3"
     assert client.get_model_version("m1-hybrid", "1").tags["gate.superseded_by"] == "3"
-    assert m1("promote", "--profile", "tiny", "--set", uri) == 0  # re-gating the champion changes nothing
+    assert m1("promote", "--profile", "tiny", *sets) == 0  # re-gating the champion changes nothing
     assert "already is the champion" in capsys.readouterr().out
-    assert m1("promote", "--profile", "tiny", "--set", uri, "--version", "9") == 2
+    assert m1("promote", "--profile", "tiny", *sets, "--version", "9") == 2
     assert "has no version 9" in capsys.readouterr().err
 
     mlflow.set_tracking_uri(tracking_uri(cfg.tracking))

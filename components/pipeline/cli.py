@@ -130,7 +130,8 @@ def _stage(args) -> int:
     preflight(config, [stage])
     t0 = time.time()
     with standalone_run(config.tracking, stage.name, tags={"m1.stage": stage.name, "m1.profile": config.profile}):
-        outputs = stage.function()(config, None, **stage.kwargs)
+        inputs = stage.standalone_inputs(config) if stage.standalone_inputs else None
+        outputs = stage.function()(config, inputs, **stage.kwargs)
         metrics = extract_metrics(outputs)
         Tracker().log_metrics(metrics)
     hashes = hash_outputs(stage, outputs)
@@ -161,9 +162,9 @@ def _promote(args) -> int:
         if args.version:
             raise M1Error("give either --model-dir (register a new candidate) or --version, not both")
         out = registry.run(config, {"model_dir": args.model_dir, "metrics": metrics})
-        print(f"registered {out.model_uri} as {config.pipeline.promotion.candidate_alias}; "
-              f"{'promoted to' if out.promoted else 'not promoted to'} {config.pipeline.promotion.champion_alias}: "
-              f"{out.decision}")
+        champ = config.pipeline.promotion.champion_alias
+        verdict = f"promoted to {champ}" if out.promoted else f"{champ} stays v{out.champion_version}"
+        print(f"registered {out.model_uri} as {config.pipeline.promotion.candidate_alias}; {verdict}: {out.decision}")
         return 0
     if metrics:
         raise M1Error("--metric/--metrics-json describe a new model: pass --model-dir too")

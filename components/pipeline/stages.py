@@ -1,31 +1,36 @@
-"""The ordered registry of pipeline stages. Flows, the CLI, the dry run, tests and the summary all read it.
+"""The ordered registry of pipeline stages. Flows, the CLI, the dry run, dvc.yaml generation, tests and the
+summary all read it.
 
 A stage is a plain function `run(config, inputs) -> <Outputs dataclass>` living in components/; the registry
 says how to call it, which config sections and upstream outputs key its cache, and what its outputs are.
 Only stages whose code exists are listed: a stage that has not landed is absent, never a placeholder.
 
-Adding a stage is one `Stage(...)` entry in STAGES, in pipeline order (before `register`, which stays last):
+Adding a stage is one `Stage(...)` entry in _DECLARED, in pipeline order (before `register`, which stays last):
 
     Stage("distill", "components.train.stage:run", kwargs={"stage": "distill"},
-          config_keys=("distill", "seed"), upstream=("curate", "convert"),
-          inputs=lambda up: {"data": up["curate"], "model": up["convert"]},
-          outputs=("model_dir",), model_output="model_dir", code=("components/train",), uses_ray=True),
+          config_keys=("distill", "teacher", "seed"), upstream=("curate", "convert"),
+          inputs=lambda up, cfg: {"model_dir": up["convert"].model_dir, "data_dir": up["curate"].data_dir},
+          standalone_inputs=lambda cfg: {"model_dir": f"{cfg.run_dir}/convert/model", "data_dir": f"{cfg.run_dir}/data"},
+          outputs=("model_dir",), model_output="model_dir", code=("components/train",), uses_ray=True,
+          dvc_outs=("distill/model",), dvc_plots=("distill/history.jsonl",), summary_metrics=("kl", "heldout/kl")),
 
 - target: "module:function"; called as function(config, inputs, **kwargs).
 - config_keys: dotted paths into M1Config whose values key the cache (with run_dir, the code version and
   the content hashes of the upstream outputs).
-- upstream: names of earlier stages whose outputs this one reads; `inputs` turns {name: outputs dataclass}
-  (every stage finished so far) into the `inputs` dict (default: {name: outputs} of the declared upstream).
+- upstream: names of earlier stages whose outputs this one reads; `inputs(finished, config)` turns
+  {name: outputs dataclass} (every stage finished so far) into the `inputs` dict (default: {name: outputs} of
+  the declared upstream). standalone_inputs(config): the inputs when the stage runs alone (`m1 stage`, what
+  dvc.yaml calls), from the upstream stages' default output locations (default: None).
 - outputs: fields of the outputs dataclass holding files/directories whose content is hashed (default:
   every str/Path field that exists on disk). model_output: the field holding a model directory, for stages
   that produce a model (the last such model is what `register` registers).
-- code: extra paths (relative to the repo root) hashed into the code version; the target's own package and
-  components/model always are.
+- code: extra paths (relative to the repo root) hashed into the code version; the target's own package (or
+  `package`) and components/model always are.
 - validate(config): cheap checks run before any stage starts (bad input fails the run up front).
 - resources(config): what the stage asks for (merged under `pipeline.resources.<name>`), for the dry run.
 - datasets(outputs): {name: path} of datasets the stage produces; logged to MLflow with their DVC hashes
   (as inputs of the pipeline's parent run and of every stage downstream of this one).
-- summary_metrics: the metrics the final summary table shows for the stage.
+- summary_metrics: the metrics the final summary table shows for the stage (or `summary(outputs)`, a line).
 - dvc_outs: the stage's output paths relative to run_dir, for the generated dvc.yaml
   (`m1 pipeline --dvc-yaml`); dvc_metrics: a metrics file the stage writes itself, if any; dvc_plots:
   files (outside dvc_outs) that `dvc plots` draws.
@@ -52,7 +57,8 @@ class Stage:
     target: str
     config_keys: tuple[str, ...]
     upstream: tuple[str, ...] = ()
-    inputs: Callable[[dict[str, Any]], dict] | None = None
+    inputs: Callable[[dict[str, Any], Any], dict] | None = None
+    standalone_inputs: Callable[[Any], dict] | None = None
     kwargs: dict = field(default_factory=dict)
     outputs: tuple[str, ...] = ()
     model_output: str | None = None
@@ -79,9 +85,9 @@ class Stage:
         pkg = self.package or self.target.partition(":")[0].rsplit(".", 1)[0].replace(".", "/")
         return sorted({pkg, "components/model", *self.code})
 
-    def build_inputs(self, finished: dict[str, Any]) -> dict:
+    def build_inputs(self, finished: dict[str, Any], config) -> dict:
         if self.inputs is not None:
-            return self.inputs(finished)
+            return self.inputs(finished, config)
         return {name: finished[name] for name in self.upstream}
 
     def output_paths(self, outputs) -> dict[str, Path]:
@@ -149,7 +155,7 @@ def _convert_resources(config) -> dict:
     return {"cpus": 1, **({"memory_gb": gb} if gb else {})}
 
 
-def _register_inputs(finished: dict[str, Any]) -> dict:
+def _register_inputs(finished: dict[str, Any], config=None) -> dict:
     """The final model (the last model-producing stage's, or the one evaluate evaluated) and its metrics."""
     ev = finished["evaluate"]
     model_dir = getattr(ev, "model_dir", None)
