@@ -17,5 +17,5 @@ links=()
 for d in ${PIP_FIND_LINKS:-}; do links+=(--find-links "$d"); done
 if [ -z "${PIP_FIND_LINKS:-}" ]; then links+=(--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match); fi
 echo "setting up .venv (uv pip install -e .[dev]) ..." >&2
-uv pip install -q --python .venv/bin/python -c constraints.txt "${links[@]}" -e ".[dev]"
+uv pip install -q --compile-bytecode --python .venv/bin/python -c constraints.txt "${links[@]}" -e ".[dev]"
 echo "$want" > "$stamp"

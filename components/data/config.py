@@ -170,8 +170,8 @@ class DecontamConfig(Section):
 
 
 class PackingConfig(Section):
-    sft1_seq_len: int = Field(1024, ge=16)
-    sft2_seq_len: int = Field(2048, ge=16)
+    sft1_seq_len: int = Field(512, ge=16)
+    sft2_seq_len: int = Field(1024, ge=16)
     # A templated document longer than the sequence length is rejected (to rejects.jsonl) or truncated.
     overlong: Literal["reject", "truncate"] = "reject"
     # Open sequences the first-fit packer keeps at once; more packs tighter, costs a little memory.

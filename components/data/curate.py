@@ -402,18 +402,19 @@ def _tokenizer(config, inputs):
     if inputs and inputs.get("tokenizer") is not None:
         return inputs["tokenizer"]
     from components.data.tokenizer_cache import cached_tokenizer
+    from components.model.teacher import tokenizer_source
 
-    return cached_tokenizer(config.teacher.source)
+    return cached_tokenizer(tokenizer_source(config.teacher.source))
 
 
 def run(config, inputs: dict | None = None) -> CurateOutputs:
     """Curate the data described by config.data into <run_dir>/data. `inputs` may hold an already loaded
     tokenizer under "tokenizer" (saves the load when the caller has one)."""
-    from components.model.teacher import resolve_source
+    from components.model.teacher import resolve_source, tokenizer_source
 
     started = time.time()
     cfg: DataConfig = config.data
-    resolve_source(config.teacher.source)  # a bad teacher path fails now, not after pass 1
+    resolve_source(tokenizer_source(config.teacher.source))  # a bad teacher path fails now, not after pass 1
     for spec in cfg.sources:
         make_adapter(spec, config.seed)  # unknown datasets/templates fail now, with their source named
     run_dir = Path(config.run_dir)

@@ -39,7 +39,7 @@ def run(config, inputs: dict) -> GRPOOutputs:
     if (gc.rollout_workers or gc.learner_workers):
         from components.ray_utils import ensure_ray
 
-        ensure_ray(config.pipeline.ray_address if hasattr(config.pipeline, "ray_address") else None)
+        ensure_ray()  # RAY_ADDRESS (set from pipeline.ray_address by the pipeline) or a local cluster
     if gc.learner_workers == 0:
         from components.grpo.loop import grpo_loop
 

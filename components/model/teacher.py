@@ -156,6 +156,11 @@ def load_any_teacher(source: str, dtype: str = "float32", seed: int = 0):
     return load_teacher(source, dtype)
 
 
+def tokenizer_source(source: str) -> str:
+    """Where a teacher's tokenizer comes from: random teachers share the embedded teacher's (same vocabulary
+    size for the shapes that are tokenised: tiny and smollm2-135m)."""
+    return EMBEDDED_TEACHER if str(source).startswith("random:") else str(source)
+
+
 def load_any_tokenizer(source: str):
-    """Random teachers share the embedded teacher's tokenizer (their vocabulary sizes match it for tiny shapes)."""
-    return load_tokenizer(EMBEDDED_TEACHER if str(source).startswith("random:") else source)
+    return load_tokenizer(tokenizer_source(source))

@@ -114,19 +114,6 @@ class Stage:
 
 # ----------------------------------------------------------------------------- stage-specific helpers
 
-def _curate_run(config, inputs=None):
-    """curate.run, with random teachers ("random:<shape>") curated with the tokenizer they share with the
-    embedded teacher: curate resolves teacher.source as a real model location, which a random teacher is not.
-    Remove (target components.data.curate:run) once curate accepts random teachers itself."""
-    from components.data import curate
-
-    if config.teacher.source.startswith("random:"):
-        from components.model.teacher import EMBEDDED_TEACHER
-
-        config = config.model_copy(update={"teacher": config.teacher.model_copy(update={"source": EMBEDDED_TEACHER})})
-    return curate.run(config, inputs)
-
-
 def _curate_datasets(out) -> dict[str, Path]:
     ds = {"sft1": out.sft1_dir, "sft1_heldout": out.sft1_heldout_dir, "sft2": out.sft2_dir, "rl": out.rl_dir}
     ds.update({f"eval/{name}": path for name, path in out.eval_sets.items()})
@@ -155,6 +142,27 @@ def _convert_resources(config) -> dict:
     return {"cpus": 1, **({"memory_gb": gb} if gb else {})}
 
 
+def _data_dir(up: dict[str, Any]) -> str:
+    return str(up["curate"].data_dir)
+
+
+def _train_resources(tc) -> dict:
+    workers = max(1, tc.num_workers)
+    return {"workers": workers, "cpus_per_worker": 1, **({"gpus_per_worker": 1} if tc.use_gpu == "yes" else {})}
+
+
+def _grpo_resources(config) -> dict:
+    g = config.grpo
+    return {"learner_workers": max(1, g.learner_workers), "rollout_actors": g.rollout_workers,
+            "rollout_resources": dict(g.rollout_resources)}
+
+
+def _eval_models(config, hybrid_dir) -> dict:
+    from components.evaluate.run import default_models
+
+    return default_models(config, hybrid=[f"hybrid={hybrid_dir}"])
+
+
 def _register_inputs(finished: dict[str, Any], config=None) -> dict:
     """The final model (the last model-producing stage's, or the one evaluate evaluated) and its metrics."""
     ev = finished["evaluate"]
@@ -174,7 +182,7 @@ def _register_summary(out) -> str:
 # ----------------------------------------------------------------------------- the registry
 
 _DECLARED: list[Stage] = [
-    Stage("curate", "components.pipeline.stages:_curate_run", config_keys=("data", "teacher.source", "seed"),
+    Stage("curate", "components.data.curate:run", config_keys=("data", "teacher.source", "seed"),
           package="components/data", outputs=("data_dir",), code=("components/mathcheck.py",),
           dvc_outs=("data",), dvc_metrics="metrics/curate.json", datasets=_curate_datasets,
           resources=_curate_resources, summary_metrics=("records.sft1", "records.sft2", "records.rl", "rejected"),
@@ -183,6 +191,46 @@ _DECLARED: list[Stage] = [
           outputs=("model_dir",), model_output="model_dir", validate=_convert_validate, dvc_outs=("convert/model",),
           resources=_convert_resources, summary_metrics=("num_parameters",),
           description="Llama teacher -> hybrid Mamba/attention (weight init)"),
+    Stage("distill", "components.train.stage:run", kwargs={"stage": "distill"},
+          config_keys=("distill", "teacher", "seed"), upstream=("curate", "convert"),
+          inputs=lambda up, cfg: {"model_dir": up["convert"].model_dir, "data_dir": _data_dir(up)},
+          standalone_inputs=lambda cfg: {"model_dir": f"{cfg.run_dir}/convert/model", "data_dir": f"{cfg.run_dir}/data"},
+          outputs=("model_dir",), model_output="model_dir", code=("components/train",), uses_ray=True,
+          dvc_outs=("distill/model",), dvc_plots=("distill/history.jsonl",),
+          summary_metrics=("heldout/kl_before", "heldout/kl", "heldout/ppl", "heldout/teacher_ppl"),
+          resources=lambda cfg: _train_resources(cfg.distill),
+          description="reverse-KL distillation from the teacher on assistant tokens"),
+    Stage("sft1", "components.train.stage:run", kwargs={"stage": "sft1"},
+          config_keys=("sft1", "teacher", "seed"), upstream=("curate", "distill"),
+          inputs=lambda up, cfg: {"model_dir": up["distill"].model_dir, "data_dir": _data_dir(up)},
+          standalone_inputs=lambda cfg: {"model_dir": f"{cfg.run_dir}/distill/model", "data_dir": f"{cfg.run_dir}/data"},
+          outputs=("model_dir",), model_output="model_dir", code=("components/train",), uses_ray=True,
+          dvc_outs=("sft1/model",), dvc_plots=("sft1/history.jsonl",), summary_metrics=("ce", "heldout/ppl"),
+          resources=lambda cfg: _train_resources(cfg.sft1), description="SFT stage 1: math solutions (CE)"),
+    Stage("sft2", "components.train.stage:run", kwargs={"stage": "sft2"},
+          config_keys=("sft2", "teacher", "seed"), upstream=("curate", "sft1"),
+          inputs=lambda up, cfg: {"model_dir": up["sft1"].model_dir, "data_dir": _data_dir(up)},
+          standalone_inputs=lambda cfg: {"model_dir": f"{cfg.run_dir}/sft1/model", "data_dir": f"{cfg.run_dir}/data"},
+          outputs=("model_dir",), model_output="model_dir", code=("components/train",), uses_ray=True,
+          dvc_outs=("sft2/model",), dvc_plots=("sft2/history.jsonl",), summary_metrics=("ce",),
+          resources=lambda cfg: _train_resources(cfg.sft2),
+          description="SFT stage 2: long reasoning traces in <think> (CE)"),
+    Stage("grpo", "components.grpo.stage:run", config_keys=("grpo", "teacher", "seed"), upstream=("curate", "sft2"),
+          inputs=lambda up, cfg: {"model_dir": up["sft2"].model_dir, "data_dir": _data_dir(up)},
+          standalone_inputs=lambda cfg: {"model_dir": f"{cfg.run_dir}/sft2/model", "data_dir": f"{cfg.run_dir}/data"},
+          outputs=("model_dir",), model_output="model_dir", code=("components/train", "components/mathcheck.py"),
+          uses_ray=True, dvc_outs=("grpo/model",),
+          summary_metrics=("heldout/accuracy_before", "heldout/accuracy", "heldout/accuracy_se"),
+          resources=_grpo_resources, description="GRPO: math-verified rewards, entropy bonus, no KL"),
+    Stage("evaluate", "components.evaluate.run:run",
+          config_keys=("evaluate", "data.instruction", "data.system_prompt", "teacher", "seed"),
+          upstream=("curate", "grpo"),
+          inputs=lambda up, cfg: {"models": _eval_models(cfg, up["grpo"].model_dir), "data_dir": _data_dir(up)},
+          standalone_inputs=lambda cfg: {"models": _eval_models(cfg, f"{cfg.run_dir}/grpo/model"),
+                                         "data_dir": f"{cfg.run_dir}/data"},
+          outputs=("eval_dir",), code=("components/mathcheck.py",), dvc_outs=("eval",),
+          summary_metrics=("hybrid/all/pass_at_1", "teacher/all/pass_at_1"),
+          description="pass@1 / pass@k / maj@k, accuracy under a time budget, generation speed"),
     # Registers the final model as <promotion.model_name>@candidate and gates `champion`; joins the pipeline
     # once an `evaluate` stage is registered above it.
     Stage("register", "components.pipeline.registry:run", config_keys=("pipeline.promotion",),

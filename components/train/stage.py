@@ -97,7 +97,7 @@ def _run_ray(lc: dict, tc, root: str, use_gpu: bool, config) -> dict:
     from components.train import checkpoint as ck
     from components.train.loop import train_loop
 
-    ensure_ray(getattr(config.pipeline, "ray_address", None) if hasattr(config, "pipeline") else None)
+    ensure_ray()  # RAY_ADDRESS (set from pipeline.ray_address by the pipeline) or a local cluster
     fs, path = ck.filesystem(root)
     storage, name = path.rsplit("/", 1)
     resume = None
