@@ -3,8 +3,14 @@ import math
 
 import pytest
 
-from components.evaluate.metrics import (ProblemScore, aggregate, group_answers, majority_group, mean_and_se,
-                                         pass_at_k)
+from components.evaluate.metrics import (
+    ProblemScore,
+    aggregate,
+    group_answers,
+    majority_group,
+    mean_and_se,
+    pass_at_k,
+)
 from components.mathcheck import answers_equivalent
 
 

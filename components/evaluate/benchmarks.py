@@ -18,7 +18,13 @@ from pathlib import Path
 from components.data.config import FieldMap, HubSource, LocalSource
 from components.data.record import RowError
 from components.errors import M1Error
-from components.evaluate.config import CuratedBenchmark, EvalConfig, EvalFieldMap, HubBenchmark, LocalBenchmark
+from components.evaluate.config import (
+    CuratedBenchmark,
+    EvalConfig,
+    EvalFieldMap,
+    HubBenchmark,
+    LocalBenchmark,
+)
 from components.mathcheck import is_plain_number, parse_answer
 
 

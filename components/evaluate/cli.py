@@ -2,7 +2,6 @@
 generation-speed grid). Both open an MLflow run unless the pipeline handed one down (MLFLOW_RUN_ID)."""
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 

@@ -4,7 +4,7 @@ CPU speed run, so that scoring the teacher and the hybrid takes a couple of minu
 (the reference settings: temperature 0.7, top-p 0.95, many samples, 32k new tokens, AIME/MATH-500)."""
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
@@ -53,7 +53,7 @@ class LocalBenchmark(Section):
     fields: EvalFieldMap = EvalFieldMap()
 
 
-BenchmarkSpec = Annotated[Union[CuratedBenchmark, HubBenchmark, LocalBenchmark], Field(discriminator="kind")]
+BenchmarkSpec = Annotated[CuratedBenchmark | HubBenchmark | LocalBenchmark, Field(discriminator="kind")]
 
 
 class PromptConfig(Section):
@@ -110,8 +110,11 @@ class EvalConfig(Section):
     top_k: int = Field(0, ge=0)
     max_new_tokens: int = Field(128, gt=0)
     stop_strings: list[str] = Field(default_factory=list)
-    # Sequences decoded together.
+    # Sequences decoded together (a batch that runs out of GPU memory is split in halves and retried).
     batch_size: int = Field(32, gt=0)
+    # Per-model overrides of batch_size by model name: the all-attention teacher's KV cache at long lengths
+    # needs a smaller batch than the hybrid.
+    model_batch_size: dict[str, int] = Field(default_factory=dict)
     # generate()'s decode engine: auto = CUDA graphs on CUDA, eager on CPU; or eager / static / graph.
     decode_engine: Literal["auto", "eager", "static", "graph"] = "auto"
     prompt: PromptConfig = PromptConfig()

@@ -78,7 +78,7 @@ def _fmt(v, col: str) -> str:
 
 
 def write_tables(rows: list[dict], ks: Sequence[int], by: str, csv_path: Path, md_path: Path, title: str) -> None:
-    cols = [("model", "model"), (by, by)] + (([("excluded", "excluded")] if rows and "excluded" in rows[0] else []))
+    cols = [("model", "model"), (by, by)] + ([("excluded", "excluded")] if rows and "excluded" in rows[0] else [])
     cols += _cols(ks)
     with open(csv_path, "w", newline="") as f:
         w = csv.writer(f)
@@ -88,15 +88,14 @@ def write_tables(rows: list[dict], ks: Sequence[int], by: str, csv_path: Path, m
     lines = [f"# {title}", "", "| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join(r[c] if isinstance(r.get(c), str) else _fmt(r.get(c), c) for c, _ in cols) + " |")
-    lines += ["", "pass@1 = mean over problems of (correct samples / n), SE = stdev of the per-problem means / "
-              "sqrt(problems); pass@k unbiased (1 - C(n-c,k)/C(n,k)); maj@k = majority vote over the first k samples, "
-              "answers grouped by math-verify equivalence, ties to the group seen first, no answer abstains "
-              "(components/evaluate/metrics.py)."]
+    lines += ["", ("pass@1 = mean over problems of (correct samples / n), SE = stdev of the per-problem means / "
+                   "sqrt(problems); pass@k unbiased (1 - C(n-c,k)/C(n,k)); maj@k = majority vote over the first k "
+                   "samples, answers grouped by math-verify equivalence, ties to the group seen first, no answer "
+                   "abstains (components/evaluate/metrics.py).")]
     md_path.write_text("\n".join(lines) + "\n")
 
 
 def write_jsonl(records, path: Path) -> Path:
     with open(path, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False, default=str) + "\n")
+        f.writelines(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in records)
     return path

@@ -118,7 +118,11 @@ def run(config, inputs: dict | None = None) -> EvalOutputs:
     from components.evaluate import report, timebudget
     from components.evaluate.benchmarks import load_benchmarks
     from components.evaluate.models import load_eval_model, resolve_device
-    from components.evaluate.sampling import prompt_texts, sample_completions, tokenize_prompts
+    from components.evaluate.sampling import (
+        prompt_texts,
+        sample_completions,
+        tokenize_prompts,
+    )
     from components.evaluate.scoring import score_problem
     from components.tracking import Tracker
 
@@ -153,7 +157,8 @@ def run(config, inputs: dict | None = None) -> EvalOutputs:
                 hybrid_cfg = em.model.config
             texts, templated = prompt_texts(problems, em.tokenizer, cfg, instruction, system_prompt)
             ids = tokenize_prompts(texts, em.tokenizer, templated)
-            comps, gstats = sample_completions(em, ids, cfg, seed, desc=name)
+            bs = cfg.model_batch_size.get(name, cfg.batch_size)
+            comps, gstats = sample_completions(em, ids, cfg, seed, desc=name, batch_size=bs)
             info[name].update({k: round(v, 3) for k, v in gstats.items()})
             scores[name] = [score_problem(p, c, cfg.verify_timeout_s) for p, c in zip(problems, comps)]
             per_bench: dict[str, int] = {}
@@ -168,9 +173,9 @@ def run(config, inputs: dict | None = None) -> EvalOutputs:
                                                "reference": p.answer, "prompt": text, "completion": c[0].text,
                                                "answer": s.answers[0], "correct": s.correct[0],
                                                "n_tokens": c[0].n_tokens, "finish_reason": c[0].finish_reason})
-            batch = min(cfg.batch_size, len(ids) * cfg.n_samples)
+            batch = min(bs, len(ids) * cfg.n_samples)
             if cfg.time_budget.enabled and cfg.time_budget.throughput == "measured":
-                mean_prompt = int(round(sum(len(x) for x in ids) / max(1, len(ids))))
+                mean_prompt = round(sum(len(x) for x in ids) / max(1, len(ids)))
                 tp = timebudget.measure_throughput(em.model, batch, mean_prompt, cfg.time_budget.throughput_tokens,
                                                    device, seed)
             else:
@@ -282,9 +287,12 @@ def _speed(config, hybrid_cfg, out_dir: Path) -> dict[str, float]:
         if hybrid_cfg is not None:
             cfg, shape = hybrid_cfg, "evaluated-hybrid"
         else:
-            from components.model.convert import check_attn_layers
             from components.model.config import HybridConfig
-            from components.model.teacher import load_teacher_config, random_llama_config
+            from components.model.convert import check_attn_layers
+            from components.model.teacher import (
+                load_teacher_config,
+                random_llama_config,
+            )
 
             src = config.teacher.source
             check_attn_layers(src, config.convert.attn_layers)

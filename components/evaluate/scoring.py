@@ -10,7 +10,12 @@ from collections.abc import Sequence
 from components.evaluate.benchmarks import Problem
 from components.evaluate.metrics import ProblemScore, group_answers
 from components.evaluate.sampling import Completion
-from components.mathcheck import answers_equivalent, extract_boxed, normalize_answer_text, verify
+from components.mathcheck import (
+    answers_equivalent,
+    extract_boxed,
+    normalize_answer_text,
+    verify,
+)
 
 
 def score_problem(problem: Problem, completions: Sequence[Completion], timeout_s: float = 5.0) -> ProblemScore:

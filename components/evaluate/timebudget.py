@@ -79,7 +79,7 @@ def curves(scores: dict[str, list[ProblemScore]], throughput: dict[str, float], 
                 rows.append({"model": model, "benchmark": bench, "strategy": "self_consistency", "budget_s": b,
                              "tokens_allowed": allowed, "samples": m_eff, "max_len": None, "accuracy": acc,
                              "capped": m > n_min, "tokens_per_s": tps, "mean_tokens": mean_len})
-                L = int(math.floor(allowed))
+                L = math.floor(allowed)
                 hits = sum(f and t <= L and c for p in ps for f, t, c in zip(p.finished, p.n_tokens, p.correct))
                 acc = hits / sum(p.n for p in ps)
                 rows.append({"model": model, "benchmark": bench, "strategy": "max_length", "budget_s": b,
