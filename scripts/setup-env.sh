@@ -18,4 +18,7 @@ for d in ${PIP_FIND_LINKS:-}; do links+=(--find-links "$d"); done
 if [ -z "${PIP_FIND_LINKS:-}" ]; then links+=(--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match); fi
 echo "setting up .venv (uv pip install -e .[dev]) ..." >&2
 uv pip install -q --compile-bytecode --python .venv/bin/python -c constraints.txt "${links[@]}" -e ".[dev]"
+# Machines that set PYTHONDONTWRITEBYTECODE never cache bytecode, so every process (and every test subprocess)
+# would recompile torch, transformers, prefect...: compile once here.
+.venv/bin/python -m compileall -q -j 0 .venv/lib/python*/site-packages >/dev/null 2>&1 || true
 echo "$want" > "$stamp"
