@@ -29,6 +29,13 @@ def test_curated_star_reads_every_set_and_missing_set_is_one_line():
     with pytest.raises(M1Error) as e:
         load_benchmarks(_cfg([{"kind": "curated", "name": "nope"}]), FIX / "data", seed=0)
     assert "nope" in str(e.value) and "mini" in str(e.value) and "\n" not in str(e.value)
+    # an optional set that was not curated (a profile without that source) is skipped
+    got = load_benchmarks(_cfg([{"kind": "curated", "name": "nope", "required": False},
+                                {"kind": "curated", "name": "mini2", "required": False}]), FIX / "data", seed=0)
+    assert [b.name for b in got] == ["mini2"]
+    with pytest.raises(M1Error) as e:
+        load_benchmarks(_cfg([{"kind": "curated", "name": "nope", "required": False}]), FIX / "data", seed=0)
+    assert "no benchmark to evaluate" in str(e.value) and "mini, mini2" in str(e.value)
 
 
 @pytest.mark.parametrize("name,dataset,file,ids,answers,excluded", [

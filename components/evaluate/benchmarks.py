@@ -157,6 +157,8 @@ def load_benchmarks(cfg: EvalConfig, data_dir: str | Path | None, seed: int) -> 
                 raise M1Error(f"no evaluation sets in {eval_dir} (run `m1 data curate` first)")
             for name in names:
                 path = eval_dir / f"{name}.jsonl"
+                if not path.is_file() and not spec.required:
+                    continue
                 if not path.is_file():
                     have = ", ".join(curated_set_names(data_dir)) or "none"
                     raise M1Error(f"evaluation set {name} not found: {path} (sets there: {have})")
@@ -167,6 +169,10 @@ def load_benchmarks(cfg: EvalConfig, data_dir: str | Path | None, seed: int) -> 
         elif isinstance(spec, LocalBenchmark):
             rows = _local_rows(spec.name, spec.path, spec.format, spec.fields)
             out.append(load_benchmark(spec.name, rows, cap, seed, t))
+    if not out:
+        have = ", ".join(curated_set_names(data_dir)) if data_dir and Path(data_dir, "eval").is_dir() else "none"
+        raise M1Error(f"no benchmark to evaluate: none of {[b.name for b in cfg.benchmarks]} exists "
+                      f"(curated sets in {data_dir}: {have})")
     if not any(b.problems for b in out):
         from collections import Counter
 

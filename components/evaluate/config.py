@@ -19,6 +19,8 @@ class CuratedBenchmark(Section):
     kind: Literal["curated"] = "curated"
     name: str = Field(pattern=r"^(\*|[A-Za-z0-9][A-Za-z0-9_.-]*)$")
     max_problems: int | None = Field(None, gt=0)  # None = evaluate.max_problems
+    # False: a set the curate stage did not write (a profile without that source) is skipped, not an error.
+    required: bool = True
 
 
 class HubBenchmark(Section):
@@ -99,7 +101,8 @@ class EvalConfig(Section):
     # CHAMP's competition problems are beyond a 135M model: two keep the set in the report; the synthetic held-out
     # problems follow the SFT data's format, where a trained hybrid can score.
     benchmarks: list[BenchmarkSpec] = Field(default_factory=lambda: [
-        CuratedBenchmark(name="champ_heldout", max_problems=2), CuratedBenchmark(name="synthetic_heldout")])
+        CuratedBenchmark(name="champ_heldout", max_problems=2, required=False),
+        CuratedBenchmark(name="synthetic_heldout", required=False)])
     # At most this many problems per benchmark (a seeded choice by problem id); None = all.
     max_problems: int | None = Field(6, gt=0)
     # Samples per problem, and the k of pass@k / maj@k (each k <= n_samples).
