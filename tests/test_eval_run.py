@@ -171,3 +171,20 @@ def test_m1_eval_cli_logs_to_mlflow(tmp_path, hybrid_dir, monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.startswith("m1: error: model nowhere") and "\n" not in err
     assert not os.environ.get("MLFLOW_RUN_ID")
+
+
+def test_models_from_inputs(tmp_path):
+    from components.evaluate.run import models_from_inputs
+
+    cfg = _config(tmp_path, models={"base": "random:tiny"})
+    assert models_from_inputs(cfg, {"models": {"a": "x"}}) == {"a": "x"}
+    assert models_from_inputs(cfg, {"model_dir": "d/sft2/model"}) == {
+        "hybrid": "d/sft2/model", "teacher": "random:tiny", "base": "random:tiny"}
+    no_teacher = _config(tmp_path, include_teacher=False)
+    with pytest.raises(M1Error) as e:  # no hybrid under run_dir and no teacher: nothing to score
+        models_from_inputs(no_teacher, {})
+    assert "no model to evaluate" in _one_line(e)
+    conv = tmp_path / "run" / "convert" / "model"
+    conv.mkdir(parents=True)
+    (conv / "config.json").write_text("{}")
+    assert models_from_inputs(no_teacher, {}) == {"hybrid": str(conv)}

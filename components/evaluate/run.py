@@ -1,6 +1,7 @@
 """The evaluate stage: score every model on every benchmark, then the time-budget analysis and a speed run.
 
     run(config, {"models": {"hybrid": "<hybrid dir>", "teacher": "<teacher source>"}, "data_dir": "<run_dir>/data"})
+    run(config, {"model_dir": "<hybrid dir>", "data_dir": ...})   # + the teacher (include_teacher) + evaluate.models
 
 Outputs go to <run_dir>/eval/ (or inputs["out_dir"]); they are written into a temporary directory beside it and
 moved into place at the end, so a failed run leaves the previous outputs untouched. Models are evaluated one after
@@ -86,6 +87,16 @@ def default_models(config, hybrid: list[str] | None = None, teacher: str | None 
     return models
 
 
+def models_from_inputs(config, inputs: dict) -> dict[str, str]:
+    """inputs["models"] ({name: source}) as given; or inputs["model_dir"] (the pipeline's latest hybrid) scored as
+    "hybrid" beside the teacher and evaluate.models; or, with neither, default_models."""
+    if inputs.get("models"):
+        return {str(k): str(v) for k, v in inputs["models"].items()}
+    if inputs.get("model_dir"):
+        return default_models(config, [f"hybrid={inputs['model_dir']}"])
+    return default_models(config)
+
+
 def _model_name(path: str, taken: dict) -> str:
     p = Path(path)
     base = p.parent.name if p.name == "model" and p.parent.name else p.name
@@ -130,7 +141,7 @@ def run(config, inputs: dict | None = None) -> EvalOutputs:
     inputs = inputs or {}
     cfg = config.evaluate
     seed = cfg.seed if cfg.seed is not None else config.seed
-    models = dict(inputs.get("models") or default_models(config))
+    models = models_from_inputs(config, inputs)
     data_dir = inputs.get("data_dir") or str(Path(config.run_dir) / "data")
     out_dir = Path(inputs.get("out_dir") or Path(config.run_dir) / "eval")
     instruction = cfg.prompt.instruction if cfg.prompt.instruction is not None else config.data.instruction
