@@ -70,7 +70,7 @@ def test_same_seed_same_metrics_and_outputs(tmp_path, hybrid_dir, monkeypatch):
                  "speed.csv", "speed.json", "speed.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert json.loads((out / "metrics.json").read_text()) == a.metrics
-    assert json.loads((tmp_path / "run" / "metrics" / "eval.json").read_text()) == a.metrics
+    assert json.loads((tmp_path / "run" / "metrics" / "evaluate.json").read_text()) == a.metrics
     assert sorted(p.name for p in a.dvc_plots) == ["speed.csv", "speed.png", "time_budget.csv", "time_budget.png"]
     assert all(p.parent == tmp_path / "run" / "plots" / "eval" and p.is_file() for p in a.dvc_plots)
     assert a.model_dir == hybrid_dir and b.model_dir == hybrid_dir

@@ -9,7 +9,7 @@ the other (one in memory at a time), in the same engine (components/evaluate/mod
 
 Output layout:
   metrics.json                 flat metrics (keys in components/evaluate/report.py); also copied to
-                               <run_dir>/metrics/eval.json for `dvc metrics` (and the plots to
+                               <run_dir>/metrics/evaluate.json for `dvc metrics` (and the plots to
                                <run_dir>/plots/eval/ for `dvc plots`) when writing to the default place
   results.csv / results.md     model x benchmark table (pass@1 +- SE, pass@k, maj@k, excluded rows, ...)
   by_source.csv / by_source.md model x source table
@@ -262,8 +262,8 @@ def run(config, inputs: dict | None = None) -> EvalOutputs:
         # DVC cannot declare metrics or plots inside a tracked output directory: keep copies beside it.
         mdir = Path(config.run_dir) / "metrics"
         mdir.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(out.metrics_json, mdir / "eval.json")
-        out.dvc_metrics_json = mdir / "eval.json"
+        shutil.copyfile(out.metrics_json, mdir / "evaluate.json")
+        out.dvc_metrics_json = mdir / "evaluate.json"
         pdir = Path(config.run_dir) / "plots" / "eval"
         shutil.rmtree(pdir, ignore_errors=True)
         pdir.mkdir(parents=True)
