@@ -229,6 +229,9 @@ _DECLARED: list[Stage] = [
           standalone_inputs=lambda cfg: {"models": _eval_models(cfg, f"{cfg.run_dir}/grpo/model"),
                                          "data_dir": f"{cfg.run_dir}/data"},
           outputs=("eval_dir",), code=("components/mathcheck.py",), dvc_outs=("eval",),
+          dvc_metrics="metrics/evaluate.json",
+          dvc_plots=("plots/eval/time_budget.png", "plots/eval/speed.png", "plots/eval/time_budget.csv",
+                     "plots/eval/speed.csv"),
           summary_metrics=("hybrid/all/pass_at_1", "teacher/all/pass_at_1"),
           description="pass@1 / pass@k / maj@k, accuracy under a time budget, generation speed"),
     # Registers the final model as <promotion.model_name>@candidate and gates `champion`; joins the pipeline
