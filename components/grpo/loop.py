@@ -249,14 +249,7 @@ def grpo_loop(lc: dict) -> dict:
     if tracker:
         tracker.log_metrics(final, step=gc["max_steps"])
     out = Path(lc["out_dir"])
-    tmp = out / "model.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    core.save_pretrained(tmp)
-    for f in Path(lc["model_dir"]).iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
-            shutil.copy2(f, tmp / f.name)
-    shutil.rmtree(out / "model", ignore_errors=True)
-    tmp.rename(out / "model")
+    ck.publish_model(core, out, lc["model_dir"])
     summary = {"steps": gc["max_steps"], "resumed_from": start, **final,
                **{f"{k}_before": v for k, v in (first_eval or {}).items()}}
     (out / "grpo_metrics.json").write_text(json.dumps(summary, indent=2))

@@ -49,14 +49,30 @@ def set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
+def copy_tokenizer(src_dir: str | Path, dst_dir: Path) -> None:
+    """The tokenizer files of a model directory travel with every checkpoint, so each one loads on its own."""
+    for f in Path(src_dir).iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template", "vocab", "merges")):
+            shutil.copy2(f, dst_dir / f.name)
+
+
+def publish_model(model, out_dir: Path, tokenizer_dir: str | Path) -> Path:
+    """Write <out_dir>/model atomically: saved beside it, then renamed, so a crash never leaves half a model."""
+    tmp = out_dir / "model.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    copy_tokenizer(tokenizer_dir, tmp)
+    shutil.rmtree(out_dir / "model", ignore_errors=True)
+    tmp.rename(out_dir / "model")
+    return out_dir / "model"
+
+
 def write_local(directory: Path, model, optimizer, scheduler, step: int, samples: int, extra: dict | None = None,
                 tokenizer_dir: str | None = None) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
     if tokenizer_dir:
-        for f in Path(tokenizer_dir).iterdir():
-            if f.name.startswith(("tokenizer", "special_tokens", "chat_template", "vocab", "merges")):
-                shutil.copy2(f, directory / f.name)
+        copy_tokenizer(tokenizer_dir, directory)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
                directory / STATE_PT)
     (directory / STATE_JSON).write_text(json.dumps({"step": step, "samples_consumed": samples, **(extra or {})}))

@@ -305,14 +305,7 @@ def train_loop(lc: dict) -> dict:
                    **{k: v for k, v in final.items()}}
         if first_eval:
             summary.update({f"{k}_before": v for k, v in first_eval.items()})
-        tmp = out / "model.partial"
-        shutil.rmtree(tmp, ignore_errors=True)
-        core.save_pretrained(tmp)
-        for f in Path(lc["model_dir"]).iterdir():
-            if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
-                shutil.copy2(f, tmp / f.name)
-        shutil.rmtree(out / "model", ignore_errors=True)
-        tmp.rename(out / "model")
+        ck.publish_model(core, out, lc["model_dir"])
         (out / "train_metrics.json").write_text(json.dumps(summary, indent=2))
         return summary
     return {}
