@@ -1,0 +1,94 @@
+"""Turn the GPU suite's JSON (docs/results/*_h100.json) into CSV tables and PNG plots beside them:
+
+    python3 bench/plot_gpu_results.py docs/results
+
+speed_<shape>_h100.{csv,png}: tokens/s vs batch for prompt 256 + decode 4096 (m1 hybrid and all-attention);
+anchors_h100.{csv,png}: prompt 256 + decode 512, the m1 engine against HF static cache and mamba_ssm's engine."""
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    keys = sorted({k for r in rows for k in r})
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def plot_decode(res: dict, png: Path, title: str) -> None:
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    for model in ("hybrid", "attention"):
+        rows = sorted([r for r in res["rows"] if r.get("model") == model and "oom" not in r], key=lambda r: r["batch"])
+        if not rows:
+            continue
+        b = [r["batch"] for r in rows]
+        ax[0].plot(b, [r["tokens_per_s"] for r in rows], "o-", label=f"m1 {model}")
+        ax[1].plot(b, [r["ms_per_step"] for r in rows], "o-", label=f"m1 {model}: measured")
+        ax[1].plot(b, [r["floor_ms_per_step"] for r in rows], "x--", label=f"m1 {model}: floor")
+    for a, yl in zip(ax, ("tokens/s", "ms per decode step")):
+        a.set_xscale("log", base=2)
+        a.set_xlabel("batch size")
+        a.set_ylabel(yl)
+        a.grid(True, which="both", alpha=0.3)
+        a.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
+def plot_anchors(res: dict, png: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    series = {}
+    for r in res["rows"]:
+        if "error" in r:
+            continue
+        series.setdefault(f"{r['engine']} {r['model']}", []).append((r["batch"], r["tokens_per_s"]))
+    for name, pts in sorted(series.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("tokens/s (prompt 256, decode 512)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"3B shape on {res['meta']['device']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
+def main(d: Path) -> None:
+    for f in sorted(d.glob("decode_*_h100.json")):
+        res = json.loads(f.read_text())
+        if f.name == "decode_llama-3.2-3b_largest_h100.json":
+            continue
+        if f.name == "decode_llama-3.2-3b_h100.json":
+            extra = d / "decode_llama-3.2-3b_largest_h100.json"
+            if extra.is_file():
+                res["rows"] += [r for r in json.loads(extra.read_text())["rows"] if "oom" not in r]
+        shape = res["shape"]
+        stem = f"speed_{shape}_h100"  # not Path.with_suffix: the shape name has dots
+        write_csv(d / f"{stem}.csv", [{"shape": shape, **r} for r in res["rows"]])
+        plot_decode(res, d / f"{stem}.png", f"{shape}: prompt {res['prompt']}, decode {res['decode']}, "
+                                                   f"{res['meta']['device']}")
+    a = d / "anchors_h100.json"
+    if a.is_file():
+        res = json.loads(a.read_text())
+        write_csv(d / "anchors_h100.csv", [r for r in res["rows"] if "error" not in r])
+        plot_anchors(res, d / "anchors_h100.png")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "docs/results"))
