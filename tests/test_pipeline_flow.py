@@ -36,10 +36,10 @@ def overrides(root: Path, **extra) -> dict:
     return o
 
 
-def run(root: Path, **extra):
+def run(root: Path, stages: list[str] | None = None, **extra):
     from flows.m1_pipeline import m1_pipeline
 
-    return m1_pipeline(profile="tiny", overrides=overrides(root, **extra))
+    return m1_pipeline(profile="tiny", stages=stages, overrides=overrides(root, **extra))
 
 
 def statuses(summary) -> dict:
@@ -60,7 +60,7 @@ def test_tiny_end_to_end(first, env):
     run_dir = env / "run"
     assert (run_dir / "data" / "manifest.json").is_file()
     assert (run_dir / "convert" / "model" / "model.safetensors").is_file()
-    assert seconds < 180
+    assert (run_dir / "grpo" / "model" / "config.json").is_file() and (run_dir / "eval" / "metrics.json").is_file()
     # MLflow: a parent run with a nested run per stage, datasets logged with their DVC hashes
     from mlflow.tracking import MlflowClient
 
@@ -92,12 +92,12 @@ def test_second_run_is_all_cached(first, env, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("a cached stage was executed")
 
-    monkeypatch.setattr("components.pipeline.stages._curate_run", boom)
+    monkeypatch.setattr("components.data.curate.run", boom)
     monkeypatch.setattr(CONVERT, "run", boom)
-    t0 = time.time()
+    monkeypatch.setattr("components.train.stage.run", boom)
+    monkeypatch.setattr("components.grpo.stage.run", boom)
     summary = run(env)
     assert all(statuses(summary).values()), summary["table"]
-    assert time.time() - t0 < 30
     assert [r["cache_key"] for r in summary["stages"]] == [r["cache_key"] for r in first[0]["stages"]]
 
 
@@ -118,14 +118,14 @@ def test_failed_stage_is_not_cached_and_resumes(first, env, monkeypatch):
     monkeypatch.setattr(CONVERT, "run", broken)
     extra = {"convert": {"attn_layers": [1, 3], "seed": 7}}
     with pytest.raises(ValueError, match="disk on fire"):
-        run(env, **extra)
+        run(env, ["convert"], **extra)
     assert len(calls) == 2  # first try + one retry
     cfg = load_config("tiny", overrides=overrides(env, **extra))
     key = cache_key(cfg, get_stage("convert"), {})
     assert cached_result(cfg, key) is None  # nothing cached for the failed stage
 
     monkeypatch.setattr(CONVERT, "run", real)
-    summary = run(env, **extra)
+    summary = run(env, ["convert"], **extra)
     assert statuses(summary) == {"curate": True, "convert": False}
     assert cached_result(cfg, key) is not None
 
@@ -142,7 +142,7 @@ def test_transient_failure_is_retried(first, env, monkeypatch):
         return real(config, inputs)
 
     monkeypatch.setattr(CONVERT, "run", flaky)
-    summary = run(env, convert={"attn_layers": [1, 3], "seed": 8})
+    summary = run(env, ["convert"], convert={"attn_layers": [1, 3], "seed": 8})
     assert len(calls) == 2 and statuses(summary)["convert"] is False
 
 
@@ -157,7 +157,7 @@ def test_bad_input_is_not_retried(first, env, monkeypatch):
 
     monkeypatch.setattr(CONVERT, "run", bad)
     with pytest.raises(M1Error):
-        run(env, convert={"attn_layers": [1, 3], "seed": 9})
+        run(env, ["convert"], convert={"attn_layers": [1, 3], "seed": 9})
     assert len(calls) == 1
 
 
@@ -165,7 +165,7 @@ def test_vanished_outputs_are_recomputed(first, env):
     import shutil
 
     shutil.rmtree(env / "run" / "convert" / "model")
-    summary = run(env)
+    summary = run(env, ["convert"])
     assert statuses(summary) == {"curate": True, "convert": False}
     assert (env / "run" / "convert" / "model" / "config.json").is_file()
 
