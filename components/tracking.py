@@ -165,10 +165,14 @@ def standalone_run(cfg: TrackingConfig, name: str, tags: dict | None = None):
     import mlflow
 
     setup_mlflow(cfg)
+    had_uri = "MLFLOW_TRACKING_URI" in os.environ
     with mlflow.start_run(run_name=name, tags=tags) as run:
         os.environ["MLFLOW_RUN_ID"] = run.info.run_id
         os.environ.setdefault("MLFLOW_TRACKING_URI", mlflow.get_tracking_uri())
         try:
             yield run.info.run_id
         finally:
+            # leave the environment as found: a later run in this process must not inherit this store
             os.environ.pop("MLFLOW_RUN_ID", None)
+            if not had_uri:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
