@@ -105,7 +105,10 @@ def selective_scan(u, dt, A, B, C, D, resets=None, h0=None):
             B.permute(0, 2, 3, 1).contiguous(), C.permute(0, 2, 3, 1).contiguous(), D.float(),
             delta_softplus=False, return_last_state=True)
         return y.transpose(1, 2), last.float()
-    return scan.selective_scan(u, dt, A, B, C, D, resets, h0)
+    # Chunk length (measured on 2 CPU cores, d=576, n=16): short chunks keep the (b, chunk, d, n) working set in
+    # cache for inference (16: 2.5x faster than 256 at b=16, L=100); training's backward prefers 64.
+    chunk = 64 if torch.is_grad_enabled() and u.requires_grad else 16
+    return scan.selective_scan(u, dt, A, B, C, D, resets, h0, chunk=chunk)
 
 
 def selective_state_step(h, u, dt, A, B, C, D):
