@@ -64,14 +64,9 @@ def _local_rows(name: str, path: str, fmt: str | None, fields: EvalFieldMap):
 
     fmap = FieldMap(problem=fields.problem, solution=None, answer=fields.answer, id=fields.id)
     adapter = LocalAdapter(LocalSource(name=name, splits=["eval"], path=path, format=fmt, fields=fmap), 0)
-    for i, raw in enumerate(adapter.raw_rows()):
-        try:
-            row = adapter.to_row(raw, i)
-        except RowError as e:
-            yield i, e
-            continue
-        except Exception as e:  # whatever an odd row triggers is that row's problem, not the benchmark's
-            yield i, RowError("bad_row", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    for i, raw, row in _adapter_rows(adapter):
+        if isinstance(row, RowError):
+            yield i, row
             continue
         prompt = raw.get(fields.prompt) if fields.prompt else None
         source = raw.get(fields.source) if fields.source else None
@@ -84,17 +79,19 @@ def _hub_rows(spec: HubBenchmark):
 
     src = HubSource(name=spec.name, splits=["eval"], dataset=spec.dataset or spec.name, config=spec.config,
                     split=spec.split, revision=spec.revision, data_files=spec.data_files)
-    adapter = HubAdapter(src, 0)
+    for i, _, row in _adapter_rows(HubAdapter(src, 0)):
+        yield i, (row if isinstance(row, RowError) else (row.id, row.problem, row.answer, None, spec.name))
+
+
+def _adapter_rows(adapter):
+    """(index, raw row, normalised row or the RowError that rejects it) for every row of a data-stage adapter."""
     for i, raw in enumerate(adapter.raw_rows()):
         try:
-            row = adapter.to_row(raw, i)
+            yield i, raw, adapter.to_row(raw, i)
         except RowError as e:
-            yield i, e
-            continue
+            yield i, raw, e
         except Exception as e:  # whatever an odd row triggers is that row's problem, not the benchmark's
-            yield i, RowError("bad_row", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-            continue
-        yield i, (row.id, row.problem, row.answer, None, spec.name)
+            yield i, raw, RowError("bad_row", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
 
 
 def _reference_problem(answer: str | None, timeout_s: float) -> tuple[str, str] | None:
