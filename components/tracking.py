@@ -26,8 +26,13 @@ class TrackingConfig(Section):
     enabled: bool = True
 
 
+# The user's MLFLOW_TRACKING_URI as the process found it: mlflow.set_tracking_uri() writes that variable too
+# (MLflow 3), so reading it later would return whatever store this process used last, not the user's choice.
+_USER_URI = os.environ.get("MLFLOW_TRACKING_URI")
+
+
 def tracking_uri(cfg: TrackingConfig) -> str:
-    return absolute_uri(os.environ.get("MLFLOW_TRACKING_URI") or cfg.uri)
+    return absolute_uri(_USER_URI or cfg.uri)
 
 
 def absolute_uri(uri: str) -> str:
