@@ -26,13 +26,24 @@ class TrackingConfig(Section):
     enabled: bool = True
 
 
-# The user's MLFLOW_TRACKING_URI as the process found it: mlflow.set_tracking_uri() writes that variable too
-# (MLflow 3), so reading it later would return whatever store this process used last, not the user's choice.
-_USER_URI = os.environ.get("MLFLOW_TRACKING_URI")
-
-
 def tracking_uri(cfg: TrackingConfig) -> str:
-    return absolute_uri(_USER_URI or cfg.uri)
+    return absolute_uri(os.environ.get("MLFLOW_TRACKING_URI") or cfg.uri)
+
+
+def use_store(uri: str, registry: bool = False) -> None:
+    """Point MLflow's fluent API at `uri` without touching the environment: mlflow.set_tracking_uri() also writes
+    MLFLOW_TRACKING_URI (MLflow 3), which would make every later tracking_uri() in this process return this
+    store instead of the user's setting."""
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    if registry:
+        mlflow.set_registry_uri(uri)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
 
 
 def absolute_uri(uri: str) -> str:
@@ -61,7 +72,7 @@ def setup_mlflow(cfg: TrackingConfig) -> str:
     import mlflow
 
     uri = tracking_uri(cfg)
-    mlflow.set_tracking_uri(uri)
+    use_store(uri)
     exp_id = ensure_experiment(cfg, uri)
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id

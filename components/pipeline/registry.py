@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from components.errors import M1Error
-from components.tracking import mlflow_key, tracking_uri
+from components.tracking import mlflow_key, tracking_uri, use_store
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 METRIC_TAG = "metric."  # one tag per metric, for reading in the UI (names made MLflow-safe)
@@ -140,8 +140,7 @@ def register_model(config, model_dir: str | Path, metrics: dict[str, float], tag
         raise M1Error(f"not a hybrid model directory (no config.json): {model_dir}")
     promo = config.pipeline.promotion
     uri = tracking_uri(config.tracking)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    use_store(uri, registry=True)
     run_id = os.environ.get("MLFLOW_RUN_ID")
     exp = experiment_id(config.tracking, uri)
     with mlflow.start_run(run_id=run_id, experiment_id=None if run_id else exp,
