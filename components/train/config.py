@@ -22,6 +22,11 @@ class TrainConfig(Section):
     kl_kind: Literal["reverse", "forward", "js"] = "reverse"
     js_beta: float = Field(0.5, gt=0, lt=1)
     temperature: float = Field(1.0, gt=0)
+    # 0: the frozen teacher runs beside the student at every step (exact KL). k > 0: the teacher's top-k
+    # log-probs of every row the run visits are precomputed once into a reusable store (teacher_topk_dir, default
+    # <run_dir>/<stage>/teacher_topk/<key>) and KL is taken against them with a uniform tail (train/teacher_topk.py).
+    teacher_topk: int = Field(0, ge=0)
+    teacher_topk_dir: str | None = None
     # AdamW; weight decay applies to matrices only (norm weights, biases, A_log, D, dt biases are not decayed).
     lr: float = Field(1e-5, gt=0)
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
@@ -53,6 +58,8 @@ class TrainConfig(Section):
     def _check(self):
         if self.kl_weight == 0 and self.ce_weight == 0:
             raise ValueError("kl_weight and ce_weight are both 0: nothing to train on")
+        if self.teacher_topk and self.kl_weight == 0:
+            raise ValueError(f"teacher_topk {self.teacher_topk} is set but kl_weight is 0: no KL to take")
         if self.global_batch_size % self.micro_batch_size:
             raise ValueError(f"global_batch_size {self.global_batch_size} is not a multiple of "
                              f"micro_batch_size {self.micro_batch_size}")

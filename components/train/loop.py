@@ -162,7 +162,8 @@ def heldout_metrics(model, teacher, rows: PackedRows, n_rows: int, micro: int, d
 
 def train_loop(lc: dict) -> dict:
     """lc: a plain dict (picklable for Ray): 'train' (TrainConfig as dict), model_dir, data_dir, heldout_dir,
-    teacher_source, out_dir, checkpoint_root, fingerprint, seed, use_ray, use_gpu, mlflow_run_id, mlflow_uri."""
+    teacher_source, out_dir, checkpoint_root, fingerprint, seed, use_ray, use_gpu, mlflow_run_id, mlflow_uri and,
+    optionally, teacher_topk_dir (precomputed teacher top-k: the teacher is not run for the training loss)."""
     from components.tracking import Tracker
 
     tc = lc["train"]
@@ -176,8 +177,14 @@ def train_loop(lc: dict) -> dict:
     model = HybridForCausalLM.from_pretrained(lc["model_dir"], device=str(dev)).float().train()
     apply_freeze(model, tc["freeze"])
     model.gradient_checkpointing_enable(tc["gradient_checkpointing"])
+    topk = None
+    if lc.get("teacher_topk_dir"):
+        from components.train.teacher_topk import TopkStore
+
+        topk = TopkStore(lc["teacher_topk_dir"])
+    # with a top-k store the teacher is only needed for the (exact) held-out measurement
     teacher = load_teacher_engine(lc["teacher_source"], dev, torch.bfloat16 if dev.type == "cuda" else torch.float32) \
-        if tc["kl_weight"] > 0 or lc.get("heldout_dir") else None
+        if (tc["kl_weight"] > 0 and topk is None) or lc.get("heldout_dir") else None
     opt = torch.optim.AdamW(param_groups(model, tc["weight_decay"]), lr=tc["lr"], betas=tuple(tc["betas"]), eps=1e-8)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc))
     data = PackedRows(lc["data_dir"])
@@ -246,7 +253,9 @@ def train_loop(lc: dict) -> dict:
                 with autocast:
                     logits = model(b["input_ids"], position_ids=b["position_ids"], doc_ids=b["doc_ids"])
                     t_logits = None
-                    if tc["kl_weight"] > 0:
+                    if tc["kl_weight"] > 0 and topk is not None:
+                        t_logits = topk.dense(idx, dev)
+                    elif tc["kl_weight"] > 0:
                         with torch.no_grad():
                             t_logits = teacher(b["input_ids"], position_ids=b["position_ids"], doc_ids=b["doc_ids"])
                 loss, kl, ce, cnt = distill_loss_sums(logits, t_logits, b["input_ids"], b["loss_mask"], b["doc_ids"],

@@ -63,6 +63,7 @@ def run(config, inputs: dict, stage: str) -> TrainOutputs:
         "seed": config.seed, "use_ray": tc.num_workers > 0, "use_gpu": use_gpu,
         "mlflow_run_id": os.environ.get("MLFLOW_RUN_ID"), "mlflow_uri": os.environ.get("MLFLOW_TRACKING_URI"),
     }
+    topk = _teacher_topk(config, tc, stage, lc, out_dir, use_gpu)
     if not _has_checkpoint(root, lc["fingerprint"]):
         (out_dir / "history.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh loss curve
     if tc.num_workers == 0:
@@ -71,8 +72,34 @@ def run(config, inputs: dict, stage: str) -> TrainOutputs:
         metrics = train_loop(lc)
     else:
         metrics = _run_ray(lc, tc, root, use_gpu, config)
+    metrics.update(topk)
     return TrainOutputs(str(out_dir / "model"), root, {k: float(v) for k, v in metrics.items()
                                                        if isinstance(v, (int, float))})
+
+
+def _teacher_topk(config, tc, stage: str, lc: dict, out_dir: Path, use_gpu: bool) -> dict:
+    """With teacher_topk > 0: precompute (or reuse) the teacher's top-k for every row this run will visit, in
+    this process before any worker starts, and point the loop at the store."""
+    if not tc.teacher_topk:
+        return {}
+    import numpy as np
+    import torch
+
+    from components.train import teacher_topk as tk
+    from components.train.data import PackedRows, rows_for_step
+
+    data_dir = Path(lc["data_dir"])
+    data = PackedRows(data_dir)
+    rows = np.concatenate([rows_for_step(s, tc.global_batch_size, len(data), config.seed) for s in range(tc.max_steps)])
+    store = Path(tc.teacher_topk_dir) if tc.teacher_topk_dir else \
+        out_dir / "teacher_topk" / tk.store_key(config.teacher.source, data_dir, tc.teacher_topk)
+    device = torch.device("cuda" if use_gpu else "cpu")
+    info = tk.precompute(config.teacher.source, data, data_dir, rows, tc.teacher_topk, store, device,
+                         torch.bfloat16 if use_gpu else torch.float32)
+    print(f"[{stage}] teacher top-{tc.teacher_topk}: {info['rows']} rows in {store} ({info['computed']} computed now)",
+          flush=True)
+    lc["teacher_topk_dir"] = str(store.resolve())
+    return {"teacher_topk/rows": info["rows"], "teacher_topk/computed": info["computed"]}
 
 
 def _has_checkpoint(root: str, fp: str) -> bool:
