@@ -82,3 +82,25 @@ def test_ray_two_cpu_workers_match_in_process(setup):
     a, b = _losses(root, "straight"), _losses(root, "ray")
     assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-5 for k in a), (a, b)
     assert out.metrics["heldout/kl"] < out.metrics["heldout/kl_before"]
+
+
+@pytest.mark.slow
+def test_ray_fsdp2_two_cpu_workers_match_in_process(setup):
+    """FSDP2 shards every layer over 2 gloo workers; the gathered checkpoints and final model are full."""
+    import ray
+    import torch
+
+    from components.model import HybridForCausalLM
+
+    root, data = setup
+    try:
+        out = run(_cfg(root, "fsdp2", num_workers=2, strategy="fsdp2"), {"model_dir": root / "conv", "data_dir": data},
+                  "distill")
+    finally:
+        ray.shutdown()
+    a, b = _losses(root, "straight"), _losses(root, "fsdp2")
+    assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-5 for k in a), (a, b)
+    straight = HybridForCausalLM.from_pretrained(root / "straight" / "distill" / "model").state_dict()
+    sharded = HybridForCausalLM.from_pretrained(out.model_dir).state_dict()
+    assert straight.keys() == sharded.keys()
+    assert max(float((straight[k] - sharded[k]).abs().max()) for k in straight) < 1e-4

@@ -162,11 +162,13 @@ class HybridForCausalLM(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     # ------------------------------------------------------------------ save / load
-    def save_pretrained(self, directory: str | Path, max_shard_size: int = 2 * 1024**3, tokenizer=None) -> Path:
+    def save_pretrained(self, directory: str | Path, max_shard_size: int = 2 * 1024**3, tokenizer=None,
+                        state_dict: dict | None = None) -> Path:
+        """state_dict: weights to write instead of this module's own (a full state gathered from shards)."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         self.config.save(d)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        state = {k: v.detach().contiguous().cpu() for k, v in (state_dict or self.state_dict()).items()}
         if self.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)  # safetensors stores no aliases; tied on load
         for old in list(d.glob("model*.safetensors")) + [d / INDEX]:

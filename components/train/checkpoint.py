@@ -56,11 +56,12 @@ def copy_tokenizer(src_dir: str | Path, dst_dir: Path) -> None:
             shutil.copy2(f, dst_dir / f.name)
 
 
-def publish_model(model, out_dir: Path, tokenizer_dir: str | Path) -> Path:
-    """Write <out_dir>/model atomically: saved beside it, then renamed, so a crash never leaves half a model."""
+def publish_model(model, out_dir: Path, tokenizer_dir: str | Path, state_dict: dict | None = None) -> Path:
+    """Write <out_dir>/model atomically: saved beside it, then renamed, so a crash never leaves half a model.
+    state_dict: the full weights when the model itself is sharded."""
     tmp = out_dir / "model.partial"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=state_dict)
     copy_tokenizer(tokenizer_dir, tmp)
     shutil.rmtree(out_dir / "model", ignore_errors=True)
     tmp.rename(out_dir / "model")
@@ -68,12 +69,15 @@ def publish_model(model, out_dir: Path, tokenizer_dir: str | Path) -> Path:
 
 
 def write_local(directory: Path, model, optimizer, scheduler, step: int, samples: int, extra: dict | None = None,
-                tokenizer_dir: str | None = None) -> Path:
+                tokenizer_dir: str | None = None, model_state: dict | None = None,
+                optimizer_state: dict | None = None) -> Path:
+    """model_state / optimizer_state: full states gathered from a sharded model (else the objects' own)."""
     directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory)
+    model.save_pretrained(directory, state_dict=model_state)
     if tokenizer_dir:
         copy_tokenizer(tokenizer_dir, directory)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
+    optim = optimizer_state if optimizer_state is not None else optimizer.state_dict()
+    torch.save({"optimizer": optim, "scheduler": scheduler.state_dict(), "rng": rng_state()},
                directory / STATE_PT)
     (directory / STATE_JSON).write_text(json.dumps({"step": step, "samples_consumed": samples, **(extra or {})}))
     return directory

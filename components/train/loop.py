@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from components.model import HybridForCausalLM, convert
 from components.train import checkpoint as ck
+from components.train import parallel
 from components.train.data import PackedRows, rows_for_step
 from components.train.losses import distill_loss_sums, target_mask
 
@@ -185,35 +186,29 @@ def train_loop(lc: dict) -> dict:
     # with a top-k store the teacher is only needed for the (exact) held-out measurement
     teacher = load_teacher_engine(lc["teacher_source"], dev, torch.bfloat16 if dev.type == "cuda" else torch.float32) \
         if (tc["kl_weight"] > 0 and topk is None) or lc.get("heldout_dir") else None
-    opt = torch.optim.AdamW(param_groups(model, tc["weight_decay"]), lr=tc["lr"], betas=tuple(tc["betas"]), eps=1e-8)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc))
     data = PackedRows(lc["data_dir"])
     heldout = PackedRows(lc["heldout_dir"]) if lc.get("heldout_dir") else None
 
     start = 0
     resume = ctx.resume_dir(lc["checkpoint_root"], lc["fingerprint"])
-    if resume is not None:
+    if resume is not None:  # full weights go in before sharding
         meta, state = ck.read_state(resume)
-        loaded = HybridForCausalLM.from_pretrained(resume, device=str(dev))
-        model.load_state_dict(loaded.state_dict())
-        opt.load_state_dict(state["optimizer"])
+        model.load_state_dict(HybridForCausalLM.from_pretrained(resume, device=str(dev)).state_dict())
+
+    core = model  # the unwrapped module (sharded in place under fsdp2)
+    strategy, world = tc["strategy"], ctx.world
+    model = parallel.wrap(model, strategy, world, dev)
+    # the optimizer is made after wrapping: fully_shard replaces the parameters it would otherwise hold
+    opt = torch.optim.AdamW(param_groups(core, tc["weight_decay"]), lr=tc["lr"], betas=tuple(tc["betas"]), eps=1e-8)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc))
+    if resume is not None:
+        parallel.load_optimizer_state(core, opt, state["optimizer"], strategy, world)
         sched.load_state_dict(state["scheduler"])
         ck.set_rng_state(state["rng"])
         start = meta["step"]
         first_eval = meta.get("first_eval")
         if ctx.rank == 0:
             print(f"[{lc['stage']}] resumed from step {start} ({meta['samples_consumed']} rows consumed)", flush=True)
-
-    core = model
-    if ctx.world > 1:
-        if tc["strategy"] == "fsdp2":
-            from torch.distributed.fsdp import fully_shard
-
-            for layer in model.model.layers:
-                fully_shard(layer)
-            fully_shard(model)
-        else:
-            model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
     trainable = [p for p in core.parameters() if p.requires_grad]
     fpt = flops_per_token(core, data.seq_len)
     peak = tc["peak_tflops"]
@@ -263,7 +258,7 @@ def train_loop(lc: dict) -> dict:
                                                       tc["temperature"], tc["js_beta"])
                 (loss * ctx.world / n_glob).backward()
             sums = [sums[0] + float(loss.detach()), sums[1] + float(kl), sums[2] + float(ce), sums[3] + int(b["input_ids"].numel())]
-        gnorm = torch.nn.utils.clip_grad_norm_(trainable, tc["grad_clip"])
+        gnorm = parallel.scalar(torch.nn.utils.clip_grad_norm_(trainable, tc["grad_clip"]))
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -286,10 +281,13 @@ def train_loop(lc: dict) -> dict:
                 tracker.log_metrics(ev, step=step + 1)
         local = None
         if (step + 1) % tc["checkpoint_every"] == 0 or last:
+            msd = parallel.full_model_state(core, strategy, world)  # collectives: every rank joins
+            osd = parallel.full_optimizer_state(core, opt, strategy, world)
             if ctx.rank == 0:
                 local = Path(tempfile.mkdtemp(prefix="m1-ckpt-")) / "ckpt"
                 ck.write_local(local, core, opt, sched, step + 1, (step + 1) * B,
-                               {"fingerprint": lc["fingerprint"], "stage": lc["stage"], "first_eval": first_eval}, lc["model_dir"])
+                               {"fingerprint": lc["fingerprint"], "stage": lc["stage"], "first_eval": first_eval},
+                               lc["model_dir"], model_state=msd, optimizer_state=osd)
             ctx.report(m, local, lc["checkpoint_root"], step + 1, tc["keep_checkpoints"])
             if local is not None:
                 shutil.rmtree(local.parent, ignore_errors=True)
@@ -307,6 +305,7 @@ def train_loop(lc: dict) -> dict:
         final = heldout_metrics(core, teacher, heldout, tc["eval_rows"], mb, dev, autocast, tc)
         if tracker:
             tracker.log_metrics(final, step=tc["max_steps"])
+    final_state = parallel.full_model_state(core, strategy, world)
     if ctx.rank == 0:
         out = Path(lc["out_dir"])
         (out / "history.jsonl").open("a").writelines(json.dumps(h) + "\n" for h in history)
@@ -314,7 +313,7 @@ def train_loop(lc: dict) -> dict:
                    **{k: v for k, v in final.items()}}
         if first_eval:
             summary.update({f"{k}_before": v for k, v in first_eval.items()})
-        ck.publish_model(core, out, lc["model_dir"])
+        ck.publish_model(core, out, lc["model_dir"], state_dict=final_state)
         (out / "train_metrics.json").write_text(json.dumps(summary, indent=2))
         return summary
     return {}
