@@ -98,17 +98,52 @@ def rms_norm(x, weight, eps):
 
 def selective_scan(u, dt, A, B, C, D, resets=None, h0=None):
     ops = _mamba_ops() if _cuda(u) else None
-    if ops is not None and resets is None and h0 is None:
-        # the kernel wants delta in u's dtype (under autocast softplus comes out fp32 while u is bf16)
-        y, last = ops["selective_scan_fn"](
-            u.transpose(1, 2).contiguous(), dt.to(u.dtype).transpose(1, 2).contiguous(), A.float().contiguous(),
-            B.permute(0, 2, 3, 1).contiguous(), C.permute(0, 2, 3, 1).contiguous(), D.float(),
-            delta_softplus=False, return_last_state=True)
-        return y.transpose(1, 2), last.float()
+    if ops is not None and h0 is None:
+        def fused(u, dt, A, B, C, D):
+            # the kernel wants delta in u's dtype (under autocast softplus comes out fp32 while u is bf16)
+            y, last = ops["selective_scan_fn"](
+                u.transpose(1, 2).contiguous(), dt.to(u.dtype).transpose(1, 2).contiguous(), A.float().contiguous(),
+                B.permute(0, 2, 3, 1).contiguous(), C.permute(0, 2, 3, 1).contiguous(), D.float(),
+                delta_softplus=False, return_last_state=True)
+            return y.transpose(1, 2), last.float()
+
+        if resets is None:
+            return fused(u, dt, A, B, C, D)
+        out = scan_by_document(fused, u, dt, A, B, C, D, resets)
+        if out is not None:
+            return out
     # Chunk length (measured on 2 CPU cores, d=576, n=16): short chunks keep the (b, chunk, d, n) working set in
     # cache for inference (16: 2.5x faster than 256 at b=16, L=100); training's backward prefers 64.
     chunk = 64 if torch.is_grad_enabled() and u.requires_grad else 16
     return scan.selective_scan(u, dt, A, B, C, D, resets, h0, chunk=chunk)
+
+
+def scan_by_document(scan_fn, u, dt, A, B, C, D, resets, max_blowup: float = 4.0):
+    """Packed rows through a scan without reset support (mamba_ssm's selective_scan_fn): every document becomes
+    its own zero-state row of a right-padded batch, is scanned, and is put back in place. Padding gets u = dt = 0,
+    and its outputs are dropped. Returns (y, last state of each row's final document), or None when padding would
+    cost more than max_blowup x the packed size (many short documents beside a long one)."""
+    b, L = resets.shape
+    starts_mask = resets.clone()
+    starts_mask[:, 0] = True
+    starts = starts_mask.reshape(-1).nonzero().squeeze(1)  # documents never cross rows: each row starts one
+    lengths = torch.diff(starts, append=starts.new_tensor([b * L]))
+    n, width = len(starts), int(lengths.max())
+    if n * width > max_blowup * b * L:
+        return None
+    offs = torch.arange(width, device=u.device)
+    valid = offs[None] < lengths[:, None]
+    index = (starts[:, None] + offs[None]).clamp(max=b * L - 1)
+
+    def docs(t):  # (b, L, ...) -> (n, width, ...), zero on padding
+        g = t.reshape(b * L, *t.shape[2:])[index]
+        return g * valid.view(n, width, *([1] * (t.dim() - 2))).to(g.dtype)
+
+    y, last = scan_fn(docs(u), docs(dt), A, docs(B), docs(C), D)
+    y = y[valid].view(b, L, *y.shape[2:])  # documents are in flattened order, so the valid part is the packed layout
+    row_end = torch.ones(n, dtype=torch.bool, device=u.device)
+    row_end[:-1] = (starts[1:] // L) != (starts[:-1] // L)
+    return y, last[row_end]
 
 
 def selective_state_step(h, u, dt, A, B, C, D):
