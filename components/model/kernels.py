@@ -100,10 +100,11 @@ def selective_scan(u, dt, A, B, C, D, resets=None, h0=None):
     ops = _mamba_ops() if _cuda(u) else None
     if ops is not None and h0 is None:
         def fused(u, dt, A, B, C, D):
-            # the kernel wants delta in u's dtype (under autocast softplus comes out fp32 while u is bf16)
+            # the kernel wants delta, B and C in u's dtype (under autocast softplus comes out fp32 while u is bf16,
+            # and the masked conv of packed rows returns fp32 while B and C are bf16)
             y, last = ops["selective_scan_fn"](
                 u.transpose(1, 2).contiguous(), dt.to(u.dtype).transpose(1, 2).contiguous(), A.float().contiguous(),
-                B.permute(0, 2, 3, 1).contiguous(), C.permute(0, 2, 3, 1).contiguous(), D.float(),
+                B.to(u.dtype).permute(0, 2, 3, 1).contiguous(), C.to(u.dtype).permute(0, 2, 3, 1).contiguous(), D.float(),
                 delta_softplus=False, return_last_state=True)
             return y.transpose(1, 2), last.float()
 
