@@ -59,7 +59,7 @@ def _seq_len(run_dir: Path, stage: str) -> int:
     import pyarrow.parquet as pq
 
     split = {"distill": "sft1", "sft1": "sft1", "sft2": "sft2"}[stage]
-    shard = sorted((run_dir / "data" / split).glob("*.parquet"))[0]
+    shard = min((run_dir / "data" / split).glob("*.parquet"))
     return len(pq.read_table(shard, columns=["input_ids"]).column("input_ids")[0])
 
 

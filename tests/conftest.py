@@ -19,6 +19,19 @@ def tiny_teacher():
     return load_any_teacher("random:tiny", seed=0)
 
 
+@pytest.fixture(scope="module")
+def train_setup(tmp_path_factory, tiny_teacher):
+    """(root, data dir): the tiny teacher converted with attention at layers 1 and 3 (root / "conv") and small
+    packed splits (tests/packed_fixture.py), for the trainer's tests."""
+    from components.model import convert
+    from packed_fixture import write_data_dir
+
+    root = tmp_path_factory.mktemp("train")
+    data = write_data_dir(root / "data", n_rows=12, seq_len=32)
+    convert(tiny_teacher, [1, 3]).save_pretrained(root / "conv")
+    return root, data
+
+
 @pytest.fixture(scope="session")
 def smollm2_teacher():
     """The real embedded teacher (SmolLM2-135M-Instruct, dequantised from GGUF): loading takes ~30 s."""

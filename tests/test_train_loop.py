@@ -6,17 +6,7 @@ import os
 import pytest
 
 from components.config import load_config
-from components.model import convert
 from components.train.stage import run
-from packed_fixture import write_data_dir  # tests/packed_fixture.py
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory, tiny_teacher):
-    root = tmp_path_factory.mktemp("train")
-    data = write_data_dir(root / "data", n_rows=12, seq_len=32)
-    convert(tiny_teacher, [1, 3]).save_pretrained(root / "conv")
-    return root, data
 
 
 def _cfg(root, name, **train):
@@ -31,8 +21,8 @@ def _losses(root, name):
     return {h["step"]: h["loss"] for h in map(json.loads, lines)}
 
 
-def test_distillation_lowers_heldout_kl(setup):
-    root, data = setup
+def test_distillation_lowers_heldout_kl(train_setup):
+    root, data = train_setup
     out = run(_cfg(root, "straight"), {"model_dir": root / "conv", "data_dir": data}, "distill")
     m = out.metrics
     assert m["heldout/kl"] < m["heldout/kl_before"]
@@ -40,15 +30,15 @@ def test_distillation_lowers_heldout_kl(setup):
     assert (root / "straight" / "distill" / "model" / "config.json").is_file()
 
 
-def test_micro_batching_does_not_change_the_loss_curve(setup):
-    root, data = setup
+def test_micro_batching_does_not_change_the_loss_curve(train_setup):
+    root, data = train_setup
     run(_cfg(root, "mb1", micro_batch_size=1), {"model_dir": root / "conv", "data_dir": data}, "distill")
     a, b = _losses(root, "straight"), _losses(root, "mb1")
     assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-5 for k in a)
 
 
-def test_killed_run_resumes_on_the_uninterrupted_curve(setup):
-    root, data = setup
+def test_killed_run_resumes_on_the_uninterrupted_curve(train_setup):
+    root, data = train_setup
     cfg = _cfg(root, "killed")
     os.environ["M1_FAIL_AFTER_STEP"] = "3"
     try:
@@ -64,17 +54,17 @@ def test_killed_run_resumes_on_the_uninterrupted_curve(setup):
         assert abs(straight[step] - resumed[step]) < 1e-6, step
 
 
-def test_changed_settings_do_not_resume_foreign_checkpoints(setup):
-    root, data = setup
+def test_changed_settings_do_not_resume_foreign_checkpoints(train_setup):
+    root, data = train_setup
     out = run(_cfg(root, "killed", lr=5e-4), {"model_dir": root / "conv", "data_dir": data}, "distill")
     assert out.metrics["resumed_from"] == 0
 
 
 @pytest.mark.slow
-def test_ray_two_cpu_workers_match_in_process(setup):
+def test_ray_two_cpu_workers_match_in_process(train_setup):
     import ray
 
-    root, data = setup
+    root, data = train_setup
     try:
         out = run(_cfg(root, "ray", num_workers=2), {"model_dir": root / "conv", "data_dir": data}, "distill")
     finally:
@@ -85,14 +75,14 @@ def test_ray_two_cpu_workers_match_in_process(setup):
 
 
 @pytest.mark.slow
-def test_ray_fsdp2_two_cpu_workers_match_in_process(setup):
+def test_ray_fsdp2_two_cpu_workers_match_in_process(train_setup):
     """FSDP2 shards every layer over 2 gloo workers; the gathered checkpoints and final model are full."""
     import ray
     import torch
 
     from components.model import HybridForCausalLM
 
-    root, data = setup
+    root, data = train_setup
     try:
         out = run(_cfg(root, "fsdp2", num_workers=2, strategy="fsdp2"), {"model_dir": root / "conv", "data_dir": data},
                   "distill")

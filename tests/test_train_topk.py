@@ -5,14 +5,18 @@ import math
 import numpy as np
 import pytest
 import torch
+from test_train_loop import _cfg  # tests/test_train_loop.py
 
 from components.errors import M1Error
 from components.model import convert
 from components.train.data import PackedRows
 from components.train.losses import kl_per_token
-from components.train.teacher_topk import TopkStore, dense_logprobs, precompute, topk_logprobs
-from test_train_loop import _cfg  # tests/test_train_loop.py
-from packed_fixture import write_data_dir  # tests/packed_fixture.py
+from components.train.teacher_topk import (
+    TopkStore,
+    dense_logprobs,
+    precompute,
+    topk_logprobs,
+)
 
 
 def test_uniform_tail_by_hand():
@@ -39,16 +43,8 @@ def test_k_equal_to_vocab_is_the_exact_teacher():
     assert torch.allclose(dense_logprobs(v, i, 50).exp().sum(-1), torch.ones(3, 5), atol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def topk_setup(tmp_path_factory, tiny_teacher):
-    root = tmp_path_factory.mktemp("topk")
-    data = write_data_dir(root / "data", n_rows=12, seq_len=32)
-    convert(tiny_teacher, [1, 3]).save_pretrained(root / "conv")
-    return root, data
-
-
-def test_store_holds_the_teachers_top_k(topk_setup, tiny_teacher):
-    root, data = topk_setup
+def test_store_holds_the_teachers_top_k(train_setup, tiny_teacher):
+    root, data = train_setup
     rows = PackedRows(data / "sft1")
     engine = convert(tiny_teacher, list(range(tiny_teacher.config.num_hidden_layers))).eval()
     info = precompute("random:tiny", rows, data / "sft1", [5, 2, 5], 16, root / "store", "cpu", teacher=engine)
@@ -71,10 +67,10 @@ def test_store_holds_the_teachers_top_k(topk_setup, tiny_teacher):
         precompute("random:tiny", rows, data / "sft1", [3], 8, root / "store", "cpu", teacher=engine)
 
 
-def test_distillation_from_precomputed_top_k(topk_setup):
+def test_distillation_from_precomputed_top_k(train_setup):
     from components.train.stage import run
 
-    root, data = topk_setup
+    root, data = train_setup
     store = root / "shared_store"
     out = run(_cfg(root, "topk", teacher_topk=64, teacher_topk_dir=str(store)),
               {"model_dir": root / "conv", "data_dir": data}, "distill")

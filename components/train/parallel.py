@@ -33,7 +33,10 @@ def full_model_state(model, strategy: str, world: int) -> dict | None:
     """The unsharded state dict on CPU (every rank must call this; ranks > 0 of a sharded model get it too)."""
     if not _sharded(strategy, world):
         return None  # the model's own state_dict() is already full
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
@@ -41,7 +44,10 @@ def full_model_state(model, strategy: str, world: int) -> dict | None:
 def full_optimizer_state(model, optimizer, strategy: str, world: int) -> dict:
     if not _sharded(strategy, world):
         return optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+    )
 
     return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
@@ -50,7 +56,10 @@ def load_optimizer_state(model, optimizer, state: dict, strategy: str, world: in
     if not _sharded(strategy, world):
         optimizer.load_state_dict(state)
         return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_optimizer_state_dict,
+    )
 
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 

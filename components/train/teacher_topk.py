@@ -100,7 +100,7 @@ def precompute(teacher_source: str, data, data_dir: Path, rows, k: int, store_di
     have = old.row_ids if old is not None else np.zeros(0, dtype=np.int64)
     missing = np.setdiff1d(want, have)
     if len(missing) == 0:
-        return {"rows": int(len(have)), "computed": 0}
+        return {"rows": len(have), "computed": 0}
     teacher = teacher if teacher is not None else load_teacher_engine(teacher_source, device, dtype)
     vocab = teacher.config.vocab_size
     if k > vocab:
@@ -124,8 +124,8 @@ def precompute(teacher_source: str, data, data_dir: Path, rows, k: int, store_di
     np.save(tmp / "indices.npy", indices[order])
     (tmp / "meta.json").write_text(json.dumps({"teacher": teacher_source, "k": k, "vocab": vocab,
                                                "seq_len": data.seq_len, "data_dir": str(data_dir),
-                                               "rows": int(len(ids))}, indent=2))
+                                               "rows": len(ids)}, indent=2))
     del old  # release the memory maps before the directory is replaced
     shutil.rmtree(store_dir, ignore_errors=True)
     tmp.rename(store_dir)
-    return {"rows": int(len(ids)), "computed": int(len(missing))}
+    return {"rows": len(ids), "computed": len(missing)}
