@@ -119,7 +119,7 @@ def selective_scan(u, dt, A, B, C, D, resets=None, h0=None):
     return scan.selective_scan(u, dt, A, B, C, D, resets, h0, chunk=chunk)
 
 
-def scan_by_document(scan_fn, u, dt, A, B, C, D, resets, max_blowup: float = 4.0):
+def scan_by_document(scan_fn, u, dt, A, B, C, D, resets, max_blowup: float = 16.0):
     """Packed rows through a scan without reset support (mamba_ssm's selective_scan_fn): every document becomes
     its own zero-state row of a right-padded batch, is scanned, and is put back in place. Padding gets u = dt = 0,
     and its outputs are dropped. Returns (y, last state of each row's final document), or None when padding would
