@@ -3,7 +3,9 @@ SHELL := /bin/bash
 export MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=true DVC_NO_ANALYTICS=1 \
        PREFECT_SERVER_ANALYTICS_ENABLED=false RAY_USAGE_STATS_ENABLED=0 HF_HUB_DISABLE_TELEMETRY=1 \
        HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-PROFILE ?= default
+# The embedded default on CPU; the `gpu` profile (larger budgets) when the venv's torch sees CUDA. Evaluated in the
+# recipe, after `env` has made the venv. PROFILE=... overrides.
+PROFILE ?= $(shell .venv/bin/python -c "import torch; print('gpu' if torch.cuda.is_available() else 'default')" 2>/dev/null || echo default)
 PYTEST_ARGS ?=
 
 .PHONY: env run test test-fast

@@ -1,5 +1,6 @@
 """GRPO loop on a tiny random model: runs, syncs weights to rollout workers, resumes exactly, and refuses an empty
 dynamic-sampling batch with a clear message."""
+import json
 import os
 
 import pyarrow as pa
@@ -113,3 +114,15 @@ def test_ray_rollout_actors_receive_weights(rl_setup):
         assert pool.generate(prompts, 2, 5, 0.0, 1.0, 0)["tokens"] == local.generate(prompts, 2, 5, 0.0, 1.0, 0)["tokens"]
     finally:
         ray.shutdown()
+
+
+def test_steps_without_reward_signal_can_be_skipped(rl_setup):
+    """The random tiny policy is never rewarded: every group is zero-variance, so with skip_no_signal the policy
+    must come out unchanged (without it, the entropy bonus alone moves it: the resume test above)."""
+    root = rl_setup
+    out = run(_cfg(root, "skip", skip_no_signal=True, max_steps=2), {"model_dir": root / "policy", "data_dir": root / "data"})
+    before = HybridForCausalLM.from_pretrained(root / "policy").state_dict()
+    after = HybridForCausalLM.from_pretrained(out.model_dir).state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    lines = [json.loads(ln) for ln in (root / "skip" / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert [ln["skipped_update"] for ln in lines if "skipped_update" in ln] == [1.0, 1.0]

@@ -35,6 +35,10 @@ class GRPOConfig(Section):
     max_refill_rounds: int = Field(2, ge=0)
     # Completions cut off at max_new_tokens get no loss (their reward says nothing about the answer).
     mask_truncated: bool = False
+    # A step whose groups all have equal rewards has no policy gradient: only the entropy bonus (and KL) would act,
+    # which just raises entropy (seen on a student that was never rewarded). True skips such steps' updates
+    # (counted as skipped_update in the step metrics); False applies them, as the reference does.
+    skip_no_signal: bool = False
     # Loss: clipped surrogate with ratio clipped to [1 - clip_low, 1 + clip_high] ("clip-higher" when high > low),
     # minus entropy_coef * token entropy, plus kl_coef * KL(policy || frozen reference) (k3 estimator; 0 = off,
     # and then no reference model is loaded). Token mean over all completion tokens of the mini-batch.

@@ -185,7 +185,8 @@ def grpo_loop(lc: dict) -> dict:
         stats_acc: dict[str, float] = {}
         n_upd = 0
         mb = gc["minibatch_prompts"] * G
-        for _ in range(gc["ppo_epochs"]):
+        no_signal = gc["skip_no_signal"] and not any(a != 0 and k for a, k in zip(adv, keep))
+        for _ in range(0 if no_signal else gc["ppo_epochs"]):
             for m0 in range(0, n_seq, mb):
                 idx = list(range(m0, min(n_seq, m0 + mb)))
                 n_tok = float(sum(len(batch["tokens"][k]) for k in idx if keep[k]))
@@ -217,8 +218,9 @@ def grpo_loop(lc: dict) -> dict:
         if ctx.rank == 0:
             sync_s = pool.set_weights(core.state_dict(), step + 1)
             lens = [len(t) for t in batch["tokens"]]
+            n_upd = max(n_upd, 1)
             m = {**roll_stats, "pg_loss": totals[0] / n_upd, "clip_fraction": totals[1] / n_upd,
-                 "approx_kl": totals[2] / n_upd, "entropy": totals[3] / n_upd,
+                 "approx_kl": totals[2] / n_upd, "entropy": totals[3] / n_upd, "skipped_update": float(no_signal),
                  "learner_tokens_per_s": sum(lens) * gc["ppo_epochs"] / max(learn_s, 1e-9), "sync_seconds": sync_s,
                  "prompt_cursor": cursor}
             if tracker:
