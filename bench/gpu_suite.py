@@ -152,12 +152,16 @@ def free(*objs):
 
 def cmd_anchors(a) -> dict:
     rows, shape, P, D = [], "llama-3.2-3b", 256, 512
-    for name, attn in (("hybrid", SHAPES[shape]), ("attention", list(range(28)))):
-        m = ours(shape, attn)
+    models = (("hybrid", SHAPES[shape]), ("attention", list(range(28))))
+
+    def sweep(engine, name, m, run):
         for b in a.batches:
-            rows.append({"engine": "m1", "model": name, "batch": b, **run_ours(m, b, P, D)})
+            rows.append({"engine": engine, "model": name, "batch": b, **run(m, b, P, D)})
             print(rows[-1], flush=True)
         free(m)
+
+    for name, attn in models:
+        sweep("m1", name, ours(shape, attn), run_ours)
     m = hf_model(shape)
     for b in a.batches:
         d = 128 if b == 1 else D  # batch 1 runs at ~10 tokens/s: fewer tokens, same rate
@@ -165,12 +169,8 @@ def cmd_anchors(a) -> dict:
         print(rows[-1], flush=True)
     free(m)
     try:
-        for name, attn in (("hybrid", SHAPES[shape]), ("attention", list(range(28)))):
-            m = mamba_ssm_model(shape, attn)
-            for b in a.batches:
-                rows.append({"engine": "mamba_ssm", "model": name, "batch": b, **run_mamba_ssm(m, b, P, D)})
-                print(rows[-1], flush=True)
-            free(m)
+        for name, attn in models:
+            sweep("mamba_ssm", name, mamba_ssm_model(shape, attn), run_mamba_ssm)
     except Exception as e:  # recorded, not hidden: the comparison row is then missing
         rows.append({"engine": "mamba_ssm", "error": repr(e)[:300]})
     return {"meta": meta(), "prompt": P, "decode": D, "rows": rows}

@@ -45,14 +45,15 @@ def stage_row(run_dir: Path, stage: str, peak: float) -> dict | None:
     steps = [json.loads(line) for line in hist.read_text().splitlines() if line.strip()]
     timed = steps[1:] or steps
     model = HybridForCausalLM.from_pretrained(run_dir / stage / "model")
-    params = json.loads((run_dir / stage / "train_metrics.json").read_text()) if (run_dir / stage / "train_metrics.json").is_file() else {}
+    summary_file = run_dir / stage / "train_metrics.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     seq_len = _seq_len(run_dir, stage)
     fpt = flops_per_token(model, seq_len)
     tps = statistics.median(s["tokens_per_s"] for s in timed)
     return {"stage": stage, "steps_timed": len(timed), "seq_len": seq_len, "tokens_per_s": round(tps, 1),
             "step_seconds": round(statistics.median(s["step_seconds"] for s in timed), 2),
             "model_tflops": round(tps * fpt / 1e12, 4), "mfu": round(tps * fpt / (peak * 1e12), 4),
-            "params": sum(p.numel() for p in model.parameters()), "final_loss": params.get("loss")}
+            "params": sum(p.numel() for p in model.parameters()), "final_loss": summary.get("loss")}
 
 
 def _seq_len(run_dir: Path, stage: str) -> int:

@@ -1,6 +1,7 @@
 """Precomputed top-k teacher log-probs: the rebuilt distribution by hand, k = V equals the exact teacher, the store
 holds the teacher's own numbers, distillation from it lowers held-out KL, and a second run reuses the store."""
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -83,5 +84,5 @@ def test_distillation_from_precomputed_top_k(train_setup):
 
 
 def test_top_k_without_kl_is_refused():
-    with pytest.raises(Exception, match="teacher_topk 8 is set but kl_weight is 0"):
-        _cfg(__import__("pathlib").Path("/tmp"), "x", teacher_topk=8, kl_weight=0.0, ce_weight=1.0)
+    with pytest.raises(M1Error, match="distill: .*teacher_topk 8 is set but kl_weight is 0"):
+        _cfg(Path("/tmp"), "x", teacher_topk=8, kl_weight=0.0, ce_weight=1.0)

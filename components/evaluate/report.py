@@ -99,3 +99,15 @@ def write_jsonl(records, path: Path) -> Path:
     with open(path, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in records)
     return path
+
+
+def save_figure(fig, path: Path, title: str = "") -> Path:
+    """Title, tight layout, 120 dpi PNG, and the figure closed (plots are made in loops of long runs)."""
+    import matplotlib.pyplot as plt
+
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

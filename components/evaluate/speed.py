@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from components.evaluate.report import save_figure
+
 ENGINES = ("hybrid", "attention", "hf_static")
 # Attention layers kept by the reference recipes for the named random shapes.
 SHAPE_ATTN = {"tiny": [1, 3], "smollm2-135m": [4, 9, 14, 19, 24, 29], "llama-3.2-3b": [3, 8, 13, 18, 23, 27]}
@@ -346,12 +348,7 @@ def plot_speed(rows: list[dict], path: Path, title: str = "") -> Path:
             ax.grid(True, which="both", alpha=0.3)
             ax.set_title(f"decode {d} tokens")
         axes[0][col].legend(fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title)
 
 
 def write_outputs(rows: list[dict], out_dir: str | Path, meta: dict, prefix: str = "speed") -> dict[str, Path]:

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from components.evaluate.metrics import ProblemScore
+from components.evaluate.report import save_figure
 
 FIELDS = ["model", "benchmark", "strategy", "budget_s", "tokens_allowed", "samples", "max_len", "accuracy", "capped",
           "tokens_per_s", "mean_tokens"]
@@ -134,9 +135,4 @@ def plot(rows: list[dict], path: Path, benchmark: str = "all", title: str = "") 
     axes[0].set_ylim(-0.01, min(1.02, max(0.1, top * 1.15)))
     axes[0].set_ylabel(f"accuracy ({benchmark})")
     axes[0].legend(fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title)

@@ -31,6 +31,7 @@ from components.grpo.loss import policy_loss
 from components.grpo.rollout import RolloutPool
 from components.model import HybridForCausalLM
 from components.train import checkpoint as ck
+from components.train import parallel
 from components.train.loop import Context, param_groups
 
 
@@ -139,8 +140,7 @@ def grpo_loop(lc: dict) -> dict:
         if ctx.rank == 0:
             print(f"[grpo] resumed from step {start} (prompt cursor {cursor})", flush=True)
     core = policy
-    model = torch.nn.parallel.DistributedDataParallel(policy, device_ids=[dev.index] if dev.type == "cuda" else None) \
-        if ctx.world > 1 else policy
+    model = parallel.wrap(policy, "ddp", ctx.world, dev)
 
     pool = None
     if ctx.rank == 0:

@@ -181,6 +181,18 @@ def _register_summary(out) -> str:
 
 # ----------------------------------------------------------------------------- the registry
 
+def _train_stage(name: str, prev: str, summary: tuple[str, ...], description: str) -> Stage:
+    """distill / sft1 / sft2: the same trainer on the previous stage's model and the curated data."""
+    return Stage(
+        name, "components.train.stage:run", kwargs={"stage": name}, config_keys=(name, "teacher", "seed"),
+        upstream=("curate", prev),
+        inputs=lambda up, cfg: {"model_dir": up[prev].model_dir, "data_dir": _data_dir(up)},
+        standalone_inputs=lambda cfg: {"model_dir": f"{cfg.run_dir}/{prev}/model", "data_dir": f"{cfg.run_dir}/data"},
+        outputs=("model_dir",), model_output="model_dir", code=("components/train",), uses_ray=True,
+        dvc_outs=(f"{name}/model",), dvc_plots=(f"{name}/history.jsonl",), summary_metrics=summary,
+        resources=lambda cfg: _train_resources(getattr(cfg, name)), description=description)
+
+
 _DECLARED: list[Stage] = [
     Stage("curate", "components.data.curate:run", config_keys=("data", "teacher.source", "seed"),
           package="components/data", outputs=("data_dir",), code=("components/mathcheck.py",),
@@ -191,30 +203,10 @@ _DECLARED: list[Stage] = [
           outputs=("model_dir",), model_output="model_dir", validate=_convert_validate, dvc_outs=("convert/model",),
           resources=_convert_resources, summary_metrics=("num_parameters",),
           description="Llama teacher -> hybrid Mamba/attention (weight init)"),
-    Stage("distill", "components.train.stage:run", kwargs={"stage": "distill"},
-          config_keys=("distill", "teacher", "seed"), upstream=("curate", "convert"),
-          inputs=lambda up, cfg: {"model_dir": up["convert"].model_dir, "data_dir": _data_dir(up)},
-          standalone_inputs=lambda cfg: {"model_dir": f"{cfg.run_dir}/convert/model", "data_dir": f"{cfg.run_dir}/data"},
-          outputs=("model_dir",), model_output="model_dir", code=("components/train",), uses_ray=True,
-          dvc_outs=("distill/model",), dvc_plots=("distill/history.jsonl",),
-          summary_metrics=("heldout/kl_before", "heldout/kl", "heldout/ppl", "heldout/teacher_ppl"),
-          resources=lambda cfg: _train_resources(cfg.distill),
-          description="reverse-KL distillation from the teacher on assistant tokens"),
-    Stage("sft1", "components.train.stage:run", kwargs={"stage": "sft1"},
-          config_keys=("sft1", "teacher", "seed"), upstream=("curate", "distill"),
-          inputs=lambda up, cfg: {"model_dir": up["distill"].model_dir, "data_dir": _data_dir(up)},
-          standalone_inputs=lambda cfg: {"model_dir": f"{cfg.run_dir}/distill/model", "data_dir": f"{cfg.run_dir}/data"},
-          outputs=("model_dir",), model_output="model_dir", code=("components/train",), uses_ray=True,
-          dvc_outs=("sft1/model",), dvc_plots=("sft1/history.jsonl",), summary_metrics=("ce", "heldout/ppl"),
-          resources=lambda cfg: _train_resources(cfg.sft1), description="SFT stage 1: math solutions (CE)"),
-    Stage("sft2", "components.train.stage:run", kwargs={"stage": "sft2"},
-          config_keys=("sft2", "teacher", "seed"), upstream=("curate", "sft1"),
-          inputs=lambda up, cfg: {"model_dir": up["sft1"].model_dir, "data_dir": _data_dir(up)},
-          standalone_inputs=lambda cfg: {"model_dir": f"{cfg.run_dir}/sft1/model", "data_dir": f"{cfg.run_dir}/data"},
-          outputs=("model_dir",), model_output="model_dir", code=("components/train",), uses_ray=True,
-          dvc_outs=("sft2/model",), dvc_plots=("sft2/history.jsonl",), summary_metrics=("ce",),
-          resources=lambda cfg: _train_resources(cfg.sft2),
-          description="SFT stage 2: long reasoning traces in <think> (CE)"),
+    _train_stage("distill", "convert", ("heldout/kl_before", "heldout/kl", "heldout/ppl", "heldout/teacher_ppl"),
+                 "reverse-KL distillation from the teacher on assistant tokens"),
+    _train_stage("sft1", "distill", ("ce", "heldout/ppl"), "SFT stage 1: math solutions (CE)"),
+    _train_stage("sft2", "sft1", ("ce",), "SFT stage 2: long reasoning traces in <think> (CE)"),
     Stage("grpo", "components.grpo.stage:run", config_keys=("grpo", "teacher", "seed"), upstream=("curate", "sft2"),
           inputs=lambda up, cfg: {"model_dir": up["sft2"].model_dir, "data_dir": _data_dir(up)},
           standalone_inputs=lambda cfg: {"model_dir": f"{cfg.run_dir}/sft2/model", "data_dir": f"{cfg.run_dir}/data"},
