@@ -363,6 +363,12 @@ def solution_text(g: Generated) -> str:
     return "\n".join(g.steps) + f"\nTherefore, the final answer is $\\boxed{{{g.answer}}}$."
 
 
+def final_text(g: Generated) -> str:
+    # The trace already holds every step: repeating the solution after </think> would add ~110 tokens and push
+    # most completions past a GRPO generation budget of a few hundred tokens before their \boxed{} answer.
+    return f"The final answer is $\\boxed{{{g.answer}}}$."
+
+
 def trace_text(g: Generated, rng: random.Random) -> str:
     """A thinking-style trace: restate, compute with acknowledgements, double-check, conclude (no box)."""
     lines = [rng.choice(_OPENERS), f"The question: {g.problem}"]
@@ -377,7 +383,7 @@ def trace_text(g: Generated, rng: random.Random) -> str:
 
 
 def generate(n: int, seed: int, templates: list[str] | None = None) -> Iterator[dict]:
-    """n rows: id, problem, solution (boxed), trace, final (short boxed solution), answer, template."""
+    """n rows: id, problem, solution (boxed), trace, final (one boxed sentence after the trace), answer, template."""
     names = templates or list(TEMPLATES)
     unknown = [t for t in names if t not in TEMPLATES]
     if unknown:
@@ -390,7 +396,7 @@ def generate(n: int, seed: int, templates: list[str] | None = None) -> Iterator[
             "problem": g.problem,
             "solution": solution_text(g),
             "trace": trace_text(g, rng),
-            "final": solution_text(g),
+            "final": final_text(g),
             "answer": g.answer,
             "template": g.template,
         }
