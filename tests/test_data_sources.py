@@ -164,6 +164,14 @@ def test_mathgenerator_is_seeded_and_leaves_global_random_alone():
     assert a[0].problem.startswith("Addition: $") and mathcheck.verify(a[0].answer, a[0].solution)
     other = rows_of(MathgenSource(name="mg", splits=["rl"], n=12, seed=5))
     assert [r.problem for r in other] != [r.problem for r in a]
+    assert a[0].trace is None  # answers only: not routed to sft2 unless asked for direct traces
+
+
+def test_mathgenerator_direct_traces_restate_and_answer():
+    rows = rows_of(MathgenSource(name="mg", splits=["sft2"], n=4, direct_traces=True))
+    for r in rows:
+        assert r.trace == f"The question: {r.problem}\nSo the answer is {r.answer}."
+        assert mathcheck.extract_boxed(r.final) == r.answer and "\\boxed" not in r.trace
 
 
 def test_synthetic_generator_is_deterministic_and_self_consistent():

@@ -94,6 +94,10 @@ class MathgenSource(_Source):
                                  58, 71, 72, 77, 82, 97, 111]
     )
     seed: int = 0
+    # mathgenerator has answers, no worked steps. True gives each row a direct trace for sft2 (restate the
+    # question, state the answer, then </think> and the boxed answer): no reasoning, only the thinking format on
+    # problems short enough to answer at once, so that a small student can close </think> on them.
+    direct_traces: bool = False
 
 
 class SyntheticSource(_Source):

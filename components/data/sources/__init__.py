@@ -380,11 +380,15 @@ class MathgenAdapter(Adapter):
         problem = check_text(raw.get("problem"), "problem")
         answer = check_text(str(raw.get("answer")) if raw.get("answer") is not None else None, "answer")
         answer = answer.replace("$", "").strip()
+        problem = f"{raw['title']}: {problem}"
+        direct = self.spec.direct_traces
         return SourceRow(
             id=raw["id"],
-            problem=f"{raw['title']}: {problem}",
+            problem=problem,
             answer=answer,
             solution=f"The answer is $\\boxed{{{answer}}}$.",
+            trace=f"The question: {problem}\nSo the answer is {answer}." if direct else None,
+            final=f"The final answer is $\\boxed{{{answer}}}$." if direct else None,
             metadata={"generator": raw.get("generator")},
         )
 
