@@ -68,6 +68,9 @@ def test_grpo_runs_and_resumes_onto_the_same_weights(rl_setup):
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     lines = (root / "straight" / "grpo" / "metrics.jsonl").read_text().splitlines()
     assert any("sync_seconds" in ln and "clip_fraction" in ln and "entropy" in ln for ln in lines)
+    # the learner (fp32) reads the sampled tokens' log-probabilities as the rollout workers recorded them
+    steps = [json.loads(ln) for ln in lines if "rollout_logprob_gap_max" in ln]
+    assert len(steps) == 3 and all(s["rollout_logprob_gap_max"] < 1e-3 for s in steps)
 
 
 def test_rollout_workers_generate_with_synced_weights(rl_setup):

@@ -34,6 +34,33 @@ def test_clipped_surrogate_with_clip_higher_by_hand():
     assert abs(st["approx_kl_old"] - k3) < 1e-6
 
 
+def test_dual_clip_caps_negative_advantage_tokens_by_hand():
+    logp = torch.log(torch.tensor([[10.0, 2.0, 0.5]]))  # ratios 10, 2, 0.5 against old log-prob 0
+    old = torch.zeros(1, 3)
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    # A = -2: plain clipped loss per token max(r, clip(r)) * 2 = 20, 4, 1.6; dual clip c = 3 caps at 3 * 2 = 6
+    loss, _ = policy_loss(logp, old, torch.tensor([-2.0]), mask, dual_clip=3.0)
+    assert abs(loss.item() - (6 + 4 + 1.6) / 3) < 1e-5
+    plain, _ = policy_loss(logp, old, torch.tensor([-2.0]), mask)
+    assert abs(plain.item() - (20 + 4 + 1.6) / 3) < 1e-5
+    # the capped token gives no gradient; positive advantages are untouched by the dual clip
+    lp = logp.clone().requires_grad_(True)
+    policy_loss(lp, old, torch.tensor([-2.0]), mask, dual_clip=3.0)[0].backward()
+    assert lp.grad[0, 0].item() == 0.0 and lp.grad[0, 1].item() != 0.0
+    pos, _ = policy_loss(logp, old, torch.tensor([1.0]), mask, dual_clip=3.0)
+    assert abs(pos.item() - (-(1.2 + 1.2 + 0.5) / 3)) < 1e-5
+
+
+def test_rollout_logprob_gap_over_kept_tokens():
+    from components.grpo.loop import rollout_logprob_gap
+
+    rollout = [[-1.0, -2.0], [-0.5], [-3.0]]
+    learner = [torch.tensor([-1.5, -2.0, 0.0]), torch.tensor([-0.25, 9.0]), torch.tensor([-100.0])]  # padded rows
+    mean, mx = rollout_logprob_gap(rollout, learner, [True, True, False])  # the third is not kept
+    assert abs(mean - (0.5 + 0.0 + 0.25) / 3) < 1e-6 and abs(mx - 0.5) < 1e-6
+    assert rollout_logprob_gap([], [], []) == (0.0, 0.0)
+
+
 def test_entropy_bonus_kl_term_and_token_mean_with_mask():
     logp = torch.zeros(2, 2)
     old = torch.zeros(2, 2)

@@ -108,6 +108,17 @@ def sequence_stats(model, prompt_ids, comp_ids, temperature: float, device, micr
         yield slice(i, i + len(C)), logp, ent, mask
 
 
+def rollout_logprob_gap(rollout: list[list[float]], learner: list[torch.Tensor], keep: list[bool]) -> tuple[float, float]:
+    """(mean, max) |rollout log-prob - learner log-prob| over the kept completion tokens: how far the sampler's
+    numbers are from the learner's for the same tokens and weights (0 up to float noise when they agree)."""
+    diffs = [(torch.tensor(r, dtype=torch.float32) - lp[:len(r)].float().cpu()).abs()
+             for r, lp, k in zip(rollout, learner, keep) if k and r]
+    if not diffs:
+        return 0.0, 0.0
+    d = torch.cat(diffs)
+    return float(d.mean()), float(d.max())
+
+
 def grpo_loop(lc: dict) -> dict:
     from components.tracking import Tracker
 
@@ -174,6 +185,7 @@ def grpo_loop(lc: dict) -> dict:
                                            gc["micro_batch"], False, autocast):
             for r, k in enumerate(range(sl.start, sl.stop)):
                 old[k] = lp[r]
+        gap = rollout_logprob_gap(batch["logprobs"], old, batch["keep"])
         refs = [None] * n_seq
         if ref is not None:
             for sl, lp, _, _ in sequence_stats(ref, batch["prompt_ids"], batch["tokens"], gc["temperature"], dev,
@@ -204,7 +216,8 @@ def grpo_loop(lc: dict) -> dict:
                     a = torch.tensor([adv[k] for k in ks], device=dev, dtype=torch.float32)
                     loss, st = policy_loss(lp, old_lp, a, m, ent, ref_lp, clip_low=gc["clip_low"],
                                            clip_high=gc["clip_high"], entropy_coef=gc["entropy_coef"],
-                                           kl_coef=gc["kl_coef"], n_tokens=max(n_tok, 1.0))
+                                           kl_coef=gc["kl_coef"], n_tokens=max(n_tok, 1.0),
+                                           dual_clip=gc["dual_clip"])
                     (loss * ctx.world).backward()
                     for k, v in st.items():
                         stats_acc[k] = stats_acc.get(k, 0.0) + v
@@ -221,6 +234,7 @@ def grpo_loop(lc: dict) -> dict:
             n_upd = max(n_upd, 1)
             m = {**roll_stats, "pg_loss": totals[0] / n_upd, "clip_fraction": totals[1] / n_upd,
                  "approx_kl": totals[2] / n_upd, "entropy": totals[3] / n_upd, "skipped_update": float(no_signal),
+                 "rollout_logprob_gap": gap[0], "rollout_logprob_gap_max": gap[1],
                  "learner_tokens_per_s": sum(lens) * gc["ppo_epochs"] / max(learn_s, 1e-9), "sync_seconds": sync_s,
                  "prompt_cursor": cursor}
             if tracker:
@@ -259,6 +273,9 @@ def grpo_loop(lc: dict) -> dict:
     return summary
 
 
+_PER_SEQUENCE = ("prompt_ids", "tokens", "logprobs", "texts", "finish", "correct")
+
+
 def _collect(pool, rows, cursor, gc, seed):
     """Generate, score and (with dynamic sampling) refill until prompts_per_step groups carry signal."""
     G, want = gc["group_size"], gc["prompts_per_step"]
@@ -287,8 +304,8 @@ def _collect(pool, rows, cursor, gc, seed):
             if gc["dynamic_sampling"] and not bool(info[i]):
                 continue
             sl = slice(i * G, (i + 1) * G)
-            groups.append({"prompt": p, "rewards": rg[i], "prompt_ids": ro["prompt_ids"][sl], "tokens": ro["tokens"][sl],
-                           "texts": ro["texts"][sl], "finish": ro["finish"][sl], "correct": [r.correct for r in res[sl]]})
+            groups.append({"prompt": p, "rewards": rg[i], **{k: ro[k][sl] for k in _PER_SEQUENCE if k != "correct"},
+                           "correct": [r.correct for r in res[sl]]})
         rounds += 1
         if not gc["dynamic_sampling"] or len(groups) >= want or rounds > gc["max_refill_rounds"]:
             break
@@ -298,7 +315,7 @@ def _collect(pool, rows, cursor, gc, seed):
     groups = groups[:want]
     rewards = torch.stack([g["rewards"] for g in groups])
     adv = group_advantages(rewards, gc["advantage"], gc["adv_eps"]).flatten().tolist()
-    flat = {k: [x for g in groups for x in g[k]] for k in ("prompt_ids", "tokens", "texts", "finish", "correct")}
+    flat = {k: [x for g in groups for x in g[k]] for k in _PER_SEQUENCE}
     keep = [not (gc["mask_truncated"] and f == "length") for f in flat["finish"]]
     keep = [k and len(t) > 0 for k, t in zip(keep, flat["tokens"])]
     batch = {**flat, "adv": adv, "keep": keep, "answers": [g["prompt"]["answer"] for g in groups for _ in range(G)],

@@ -7,9 +7,12 @@ import torch
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
                 entropy: torch.Tensor | None = None, ref_logp: torch.Tensor | None = None, *, clip_low: float = 0.2,
-                clip_high: float = 0.2, entropy_coef: float = 0.0, kl_coef: float = 0.0, n_tokens: float | None = None):
+                clip_high: float = 0.2, entropy_coef: float = 0.0, kl_coef: float = 0.0, n_tokens: float | None = None,
+                dual_clip: float | None = None):
     """adv: (N,) one advantage per completion, broadcast over its tokens.
     pg = -min(r A, clip(r, 1 - clip_low, 1 + clip_high) A), r = exp(logp - old_logp);
+    dual_clip c (dual-clip PPO, Ye et al. 2020): where A < 0, pg = min(pg, -c A), so a token whose ratio has
+    grown far past 1 adds at most c |A| (and no gradient) instead of r |A|;
     loss = mean(pg) - entropy_coef * mean(entropy) + kl_coef * mean(k3), k3 = exp(ref - logp) - (ref - logp) - 1.
     n_tokens: the denominator of the token mean (defaults to this batch's counted tokens; pass the whole
     mini-batch's count when it is split into micro-batches)."""
@@ -22,6 +25,8 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, m
     s1 = ratio * A
     s2 = torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * A
     pg = -torch.min(s1, s2)
+    if dual_clip is not None:
+        pg = torch.where(A < 0, torch.minimum(pg, -dual_clip * A), pg)
     loss = (pg * m).sum() / n
     with torch.no_grad():
         stats = {"pg_loss": float((pg * m).sum()) / n,
