@@ -71,6 +71,7 @@ def test_grpo_runs_and_resumes_onto_the_same_weights(rl_setup):
     # the learner (fp32) reads the sampled tokens' log-probabilities as the rollout workers recorded them
     steps = [json.loads(ln) for ln in lines if "rollout_logprob_gap_max" in ln]
     assert len(steps) == 3 and all(s["rollout_logprob_gap_max"] < 1e-3 for s in steps)
+    assert (root / "straight" / "grpo" / "grpo_curves.png").stat().st_size > 10_000
 
 
 def test_rollout_workers_generate_with_synced_weights(rl_setup):

@@ -1,4 +1,5 @@
 """GRPO pieces against hand-computed examples: advantages, every loss option, reward edge cases."""
+import json
 import math
 
 import pytest
@@ -102,3 +103,18 @@ def test_format_weight_and_raising_reward_scores_zero(monkeypatch):
     monkeypatch.setitem(R.REWARDS, "broken", broken)
     r = R.score("broken", "x", "1")
     assert (r.reward, r.reason) == (0.0, "error")
+
+
+def test_curves_read_the_last_copy_of_a_resumed_step(tmp_path):
+    from components.grpo.curves import plot_curves, read_metrics
+
+    p = tmp_path / "metrics.jsonl"
+    lines = [{"step": 0, "heldout/accuracy": 0.1, "heldout/accuracy_se": 0.01},
+             {"step": 1, "reward_mean": 0.5, "approx_kl": 0.01}, {"step": 2, "reward_mean": 0.2},
+             {"step": 2, "reward_mean": 0.7},  # step 2 again after a resume
+             {"step": 2, "heldout/accuracy": 0.3}]
+    p.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    rows, evals = read_metrics(p)
+    assert [(r["step"], r["reward_mean"]) for r in rows] == [(1, 0.5), (2, 0.7)]
+    assert [e["heldout/accuracy"] for e in evals] == [0.1, 0.3]
+    assert plot_curves(p, tmp_path / "c.png").stat().st_size > 10_000

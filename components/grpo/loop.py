@@ -269,6 +269,13 @@ def grpo_loop(lc: dict) -> dict:
     summary = {"steps": gc["max_steps"], "resumed_from": start, **final,
                **{f"{k}_before": v for k, v in (first_eval or {}).items()}}
     (out / "grpo_metrics.json").write_text(json.dumps(summary, indent=2))
+    metrics_file = out / "metrics.jsonl"
+    if metrics_file.is_file():
+        from components.grpo.curves import plot_curves
+
+        png = plot_curves(metrics_file, out / "grpo_curves.png", f"GRPO: {gc['max_steps']} steps")
+        if tracker:
+            tracker.log_artifact(png, "plots")
     print(f"[grpo] after: {final}", flush=True)
     return summary
 
