@@ -8,6 +8,7 @@ log scale, where a run that comes apart shows first. The grpo stage writes it be
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -41,7 +42,9 @@ def plot_curves(metrics_path: Path, png: Path, title: str = "") -> Path:
     if not rows:
         raise M1Error(f"{metrics_path}: no GRPO step metrics to plot")
     x = [r["step"] for r in rows]
-    col = lambda k: [r.get(k, float("nan")) for r in rows]  # noqa: E731
+    def col(k: str) -> list[float]:
+        return [r.get(k, float("nan")) for r in rows]
+
     fig, ax = plt.subplots(2, 2, figsize=(11, 7))
     a = ax[0, 0]
     a.plot(x, col("reward_mean"), label="reward (rollouts)")
@@ -70,9 +73,9 @@ def plot_curves(metrics_path: Path, png: Path, title: str = "") -> Path:
     a = ax[1, 1]
     for k, label in (("approx_kl", "approx KL to old policy"), ("clip_fraction", "clip fraction"),
                      ("rollout_logprob_gap", "rollout/learner log-prob gap")):
-        v = col(k)
-        if any(y == y and y > 0 for y in v):  # absent (older runs) or all zero: nothing to draw on a log axis
-            a.plot(x, [y if y == y and y > 0 else float("nan") for y in v], label=label)
+        v = [y if y > 0 else math.nan for y in col(k)]  # NaN > 0 is False: absent values stay NaN
+        if not all(math.isnan(y) for y in v):  # absent (older runs) or all zero: nothing to draw on a log axis
+            a.plot(x, v, label=label)
     a.set_yscale("log")
     a.set_title("policy change")
     a.legend(fontsize=8)
