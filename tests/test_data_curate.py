@@ -238,3 +238,23 @@ def test_runs_off_the_main_thread(tmp_path, tok):
         with ThreadPoolExecutor(1) as ex:
             out = ex.submit(curate.run, cfg, {"tokenizer": tok}).result(timeout=120)
         assert out.records["rl"] > 20 and out.records["sft1"] > 10
+
+
+def test_rl_prompts_seen_in_sft_are_dropped_when_asked(tmp_path, tok):
+    # mg feeds the same problems to sft1 and rl, so each of its RL prompts is shown with its answer in SFT;
+    # other_rl (another draw) keeps those of its problems that mg does not contain.
+    sources = [{"kind": "mathgenerator", "name": "mg", "splits": ["sft1", "rl"], "n": 40},
+               {"kind": "mathgenerator", "name": "other_rl", "splits": ["rl"], "n": 40, "seed": 9}]
+    outs = {}
+    for flag in (False, True):
+        over = {"run_dir": str(tmp_path / f"run_{flag}"),
+                "data": {"num_proc": 1, "sources": sources, "decontam": {"rl_unseen_in_sft": flag}}}
+        outs[flag] = curate.run(load_config(overrides=over), {"tokenizer": tok})
+    keep = pq.read_table(outs[False].rl_dir).to_pylist()
+    kept = pq.read_table(outs[True].rl_dir).to_pylist()
+    sft_problems = {r["problem"] for r in keep if r["source"] == "mg"}
+    assert {r["source"] for r in keep} == {"mg", "other_rl"}
+    want = [r["id"] for r in keep if r["source"] == "other_rl" and r["problem"] not in sft_problems]
+    assert sorted(r["id"] for r in kept) == sorted(want) and 0 < len(want) < 40
+    log = [json.loads(line) for line in open(outs[True].decontamination)]
+    assert sum(e["matched"] == "sft" for e in log) == len(keep) - len(kept)

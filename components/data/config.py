@@ -171,6 +171,10 @@ class DecontamConfig(Section):
     boilerplate_df: int = Field(3, ge=1)
     # Training fields scanned for evaluation problems.
     fields: list[Literal["problem", "solution"]] = Field(default_factory=lambda: ["problem", "solution"])
+    # Drop RL prompts whose problem (normalised text) an SFT record also has, so that GRPO's held-out accuracy is
+    # measured on problems the student was never shown with their answer (generators with small problem spaces
+    # repeat problems across draws). Logged in decontamination.jsonl with matched "sft".
+    rl_unseen_in_sft: bool = False
 
 
 class PackingConfig(Section):

@@ -260,9 +260,20 @@ def _pass2(config, cfg: DataConfig, staging: _Staging, decontam_path: Path, stat
             index.add(name, r.id, r.problem)
     index.finalize()
     removed = 0
+    sft_problems: set[bytes] = set()  # TRAIN_SPLITS puts the SFT splits before rl
     with open(decontam_path, "w", encoding="utf-8") as log:
         for split in TRAIN_SPLITS:
             for r in _progress(staging.read(split), desc=f"decontaminate {split}", unit="rec"):
+                if cfg.decontam.rl_unseen_in_sft:
+                    key = dd.exact_key(r.problem)
+                    if split != "rl":
+                        sft_problems.add(key)
+                    elif key in sft_problems:
+                        removed += 1
+                        stats.add(r.source, "seen_in_sft:rl")
+                        log.write(json.dumps({"split": split, "id": r.id, "source": r.source,
+                                              "problem": r.problem[:300], "matched": "sft"}, ensure_ascii=False) + "\n")
+                        continue
                 text = r.problem
                 if "solution" in cfg.decontam.fields and r.solution:
                     text = f"{text}\n{r.solution}"

@@ -1,0 +1,50 @@
+"""How does the teacher itself do on the RL prompts? The embedded SmolLM2 teacher, run as an all-attention hybrid in
+the model core's engine, answers the first N prompts of a curated rl/ directory greedily; a \\boxed{} answer anywhere
+counts (the teacher was never taught <think>). Prints accuracy overall and per problem kind (the text before ':').
+
+    python bench/teacher_rl_accuracy.py runs/gpu/data/rl --n 96 --new 96
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("rl_dir")
+    ap.add_argument("--n", type=int, default=96)
+    ap.add_argument("--new", type=int, default=96, help="new tokens per answer")
+    ap.add_argument("--teacher", default="smollm2")
+    a = ap.parse_args()
+    from components.grpo import rewards as R
+    from components.grpo.loop import load_prompts
+    from components.model import convert, generate
+    from components.model.teacher import load_any_teacher, load_any_tokenizer
+
+    t0 = time.time()
+    teacher = load_any_teacher(a.teacher)
+    tok = load_any_tokenizer(a.teacher)
+    model = convert(teacher, list(range(teacher.config.num_hidden_layers)), "mamba1").eval()
+    rows = load_prompts(a.rl_dir)[: a.n]
+    prompts = [tok(r["prompt"], add_special_tokens=False)["input_ids"] for r in rows]
+    out = generate(model, prompts, a.new, greedy=True, tokenizer=tok, progress=True)
+    res = [R.score("boxed_anywhere", t, r["answer"]) for t, r in zip(out.texts, rows)]
+    by_kind = collections.defaultdict(list)
+    for r, x in zip(rows, res):
+        by_kind[r["problem"].split(":")[0][:40]].append(x.correct)
+    correct = sum(x.correct for x in res)
+    print(f"teacher {a.teacher}: {correct}/{len(res)} correct, greedy, {a.new} new tokens; "
+          f"{dict(collections.Counter(x.reason for x in res))}; {time.time() - t0:.0f} s")
+    for k, v in sorted(by_kind.items()):
+        print(f"  {k:40s} {sum(v)}/{len(v)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
