@@ -1,5 +1,5 @@
-"""How does the teacher itself do on the RL prompts? The embedded SmolLM2 teacher, run as an all-attention hybrid in
-the model core's engine, answers the first N prompts of a curated rl/ directory greedily; a \\boxed{} answer anywhere
+"""How does the teacher itself do on the RL prompts? The embedded SmolLM2 teacher, loaded as the evaluate stage
+loads it (an all-attention hybrid in the model core's engine; --teacher also takes a saved hybrid), answers the first N prompts of a curated rl/ directory greedily; a \\boxed{} answer anywhere
 counts (the teacher was never taught <think>). Prints accuracy overall and per problem kind (the text before ':').
 
     python bench/teacher_rl_accuracy.py runs/gpu/data/rl --n 96 --new 96
@@ -22,18 +22,17 @@ def main() -> int:
     ap.add_argument("--new", type=int, default=96, help="new tokens per answer")
     ap.add_argument("--teacher", default="smollm2")
     a = ap.parse_args()
+    from components.evaluate.models import load_eval_model
     from components.grpo import rewards as R
     from components.grpo.loop import load_prompts
-    from components.model import convert, generate
-    from components.model.teacher import load_any_teacher, load_any_tokenizer
+    from components.model import generate
 
     t0 = time.time()
-    teacher = load_any_teacher(a.teacher)
-    tok = load_any_tokenizer(a.teacher)
-    model = convert(teacher, list(range(teacher.config.num_hidden_layers)), "mamba1").eval()
+    em = load_eval_model("teacher", a.teacher)
     rows = load_prompts(a.rl_dir)[: a.n]
-    prompts = [tok(r["prompt"], add_special_tokens=False)["input_ids"] for r in rows]
-    out = generate(model, prompts, a.new, greedy=True, tokenizer=tok, progress=True)
+    prompts = [em.tokenizer(r["prompt"], add_special_tokens=False)["input_ids"] for r in rows]
+    out = generate(em.model, prompts, a.new, greedy=True, tokenizer=em.tokenizer, eos_token_ids=em.eos_ids,
+                   progress=True)
     res = [R.score("boxed_anywhere", t, r["answer"]) for t, r in zip(out.texts, rows)]
     by_kind = collections.defaultdict(list)
     for r, x in zip(rows, res):

@@ -42,6 +42,7 @@ def plot_curves(metrics_path: Path, png: Path, title: str = "") -> Path:
     if not rows:
         raise M1Error(f"{metrics_path}: no GRPO step metrics to plot")
     x = [r["step"] for r in rows]
+
     def col(k: str) -> list[float]:
         return [r.get(k, float("nan")) for r in rows]
 
