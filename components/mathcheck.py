@@ -358,3 +358,24 @@ def preload() -> None:
 def is_plain_number(text: str) -> bool:
     """An integer, decimal or simple fraction: parses by construction, no sympy needed."""
     return bool(_PLAIN_NUMBER_RE.match(normalize_answer_text(text)))
+
+
+_INTEGER_RE = re.compile(r"^[+-]?\d+(?:\.0*)?$")
+_DECIMAL_RE = re.compile(r"^[+-]?(?:\d+(?:\.\d*)?|\.\d+)$")
+# Marks a numeric answer may carry without being an expression: degrees, percent, thousands separators, \text{units}.
+_DECORATION_RE = re.compile(r"\\text\{[^{}]*\}|\^\{?\\circ\}?|°|\\?%|(?<=\d),(?=\d{3}\b)")
+
+
+def is_final_value(answer: str, pred: str) -> bool:
+    """False when the reference is a number but the prediction is still an expression. math-verify evaluates
+    `34+44` to 78, so a policy can earn the reward by boxing the question itself (GRPO on mathgenerator sums learned
+    exactly that, 2026-11-23); a grader wants the value. For an integer reference the value must be an integer or
+    decimal (156/2 is a division left undone); for a fractional one any plain number (3/4, 0.75). Non-numeric
+    references (expressions, sets, intervals) are not judged here."""
+    if not is_plain_number(answer):
+        return True
+    value = _DECORATION_RE.sub("", normalize_answer_text(pred))
+    if _INTEGER_RE.match(normalize_answer_text(answer)):  # 156/2 for 78 is the division left undone
+        return bool(_DECIMAL_RE.match(value))
+    return is_plain_number(value)
+

@@ -24,9 +24,9 @@ def scores():
         # c = 2 (42.0 == 42), but 41 comes first and ties 2-2 with 42: every maj@k is wrong
         (Problem("set", "p2", "arith", "six times seven?", "42"),
          [C("\\boxed{41}"), C("\\boxed{42}"), C("\\boxed{41}"), C("\\boxed{42.0}", 30)]),
-        # c = 0
+        # c = 0: 14/2 is 7 in value but restates the question; it neither counts nor votes, so 8 wins maj@k
         (Problem("other", "p3", "algebra", "x if 2x = 14?", "7"),
-         [C("\\boxed{8}"), C("\\boxed{8}"), C("\\boxed{9}"), C("no idea", 20, "length")]),
+         [C("\\boxed{8}"), C("\\boxed{14/2}"), C("\\boxed{9}"), C("no idea", 20, "length")]),
     ]
     return [score_problem(p, cs, timeout_s=10) for p, cs in probs]
 
@@ -39,6 +39,7 @@ def test_per_sample_scores(scores):
     assert p2.correct == [False, True, False, True]
     assert p2.labels == [0, 1, 0, 1]
     assert p3.correct == [False] * 4
+    assert p3.answers[1] == "14/2" and p3.labels == [0, None, 1, None]
     assert p3.finished == [True, True, True, False]
 
 

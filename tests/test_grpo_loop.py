@@ -51,8 +51,15 @@ def test_grpo_runs_and_resumes_onto_the_same_weights(rl_setup):
     root = rl_setup
     inputs = {"model_dir": root / "policy", "data_dir": root / "data"}
     out = run(_cfg(root, "straight"), inputs)
-    for k in ("heldout/accuracy", "heldout/accuracy_before", "heldout/accuracy_se"):
+    for k in ("heldout/accuracy", "heldout/accuracy_before", "heldout/accuracy_se", "heldout/gain_se"):
         assert k in out.metrics
+    # the paired gain is the mean of the per-prompt changes written beside the model
+    per = [[json.loads(ln) for ln in (root / "straight" / "grpo" / f"heldout_{w}.jsonl").read_text().splitlines()]
+           for w in ("before", "after")]
+    assert len(per[0]) == 2 and len(per[0][0]["completions"]) == 2
+    assert out.metrics["heldout/gain"] == pytest.approx(sum(b["accuracy"] - a["accuracy"] for a, b in zip(*per)) / 2)
+    assert out.metrics["heldout/accuracy"] - out.metrics["heldout/accuracy_before"] == \
+        pytest.approx(out.metrics["heldout/gain"])
     os.environ["M1_FAIL_AFTER_STEP"] = "1"
     try:
         with pytest.raises(RuntimeError, match="injected failure"):

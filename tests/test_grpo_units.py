@@ -83,7 +83,14 @@ def test_entropy_bonus_kl_term_and_token_mean_with_mask():
 @pytest.mark.parametrize("completion,answer,reward,reason", [
     ("<think>half</think> The answer is \\boxed{\\frac{1}{2}}", "0.5", 1.0, "correct"),
     ("<think>x</think> so \\boxed{0.5}", "\\frac{1}{2}", 1.0, "correct"),
-    ("<think>x</think> \\boxed{\\frac{\\sqrt{4}}{4}}", "1/2", 1.0, "correct"),
+    ("<think>x</think> \\boxed{67^{\\circ}}", "67", 1.0, "correct"),  # a unit mark is no expression
+    ("<think>x</think> \\boxed{1,000}", "1000", 1.0, "correct"),
+    # equal in value but still an expression for a numeric reference: the question restated is no answer
+    ("<think>x</think> \\boxed{34+44}", "78", 0.0, "unevaluated"),
+    ("<think>x</think> \\boxed{156/2}", "78", 0.0, "unevaluated"),  # a division left undone
+    ("<think>x</think> \\boxed{3/4}", "0.75", 1.0, "correct"),  # a fraction is a value for a fractional reference
+    ("<think>x</think> \\boxed{\\frac{\\sqrt{4}}{4}}", "1/2", 0.0, "unevaluated"),
+    ("<think>x</think> \\boxed{x^2-1}", "(x-1)(x+1)", 1.0, "correct"),  # symbolic references are not judged
     ("<think>x</think> \\boxed{3} then \\boxed{7}", "7", 1.0, "correct"),  # the last box counts
     ("<think>x</think> the answer is 7", "7", 0.0, "no_box"),
     ("\\boxed{7} <think>never closed", "7", 0.0, "no_think"),
@@ -96,6 +103,7 @@ def test_boxed_after_think_reward(completion, answer, reward, reason):
 
 def test_format_weight_and_raising_reward_scores_zero(monkeypatch):
     assert R.score("boxed_after_think", "<think>a</think>\\boxed{2}", "3", format_weight=0.1).reward == pytest.approx(0.1)
+    assert R.score("boxed_after_think", "<think>a</think>\\boxed{1+2}", "3", format_weight=0.1).reward == pytest.approx(0.1)
 
     def broken(*a, **k):
         raise ValueError("boom")
@@ -103,6 +111,23 @@ def test_format_weight_and_raising_reward_scores_zero(monkeypatch):
     monkeypatch.setitem(R.REWARDS, "broken", broken)
     r = R.score("broken", "x", "1")
     assert (r.reward, r.reason) == (0.0, "error")
+
+
+def test_paired_gain_by_hand(tmp_path):
+    from components.errors import M1Error
+    from components.grpo.loop import paired_gain
+
+    def write(name, accs, problems=("a", "b", "c")):
+        p = tmp_path / name
+        p.write_text("".join(json.dumps({"problem": q, "accuracy": x}) + "\n" for q, x in zip(problems, accs)))
+        return p
+
+    before, after = write("b.jsonl", [0.0, 0.5, 1.0]), write("a.jsonl", [0.5, 0.5, 1.0])
+    # differences 1/2, 0, 0: mean 1/6, sample variance ((1/3)^2 + 2 (1/6)^2) / 2 = 1/12, SE sqrt(1/12 / 3) = 1/6
+    g = paired_gain(before, after)
+    assert g["heldout/gain"] == pytest.approx(1 / 6) and g["heldout/gain_se"] == pytest.approx(1 / 6)
+    with pytest.raises(M1Error, match="different held-out prompts"):
+        paired_gain(before, write("c.jsonl", [0.5, 0.5, 1.0], ("a", "b", "x")))
 
 
 def test_curves_read_the_last_copy_of_a_resumed_step(tmp_path):

@@ -1,7 +1,9 @@
 """Scoring completions against reference answers (definitions in components/evaluate/metrics.py).
 
 Each distinct answer of a problem is verified once (cached by its normalised text), and equivalence checks between
-answers go through components.mathcheck, time-bounded; a timeout counts as "not equivalent" / "wrong".
+answers go through components.mathcheck, time-bounded; a timeout counts as "not equivalent" / "wrong". An answer
+that is still an expression where the reference is a number (\\boxed{34+44} for 78, mathcheck.is_final_value) is
+wrong and abstains from majority votes: math-verify would evaluate it, a grader would not.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from components.evaluate.sampling import Completion
 from components.mathcheck import (
     answers_equivalent,
     extract_boxed,
+    is_final_value,
     normalize_answer_text,
     verify,
 )
@@ -21,6 +24,7 @@ from components.mathcheck import (
 def score_problem(problem: Problem, completions: Sequence[Completion], timeout_s: float = 5.0) -> ProblemScore:
     answers = [extract_boxed(c.text) for c in completions]
     answers = [a if a is not None and a.strip() else None for a in answers]
+    votes = [a if a is not None and is_final_value(problem.answer, a) else None for a in answers]
     verdict: dict[str, bool] = {}
 
     def is_correct(a: str | None) -> bool:
@@ -31,9 +35,9 @@ def score_problem(problem: Problem, completions: Sequence[Completion], timeout_s
             verdict[key] = bool(verify(problem.answer, a, timeout_s=timeout_s))
         return verdict[key]
 
-    labels, reps = group_answers(answers, lambda x, y: answers_equivalent(x, y, timeout_s=timeout_s))
+    labels, reps = group_answers(votes, lambda x, y: answers_equivalent(x, y, timeout_s=timeout_s))
     return ProblemScore(
         benchmark=problem.benchmark, id=problem.id, source=problem.source, reference=problem.answer,
-        answers=answers, correct=[is_correct(a) for a in answers], n_tokens=[c.n_tokens for c in completions],
+        answers=answers, correct=[is_correct(a) for a in votes], n_tokens=[c.n_tokens for c in completions],
         finished=[c.finish_reason != "length" for c in completions], labels=labels,
         group_correct=[is_correct(r) for r in reps])

@@ -68,18 +68,39 @@ def score_rollouts(ro: dict, answers: list[str], gc: dict) -> tuple[torch.Tensor
 
 
 @torch.no_grad()
-def heldout_accuracy(pool: RolloutPool, heldout: list[dict], gc: dict, seed: int) -> dict:
+def heldout_accuracy(pool: RolloutPool, heldout: list[dict], gc: dict, seed: int, path: Path | None = None) -> dict:
+    """Accuracy over eval_samples samples of each held-out prompt, with its standard error over prompts. `path`
+    gets one JSON line per prompt (problem, answer, accuracy, completions, reasons) for audits and paired_gain."""
     if not heldout:
         return {}
     n = gc["eval_samples"]
     ro = pool.generate([r["prompt"] for r in heldout], n, gc["max_new_tokens"], max(gc["eval_temperature"], 1e-5),
                        1.0, seed)
     answers = [r["answer"] for r in heldout for _ in range(n)]
-    rew = [R.score(gc["reward"], t, a, 0.0, gc["verify_timeout_s"]).correct for t, a in zip(ro["texts"], answers)]
-    per_prompt = np.asarray(rew, dtype=np.float64).reshape(len(heldout), n).mean(1)
+    res = [R.score(gc["reward"], t, a, 0.0, gc["verify_timeout_s"]) for t, a in zip(ro["texts"], answers)]
+    per_prompt = np.asarray([r.correct for r in res], dtype=np.float64).reshape(len(heldout), n).mean(1)
     se = per_prompt.std(ddof=1) / math.sqrt(len(per_prompt)) if len(per_prompt) > 1 else 0.0
+    if path is not None:
+        with open(path, "w") as f:
+            for i, row in enumerate(heldout):
+                sl = slice(i * n, (i + 1) * n)
+                f.write(json.dumps({"problem": row.get("problem", row["prompt"]), "answer": row["answer"],
+                                    "accuracy": float(per_prompt[i]), "completions": ro["texts"][sl],
+                                    "reasons": [r.reason for r in res[sl]]}) + "\n")
     return {"heldout/accuracy": float(per_prompt.mean()), "heldout/accuracy_se": float(se),
+            "heldout/unevaluated": sum(r.reason == "unevaluated" for r in res) / len(res),
             "heldout/prompts": float(len(heldout)), "heldout/samples": float(n)}
+
+
+def paired_gain(before: Path, after: Path) -> dict:
+    """Mean per-prompt accuracy change after - before on the same held-out prompts, with the standard error of
+    the paired differences (smaller than the two accuracies' errors combined: prompt difficulty cancels)."""
+    rows = [[json.loads(line) for line in open(p)] for p in (before, after)]
+    if len(rows[0]) != len(rows[1]) or any(a["problem"] != b["problem"] for a, b in zip(*rows)):
+        raise M1Error(f"{before} and {after} hold different held-out prompts: no paired gain")
+    d = np.asarray([b["accuracy"] - a["accuracy"] for a, b in zip(*rows)], dtype=np.float64)
+    se = d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else 0.0
+    return {"heldout/gain": float(d.mean()), "heldout/gain_se": float(se)}
 
 
 def sequence_stats(model, prompt_ids, comp_ids, temperature: float, device, micro: int, want_grad: bool, autocast):
@@ -162,7 +183,8 @@ def grpo_loop(lc: dict) -> dict:
             tracker.log_params({**{f"grpo.{k}": v for k, v in gc.items()}, "rl_prompts": len(train_rows),
                                 "heldout_prompts": len(heldout), "rejected_no_answer": rejected})
         if first_eval is None:
-            first_eval = heldout_accuracy(pool, heldout, gc, lc["seed"] + 10_000)
+            first_eval = heldout_accuracy(pool, heldout, gc, lc["seed"] + 10_000,
+                                          Path(lc["out_dir"]) / "heldout_before.jsonl")
             if tracker:
                 tracker.log_metrics(first_eval, step=0)
             print(f"[grpo] before: {first_eval}", flush=True)
@@ -261,10 +283,15 @@ def grpo_loop(lc: dict) -> dict:
 
     if ctx.rank != 0:
         return {}
-    final = heldout_accuracy(pool, heldout, gc, lc["seed"] + 10_000)
+    out = Path(lc["out_dir"])
+    final = heldout_accuracy(pool, heldout, gc, lc["seed"] + 10_000, out / "heldout_after.jsonl")
+    if final and (out / "heldout_before.jsonl").is_file():
+        final.update(paired_gain(out / "heldout_before.jsonl", out / "heldout_after.jsonl"))
     if tracker:
         tracker.log_metrics(final, step=gc["max_steps"])
-    out = Path(lc["out_dir"])
+        for name in ("heldout_before.jsonl", "heldout_after.jsonl"):
+            if (out / name).is_file():
+                tracker.log_artifact(out / name, "heldout")
     ck.publish_model(core, out, lc["model_dir"])
     summary = {"steps": gc["max_steps"], "resumed_from": start, **final,
                **{f"{k}_before": v for k, v in (first_eval or {}).items()}}
@@ -333,6 +360,7 @@ def _collect(pool, rows, cursor, gc, seed):
              "response_length_mean": float(np.mean(lens)), "response_length_max": float(max(lens)),
              "truncated_fraction": trunc / n, "zero_variance_groups": zero_var / max(1, n // G),
              "no_think_fraction": reasons.count("no_think") / n, "reward_errors": float(reasons.count("error")),
+             "unevaluated_fraction": reasons.count("unevaluated") / n,
              "rollout_tokens_per_s": gen_tokens / max(gen_s, 1e-9), "rollout_rounds": float(rounds),
              "batch_prompts": float(len(groups))}
     return batch, cursor, stats

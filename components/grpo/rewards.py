@@ -15,20 +15,28 @@ THINK_CLOSE = "</think>"
 class RewardResult:
     reward: float
     correct: bool
-    reason: str  # "correct" | "wrong" | "no_think" | "no_box" | "error"
+    reason: str  # "correct" | "wrong" | "unevaluated" | "no_think" | "no_box" | "error"
+
+
+def _judge(boxed: str, answer: str, format_weight: float, timeout_s: float) -> RewardResult:
+    # A boxed expression for a numeric reference (\boxed{34+44} for 78) verifies but is no answer: 0, counted.
+    if not mathcheck.is_final_value(answer, boxed):
+        return RewardResult(format_weight, False, "unevaluated")
+    ok = bool(mathcheck.verify(answer, boxed, timeout_s=timeout_s))
+    return RewardResult((1.0 if ok else 0.0) + format_weight, ok, "correct" if ok else "wrong")
 
 
 def boxed_after_think(completion: str, answer: str, format_weight: float = 0.0, timeout_s: float = 5.0) -> RewardResult:
-    """1 if a \\boxed{} answer after the last </think> verifies against the reference, else 0 (+ format_weight
-    when the completion is well formed: a closing </think> followed by a \\boxed{})."""
+    """1 if a \\boxed{} answer after the last </think> verifies against the reference and is a value where the
+    reference is a number (mathcheck.is_final_value), else 0 (+ format_weight when the completion is well formed:
+    a closing </think> followed by a \\boxed{})."""
     if THINK_CLOSE not in completion:
         return RewardResult(0.0, False, "no_think")
     tail = completion.rsplit(THINK_CLOSE, 1)[1]
     boxed = mathcheck.extract_boxed(tail)
     if boxed is None:
         return RewardResult(0.0, False, "no_box")
-    ok = bool(mathcheck.verify(answer, boxed, timeout_s=timeout_s))
-    return RewardResult((1.0 if ok else 0.0) + format_weight, ok, "correct" if ok else "wrong")
+    return _judge(boxed, answer, format_weight, timeout_s)
 
 
 def boxed_anywhere(completion: str, answer: str, format_weight: float = 0.0, timeout_s: float = 5.0) -> RewardResult:
@@ -36,8 +44,7 @@ def boxed_anywhere(completion: str, answer: str, format_weight: float = 0.0, tim
     boxed = mathcheck.extract_boxed(completion)
     if boxed is None:
         return RewardResult(0.0, False, "no_box")
-    ok = bool(mathcheck.verify(answer, boxed, timeout_s=timeout_s))
-    return RewardResult((1.0 if ok else 0.0) + format_weight, ok, "correct" if ok else "wrong")
+    return _judge(boxed, answer, format_weight, timeout_s)
 
 
 REWARDS: dict[str, Callable[..., RewardResult]] = {

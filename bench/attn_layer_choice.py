@@ -1,0 +1,96 @@
+"""Pick the layers that keep attention for a teacher by greedy ablation (components/model/layer_choice.py).
+
+    python bench/attn_layer_choice.py --teacher smollm2 --rows runs/gpu/data/sft1_heldout --k 6 \
+        --compare 4,9,14,19,24,29 --out docs/results/attn_layer_choice.json
+
+Scores on the first --n-rows packed rows (first --tokens tokens of each). Prints each round, writes the chosen
+layers with their KL, the KL of every --compare set, and a plot beside the JSON."""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from components.model.layer_choice import greedy_attention_layers, kl_without_attention  # noqa: E402
+from components.train.data import PackedRows  # noqa: E402
+from components.train.loop import load_teacher_engine  # noqa: E402
+from components.train.losses import target_mask  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--teacher", default="smollm2")
+    ap.add_argument("--rows", required=True, help="a packed split written by the curate stage")
+    ap.add_argument("--n-rows", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=1024)
+    ap.add_argument("--k", type=int, default=6)
+    ap.add_argument("--compare", action="append", default=[], help="comma-separated layer set to score too")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+
+    started = time.time()
+    model = load_teacher_engine(args.teacher, "cpu", torch.float32)
+    rows = PackedRows(args.rows)
+    batches = []
+    for i in range(min(args.n_rows, len(rows))):
+        b = {k: v[:, :args.tokens] for k, v in rows.batch([i]).items()}
+        mask = torch.zeros_like(b["input_ids"], dtype=torch.bool)
+        mask[:, :-1] = target_mask(b["loss_mask"], b["doc_ids"])
+        batches.append({"input_ids": b["input_ids"], "position_ids": b["position_ids"], "doc_ids": b["doc_ids"],
+                        "mask": mask})
+
+    def progress(round_, cand, kl):
+        print(f"round {round_ + 1}: + layer {cand:2d} -> KL {kl:.4f}", flush=True)
+
+    chosen = greedy_attention_layers(model, batches, args.k, progress)
+    teacher_logits = [model(b["input_ids"], position_ids=b["position_ids"], doc_ids=b["doc_ids"]).float()
+                      for b in batches]
+    compare = {}
+    for spec in args.compare:
+        layers = [int(x) for x in spec.split(",")]
+        compare[spec] = kl_without_attention(model, batches, teacher_logits, layers)
+    out = {
+        "command": " ".join(["python bench/attn_layer_choice.py"] + [shlex.quote(a) for a in (argv or sys.argv[1:])]),
+        "teacher": args.teacher, "rows": args.rows, "n_rows": len(batches), "tokens": args.tokens,
+        "chosen": [{"layer": layer, "kl": kl} for layer, kl in chosen],
+        "attn_layers": sorted(layer for layer, _ in chosen),
+        "compare": compare, "seconds": round(time.time() - started, 1),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    _plot(out, str(Path(args.out).with_suffix(".png")))
+    print(json.dumps({"attn_layers": out["attn_layers"], "compare": compare}))
+    return 0
+
+
+def _plot(out: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ks = list(range(1, len(out["chosen"]) + 1))
+    ax.plot(ks, [c["kl"] for c in out["chosen"]], "o-", label="greedy")
+    for i, c in enumerate(out["chosen"]):
+        ax.annotate(str(c["layer"]), (ks[i], c["kl"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    for spec, kl in out["compare"].items():
+        ax.axhline(kl, ls="--", lw=1, color="gray")
+        ax.annotate(f"[{spec}]", (ks[-1], kl), textcoords="offset points", xytext=(-120, 3), fontsize=8)
+    ax.set_yscale("log")
+    ax.set_xlabel("layers keeping attention")
+    ax.set_ylabel("KL(ablated || teacher), nats/token")
+    ax.set_title(f"{out['teacher']}: attention kept by greedy ablation")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
