@@ -32,7 +32,7 @@ class TeacherConfig(Section):
 
 class ConvertConfig(Section):
     # Layers that keep attention; every other layer becomes a Mamba mixer initialised from its attention.
-    attn_layers: list[int] = Field(default_factory=lambda: [4, 9, 14, 19, 24, 29])
+    attn_layers: list[int] = Field(default_factory=lambda: [0, 1, 9, 19, 24, 28])
     mixer: Literal["mamba1", "mamba2"] = "mamba1"
     d_state: int = Field(16, gt=0)
     d_conv: int = Field(4, gt=0)
