@@ -25,7 +25,8 @@ wait)
   if [ -n "${OUT:-}" ]; then
     # shellcheck disable=SC2046
     tar czf "$OUT/gpu_results.tgz" "$log" $(ls -d runs/gpu/metrics runs/gpu/*/history.jsonl \
-      runs/gpu/*/metrics.jsonl runs/gpu/*/train_metrics.json runs/gpu/grpo/grpo_metrics.json runs/gpu/grpo/samples \
+      runs/gpu/*/metrics.jsonl runs/gpu/*/train_metrics.json runs/gpu/*/grpo_metrics.json runs/gpu/*/samples \
+      runs/gpu/*/heldout_*.jsonl runs/gpu/*/grpo_curves.png \
       2>/dev/null) || true
   fi ;;
 *) echo "usage: bench/gpu_background.sh start CMD ... | wait SECONDS" >&2; exit 2 ;;
