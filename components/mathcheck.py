@@ -363,6 +363,7 @@ def is_plain_number(text: str) -> bool:
 _INTEGER_RE = re.compile(r"^[+-]?\d+(?:\.0*)?$")
 _DECIMAL_RE = re.compile(r"^[+-]?(?:\d+(?:\.\d*)?|\.\d+)$")
 # Marks a numeric answer may carry without being an expression: degrees, percent, thousands separators, \text{units}.
+_NAMED_RE = re.compile(r"^[A-Za-z]=")  # x=5: the value, named
 _DECORATION_RE = re.compile(r"\\text\{[^{}]*\}|\^\{?\\circ\}?|°|\\?%|(?<=\d),(?=\d{3}\b)")
 
 
@@ -374,7 +375,7 @@ def is_final_value(answer: str, pred: str) -> bool:
     references (expressions, sets, intervals) are not judged here."""
     if not is_plain_number(answer):
         return True
-    value = _DECORATION_RE.sub("", normalize_answer_text(pred))
+    value = _DECORATION_RE.sub("", _NAMED_RE.sub("", normalize_answer_text(pred)))
     if _INTEGER_RE.match(normalize_answer_text(answer)):  # 156/2 for 78 is the division left undone
         return bool(_DECIMAL_RE.match(value))
     return is_plain_number(value)

@@ -85,6 +85,7 @@ def test_entropy_bonus_kl_term_and_token_mean_with_mask():
     ("<think>x</think> so \\boxed{0.5}", "\\frac{1}{2}", 1.0, "correct"),
     ("<think>x</think> \\boxed{67^{\\circ}}", "67", 1.0, "correct"),  # a unit mark is no expression
     ("<think>x</think> \\boxed{1,000}", "1000", 1.0, "correct"),
+    ("<think>x</think> \\boxed{x = 5}", "5", 1.0, "correct"),
     # equal in value but still an expression for a numeric reference: the question restated is no answer
     ("<think>x</think> \\boxed{34+44}", "78", 0.0, "unevaluated"),
     ("<think>x</think> \\boxed{156/2}", "78", 0.0, "unevaluated"),  # a division left undone
