@@ -18,7 +18,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from components.model.layer_choice import greedy_attention_layers, kl_without_attention  # noqa: E402
+from components.evaluate.report import save_figure  # noqa: E402
+from components.model.layer_choice import full_logits, greedy_attention_layers, kl_without_attention  # noqa: E402
 from components.train.data import PackedRows  # noqa: E402
 from components.train.loop import load_teacher_engine  # noqa: E402
 from components.train.losses import target_mask  # noqa: E402
@@ -49,9 +50,8 @@ def main(argv=None) -> int:
     def progress(round_, cand, kl):
         print(f"round {round_ + 1}: + layer {cand:2d} -> KL {kl:.4f}", flush=True)
 
-    chosen = greedy_attention_layers(model, batches, args.k, progress)
-    teacher_logits = [model(b["input_ids"], position_ids=b["position_ids"], doc_ids=b["doc_ids"]).float()
-                      for b in batches]
+    teacher_logits = full_logits(model, batches)
+    chosen = greedy_attention_layers(model, batches, args.k, progress, teacher_logits)
     compare = {}
     for spec in args.compare:
         layers = [int(x) for x in spec.split(",")]
@@ -65,12 +65,12 @@ def main(argv=None) -> int:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
-    _plot(out, str(Path(args.out).with_suffix(".png")))
+    _plot(out, Path(args.out).with_suffix(".png"))
     print(json.dumps({"attn_layers": out["attn_layers"], "compare": compare}))
     return 0
 
 
-def _plot(out: dict, path: str) -> None:
+def _plot(out: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -86,10 +86,8 @@ def _plot(out: dict, path: str) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("layers keeping attention")
     ax.set_ylabel("KL(ablated || teacher), nats/token")
-    ax.set_title(f"{out['teacher']}: attention kept by greedy ablation")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, f"{out['teacher']}: attention kept by greedy ablation")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from components.model import convert
-from components.model.layer_choice import greedy_attention_layers, kl_without_attention
+from components.model.layer_choice import full_logits, greedy_attention_layers, kl_without_attention
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +65,7 @@ def test_greedy_takes_the_best_layer_each_round_and_leaves_the_model_as_it_was(e
     assert chosen[1][0] == second and chosen[1][1] == pytest.approx(pairs[second], rel=1e-4)
     for a, b in zip(before, _logits(model, batches)):
         assert torch.equal(a, b)  # hooks removed
+    assert greedy_attention_layers(model, batches, k=2, teacher_logits=full_logits(model, batches)) == chosen
 
 
 def test_greedy_rejects_a_hybrid_and_a_bad_k(tiny_teacher, engine_and_batches):

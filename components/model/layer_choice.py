@@ -56,18 +56,26 @@ def kl_without_attention(model, batches: list[dict], teacher_logits: list[torch.
 
 
 @torch.no_grad()
+def full_logits(model, batches: list[dict]) -> list[torch.Tensor]:
+    """The unablated model's fp32 logits per batch: the reference every ablation is scored against."""
+    return [model(b["input_ids"], position_ids=b.get("position_ids"), doc_ids=b.get("doc_ids")).float()
+            for b in batches]
+
+
+@torch.no_grad()
 def greedy_attention_layers(model, batches: list[dict], k: int,
-                            progress: Callable[[int, int, float], None] | None = None) -> list[tuple[int, float]]:
+                            progress: Callable[[int, int, float], None] | None = None,
+                            teacher_logits: list[torch.Tensor] | None = None) -> list[tuple[int, float]]:
     """model: an all-attention HybridForCausalLM (the converted teacher). batches: dicts with input_ids, a bool
-    `mask` of scored positions, optional position_ids/doc_ids. Returns [(layer, KL after adding it)] in the order
-    chosen, k long."""
+    `mask` of scored positions, optional position_ids/doc_ids; teacher_logits: full_logits(model, batches) when
+    the caller has them. Returns [(layer, KL after adding it)] in the order chosen, k long."""
     n_layers = len(model.model.layers)
     if not 0 < k <= n_layers:
         raise ValueError(f"k={k} must be in 1..{n_layers}")
     if any(layer.kind != "attention" for layer in model.model.layers):
         raise ValueError("greedy_attention_layers needs the all-attention model (convert with every layer attention)")
-    teacher_logits = [model(b["input_ids"], position_ids=b.get("position_ids"), doc_ids=b.get("doc_ids")).float()
-                      for b in batches]
+    if teacher_logits is None:
+        teacher_logits = full_logits(model, batches)
     kept: list[int] = []
     chosen: list[tuple[int, float]] = []
     for _ in range(k):
