@@ -144,3 +144,20 @@ def test_curves_read_the_last_copy_of_a_resumed_step(tmp_path):
     assert [(r["step"], r["reward_mean"]) for r in rows] == [(1, 0.5), (2, 0.7)]
     assert [e["heldout/accuracy"] for e in evals] == [0.1, 0.3]
     assert plot_curves(p, tmp_path / "c.png").stat().st_size > 10_000
+
+
+def test_refill_draws_for_the_missing_groups_at_the_observed_rate():
+    from components.grpo.loop import refill_count
+
+    assert refill_count(28, 4, 32, 256) == 224  # 4 of 32 informative: 28 more need 8x as many prompts
+    assert refill_count(5, 30, 32, 256) == 6  # ceil(5 * 32 / 30)
+    assert refill_count(3, 32, 32, 256) == 3  # never fewer than the groups still missing
+    assert refill_count(28, 1, 32, 256) == 256  # capped
+    assert refill_count(10, 0, 32, 256) == 256  # nothing informative yet: the cap
+
+
+def test_unknown_reward_is_refused_at_load():
+    from components.config import load_config
+
+    with pytest.raises(Exception, match="unknown reward 'boxed_after_thinks'"):
+        load_config(overrides={"grpo": {"reward": "boxed_after_thinks"}})

@@ -30,9 +30,12 @@ class GRPOConfig(Section):
     advantage: Literal["grpo", "drgrpo"] = "grpo"
     adv_eps: float = Field(1e-6, gt=0)
     # Dynamic sampling (DAPO): drop groups whose rewards are all equal (zero advantage, no signal) and draw more
-    # prompts, up to max_refill_rounds extra generation rounds, to refill the batch.
+    # prompts, up to max_refill_rounds extra generation rounds, to refill the batch. A refill round draws enough
+    # prompts for the missing groups at the share of informative groups seen so far in the step (a student that
+    # is always right or always wrong on 87% of prompts needs ~8x), at most refill_max_factor x prompts_per_step.
     dynamic_sampling: bool = False
     max_refill_rounds: int = Field(2, ge=0)
+    refill_max_factor: int = Field(8, ge=1)
     # Completions cut off at max_new_tokens get no loss (their reward says nothing about the answer).
     mask_truncated: bool = False
     # A step whose groups all have equal rewards has no policy gradient: only the entropy bonus (and KL) would act,
@@ -74,6 +77,10 @@ class GRPOConfig(Section):
 
     @model_validator(mode="after")
     def _check(self):
+        from components.grpo.rewards import REWARDS
+
+        if self.reward not in REWARDS:  # else every completion would score 0 as a reward "error"
+            raise ValueError(f"unknown reward {self.reward!r} (known: {', '.join(sorted(REWARDS))})")
         if self.prompts_per_step % self.minibatch_prompts:
             raise ValueError(f"prompts_per_step {self.prompts_per_step} is not a multiple of minibatch_prompts "
                              f"{self.minibatch_prompts}")

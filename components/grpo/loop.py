@@ -310,6 +310,14 @@ def grpo_loop(lc: dict) -> dict:
 _PER_SEQUENCE = ("prompt_ids", "tokens", "logprobs", "texts", "finish", "correct")
 
 
+def refill_count(missing: int, informative: int, drawn: int, cap: int) -> int:
+    """Prompts to draw for `missing` informative groups when `informative` of the `drawn` groups so far were
+    (at least `missing`; with none informative yet, `cap`)."""
+    if informative == 0:
+        return cap
+    return max(missing, min(cap, math.ceil(missing * drawn / informative)))
+
+
 def _collect(pool, rows, cursor, gc, seed):
     """Generate, score and (with dynamic sampling) refill until prompts_per_step groups carry signal."""
     G, want = gc["group_size"], gc["prompts_per_step"]
@@ -317,7 +325,8 @@ def _collect(pool, rows, cursor, gc, seed):
     gen_tokens, gen_s, rounds = 0, 0.0, 0
     all_rewards, reasons, lens, trunc, zero_var = [], [], [], 0, 0
     while True:
-        need = want - len(groups) if gc["dynamic_sampling"] else want
+        need = refill_count(want - len(groups), len(groups), len(all_rewards) // G, gc["refill_max_factor"] * want) \
+            if gc["dynamic_sampling"] and rounds else want
         picks = prompt_order(cursor, len(rows), need, seed)
         cursor += need
         prompts = [rows[i] for i in picks]
