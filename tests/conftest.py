@@ -45,3 +45,27 @@ def smollm2_tokenizer():
     from components.model.teacher import load_tokenizer
 
     return load_tokenizer("smollm2")
+
+
+@pytest.fixture(scope="module")
+def rl_setup(tmp_path_factory, tiny_teacher, smollm2_tokenizer):
+    """The tiny teacher converted with attention at layers 1 and 3 (root / "policy") and 12 RL prompts plus one
+    without an answer (root / "data" / "rl"), for the GRPO tests."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from components.model import convert
+
+    root = tmp_path_factory.mktemp("grpo")
+    convert(tiny_teacher, [1, 3]).save_pretrained(root / "policy", tokenizer=smollm2_tokenizer)
+    rows = []
+    for i in range(12):
+        q = f"What is {i} + {i + 1}?"
+        prompt = smollm2_tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                                       add_generation_prompt=True)
+        rows.append({"id": f"p{i}", "source": "t", "problem": q, "prompt": prompt, "answer": str(2 * i + 1)})
+    rows.append({"id": "bad", "source": "t", "problem": "?", "prompt": "?", "answer": ""})
+    (root / "data" / "rl").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows), root / "data" / "rl" / "part-00000.parquet")
+    (root / "data" / "manifest.json").write_text("{}")
+    return root

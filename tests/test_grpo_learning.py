@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
+from test_grpo_loop import _cfg
 
 from components.grpo import rewards as R
 from components.grpo.stage import run
 from components.model import HybridForCausalLM
-from test_grpo_loop import _cfg, rl_setup  # noqa: F401  (the module fixture)
 
 
 def starts_with_newline(completion: str, answer: str, format_weight: float = 0.0, timeout_s: float = 5.0):

@@ -3,8 +3,6 @@ dynamic-sampling batch with a clear message."""
 import json
 import os
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -13,24 +11,7 @@ from components.errors import M1Error
 from components.grpo.loop import split_prompts
 from components.grpo.rollout import RolloutPool
 from components.grpo.stage import run
-from components.model import HybridForCausalLM, convert
-
-
-@pytest.fixture(scope="module")
-def rl_setup(tmp_path_factory, tiny_teacher, smollm2_tokenizer):
-    root = tmp_path_factory.mktemp("grpo")
-    convert(tiny_teacher, [1, 3]).save_pretrained(root / "policy", tokenizer=smollm2_tokenizer)
-    rows = []
-    for i in range(12):
-        q = f"What is {i} + {i + 1}?"
-        prompt = smollm2_tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
-                                                       add_generation_prompt=True)
-        rows.append({"id": f"p{i}", "source": "t", "problem": q, "prompt": prompt, "answer": str(2 * i + 1)})
-    rows.append({"id": "bad", "source": "t", "problem": "?", "prompt": "?", "answer": ""})
-    (root / "data" / "rl").mkdir(parents=True)
-    pq.write_table(pa.Table.from_pylist(rows), root / "data" / "rl" / "part-00000.parquet")
-    (root / "data" / "manifest.json").write_text("{}")
-    return root
+from components.model import HybridForCausalLM
 
 
 def _cfg(root, name, **g):
@@ -43,7 +24,7 @@ def _cfg(root, name, **g):
 def test_prompts_without_answers_are_rejected_and_counted():
     rows = [{"id": "a", "prompt": "p", "answer": "1"}, {"id": "b", "prompt": "p", "answer": ""},
             {"id": "c", "prompt": "p", "answer": None}]
-    train, held, rejected = split_prompts(rows, 0, 0)
+    train, _, rejected = split_prompts(rows, 0, 0)
     assert rejected == 2 and [r["id"] for r in train] == ["a"]
 
 
