@@ -4,6 +4,11 @@
 #   here:  bench/gpu_stash.sh pack DATA_DIR      -> .gpu_a/ (wheels + first half of the GGUF), .gpu_b/ (data + second half)
 #   there: bench/gpu_stash.sh unpack .gpu_a       (one call), then bench/gpu_stash.sh unpack .gpu_b (the next call):
 #          each adds its part to $M1_STASH (default /root/m1stash), which outlives calls while the machine is held.
+# A trained model outlives the machine the same way, in 15 MiB parts of a bf16 tarball (a call brings back 64 MiB,
+# carries 64 MiB): there: bench/gpu_stash.sh model-out DIR K   (K = 0, 1, ...: parts 4K..4K+3 into $OUT)
+#                  here:  bench/gpu_stash.sh model-collect FILES_AT ...  (parts -> .gpu_model/, then carry folders
+#                         .gpu_m0, .gpu_m1, ... of 4 parts each)
+#                  there: bench/gpu_stash.sh unpack .gpu_mK   (each call; the last part makes runs/gpu/sft2/model)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 stash=${M1_STASH:-/root/m1stash}
@@ -34,6 +39,41 @@ unpack)
   if [ -f "$stash/teacher.gguf.part0" ] && [ -f "$stash/teacher.gguf.part1" ]; then
     cat "$stash/teacher.gguf.part0" "$stash/teacher.gguf.part1" > "$stash/teacher.gguf"
   fi
+  if [ -f "$stash/model.parts" ] && [ "$(ls "$stash"/model.tar.* | wc -l)" -eq "$(cat "$stash/model.parts")" ]; then
+    rm -rf runs/gpu/sft2/model && mkdir -p runs/gpu/sft2
+    cat "$stash"/model.tar.* | tar xf - -C runs/gpu/sft2 && echo "runs/gpu/sft2/model restored"
+  fi
   ls -la "$stash" ;;
-*) echo "usage: bench/gpu_stash.sh pack DATA_DIR | unpack DIR" >&2; exit 2 ;;
+model-out)
+  src=${2:?usage: gpu_stash.sh model-out MODEL_DIR K}; k=${3:?usage: gpu_stash.sh model-out MODEL_DIR K}
+  parts="$stash/model_parts"
+  if [ ! -f "$parts/model.parts" ]; then
+    rm -rf "$parts" "$stash/model_bf16" && mkdir -p "$parts" "$stash/model_bf16/model"
+    # bf16 halves the transfer; the GRPO learner and samplers load it back into fp32
+    python3 -c "import sys, torch; from components.model import HybridForCausalLM as H
+H.from_pretrained(sys.argv[1], dtype=torch.bfloat16).save_pretrained(sys.argv[2])" "$src" "$stash/model_bf16/model"
+    cp "$src"/tokenizer* "$src"/chat_template.jinja "$stash/model_bf16/model/" 2>/dev/null || true
+    tar cf - -C "$stash/model_bf16" model | split -b 15M -d -a 2 - "$parts/model.tar."
+    ls "$parts"/model.tar.* | wc -l > "$parts/model.parts"
+  fi
+  mapfile -t all < <(ls "$parts"/model.tar.*)
+  cp "${all[@]:$((4 * k)):4}" "$OUT"/
+  [ "$k" -eq 0 ] && cp "$parts/model.parts" "$OUT"/
+  echo "$(cat "$parts/model.parts") parts; sent $(ls "$OUT")" ;;
+model-collect)
+  shift
+  [ $# -gt 0 ] || { echo "usage: gpu_stash.sh model-collect FILES_AT ..." >&2; exit 2; }
+  grep -qx '/.gpu_model/' .git/info/exclude || printf '/.gpu_model/\n/.gpu_m*/\n' >> .git/info/exclude
+  mkdir -p .gpu_model && for d in "$@"; do cp "$d"/model.tar.* "$d"/model.parts .gpu_model/ 2>/dev/null || true; done
+  n=$(cat .gpu_model/model.parts); have=$(ls .gpu_model/model.tar.* | wc -l)
+  [ "$have" -eq "$n" ] || { echo "have $have of $n parts" >&2; exit 1; }
+  rm -rf .gpu_m[0-9]*
+  mapfile -t all < <(ls .gpu_model/model.tar.*)
+  for ((i = 0; i < n; i += 4)); do
+    mkdir -p ".gpu_m$((i / 4))" && cp "${all[@]:i:4}" ".gpu_m$((i / 4))/"
+  done
+  cp .gpu_model/model.parts .gpu_m0/
+  du -sh .gpu_m* ;;
+*) echo "usage: bench/gpu_stash.sh pack DATA_DIR | unpack DIR | model-out MODEL_DIR K | model-collect FILES_AT ..." >&2
+   exit 2 ;;
 esac
