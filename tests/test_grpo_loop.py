@@ -32,8 +32,10 @@ def test_grpo_runs_and_resumes_onto_the_same_weights(rl_setup):
     root = rl_setup
     inputs = {"model_dir": root / "policy", "data_dir": root / "data"}
     out = run(_cfg(root, "straight"), inputs)
-    for k in ("heldout/accuracy", "heldout/accuracy_before", "heldout/accuracy_se", "heldout/gain_se"):
+    for k in ("heldout/accuracy", "heldout/accuracy_before", "heldout/accuracy_se", "heldout/gain_se",
+              "heldout/pass_at_n", "heldout/mixed_fraction"):
         assert k in out.metrics
+    assert (root / "straight" / "grpo" / "heldout_outcomes.png").is_file()
     # the paired gain is the mean of the per-prompt changes written beside the model
     per = [[json.loads(ln) for ln in (root / "straight" / "grpo" / f"heldout_{w}.jsonl").read_text().splitlines()]
            for w in ("before", "after")]

@@ -131,6 +131,23 @@ def test_paired_gain_by_hand(tmp_path):
         paired_gain(before, write("c.jsonl", [0.5, 0.5, 1.0], ("a", "b", "x")))
 
 
+def test_outcome_counts_and_stats_by_hand(tmp_path):
+    from components.errors import M1Error
+    from components.grpo.outcomes import correct_counts, outcome_stats, plot_outcomes
+
+    reasons = [["correct"] * 2 + ["wrong"] * 2, ["wrong", "unevaluated", "no_box", "wrong"], ["correct"] * 4]
+    for name in ("before", "after"):
+        (tmp_path / f"heldout_{name}.jsonl").write_text("".join(json.dumps({"reasons": r}) + "\n" for r in reasons))
+    counts, n = correct_counts(tmp_path / "heldout_before.jsonl")
+    assert counts.tolist() == [2, 0, 4] and n == 4
+    # pass@1 = 6 / 12; pass@4: 2 of 3 prompts; mixed (some right, some wrong): 1 of 3
+    assert outcome_stats(counts, n) == {"pass_at_1": 0.5, "pass_at_n": 2 / 3, "mixed_fraction": 1 / 3, "samples": 4.0}
+    assert plot_outcomes(tmp_path, tmp_path / "o.png").stat().st_size > 0
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"reasons": ["correct"]}) + "\n" + json.dumps({"reasons": []}) + "\n")
+    with pytest.raises(M1Error, match="different sample counts"):
+        correct_counts(tmp_path / "bad.jsonl")
+
+
 def test_curves_read_the_last_copy_of_a_resumed_step(tmp_path):
     from components.grpo.curves import plot_curves, read_metrics
 

@@ -28,6 +28,7 @@ from components.errors import M1Error
 from components.grpo import rewards as R
 from components.grpo.advantages import group_advantages, informative_groups
 from components.grpo.loss import policy_loss
+from components.grpo.outcomes import outcome_stats, plot_outcomes
 from components.grpo.rollout import RolloutPool
 from components.model import HybridForCausalLM
 from components.train import checkpoint as ck
@@ -78,8 +79,10 @@ def heldout_accuracy(pool: RolloutPool, heldout: list[dict], gc: dict, seed: int
                        1.0, seed)
     answers = [r["answer"] for r in heldout for _ in range(n)]
     res = [R.score(gc["reward"], t, a, 0.0, gc["verify_timeout_s"]) for t, a in zip(ro["texts"], answers)]
-    per_prompt = np.asarray([r.correct for r in res], dtype=np.float64).reshape(len(heldout), n).mean(1)
+    counts = np.asarray([r.correct for r in res], dtype=np.int64).reshape(len(heldout), n).sum(1)
+    per_prompt = counts / n
     se = per_prompt.std(ddof=1) / math.sqrt(len(per_prompt)) if len(per_prompt) > 1 else 0.0
+    stats = outcome_stats(counts, n)
     if path is not None:
         with open(path, "w") as f:
             for i, row in enumerate(heldout):
@@ -89,6 +92,7 @@ def heldout_accuracy(pool: RolloutPool, heldout: list[dict], gc: dict, seed: int
                                     "reasons": [r.reason for r in res[sl]]}) + "\n")
     return {"heldout/accuracy": float(per_prompt.mean()), "heldout/accuracy_se": float(se),
             "heldout/unevaluated": sum(r.reason == "unevaluated" for r in res) / len(res),
+            "heldout/pass_at_n": stats["pass_at_n"], "heldout/mixed_fraction": stats["mixed_fraction"],
             "heldout/prompts": float(len(heldout)), "heldout/samples": float(n)}
 
 
@@ -285,13 +289,18 @@ def grpo_loop(lc: dict) -> dict:
         return {}
     out = Path(lc["out_dir"])
     final = heldout_accuracy(pool, heldout, gc, lc["seed"] + 10_000, out / "heldout_after.jsonl")
+    outcomes_png = None
     if final and (out / "heldout_before.jsonl").is_file():
         final.update(paired_gain(out / "heldout_before.jsonl", out / "heldout_after.jsonl"))
+        outcomes_png = plot_outcomes(out, out / "heldout_outcomes.png",
+                                     f"GRPO held-out outcomes: {gc['max_steps']} steps")
     if tracker:
         tracker.log_metrics(final, step=gc["max_steps"])
         for name in ("heldout_before.jsonl", "heldout_after.jsonl"):
             if (out / name).is_file():
                 tracker.log_artifact(out / name, "heldout")
+        if outcomes_png:
+            tracker.log_artifact(outcomes_png, "plots")
     ck.publish_model(core, out, lc["model_dir"])
     summary = {"steps": gc["max_steps"], "resumed_from": start, **final,
                **{f"{k}_before": v for k, v in (first_eval or {}).items()}}

@@ -1,0 +1,73 @@
+"""How a GRPO run changed the held-out prompts, from its heldout_before.jsonl / heldout_after.jsonl: per prompt,
+how many of its n samples were right. The mean (pass@1) can stay flat while the policy changes a lot: sharpening
+turns prompts right 6 of 8 times into 8 of 8 and prompts right once by luck into never, which pass@n (any sample
+right) and the share of mixed prompts (some right, some wrong: the only ones whose groups carry a GRPO signal)
+show. The grpo stage writes the figure beside its metrics; any run's files:
+
+    python -m components.grpo.outcomes runs/gpu/grpo heldout_outcomes.png
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from components.errors import M1Error
+
+
+def correct_counts(path: Path) -> tuple[np.ndarray, int]:
+    """(per-prompt count of correct samples, samples per prompt) of a heldout_*.jsonl."""
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    if not rows:
+        raise M1Error(f"{path}: no held-out prompts")
+    n = {len(r["reasons"]) for r in rows}
+    if len(n) != 1:
+        raise M1Error(f"{path}: prompts have different sample counts {sorted(n)}")
+    return np.asarray([sum(x == "correct" for x in r["reasons"]) for r in rows]), n.pop()
+
+
+def outcome_stats(counts: np.ndarray, n: int) -> dict[str, float]:
+    return {"pass_at_1": float(counts.mean() / n), "pass_at_n": float((counts > 0).mean()),
+            "mixed_fraction": float(((counts > 0) & (counts < n)).mean()), "samples": float(n)}
+
+
+def plot_outcomes(run_dir: Path, png: Path, title: str = "") -> Path:
+    """Bars of prompts by correct samples (0..n) before and after, with each side's stats in the legend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from components.evaluate.report import save_figure
+
+    run_dir = Path(run_dir)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    n_max = 0
+    for i, (name, color) in enumerate((("before", "tab:gray"), ("after", "tab:blue"))):
+        counts, n = correct_counts(run_dir / f"heldout_{name}.jsonl")
+        n_max = max(n_max, n)
+        s = outcome_stats(counts, n)
+        hist = np.bincount(counts, minlength=n + 1)
+        ax.bar(np.arange(n + 1) + (i - 0.5) * 0.4, hist, width=0.4, color=color,
+               label=f"{name}: pass@1 {s['pass_at_1']:.3f}, pass@{n} {s['pass_at_n']:.3f}, "
+                     f"mixed {s['mixed_fraction']:.3f}")
+    ax.set_yscale("log")
+    ax.set_xticks(range(n_max + 1))
+    ax.set_xlabel(f"correct samples of {n_max} per held-out prompt")
+    ax.set_ylabel("prompts")
+    ax.legend(fontsize=8)
+    return save_figure(fig, Path(png), title)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) not in (2, 3):
+        print("usage: python -m components.grpo.outcomes GRPO_RUN_DIR OUT_PNG [TITLE]", file=sys.stderr)
+        return 2
+    print(plot_outcomes(Path(argv[0]), Path(argv[1]), argv[2] if len(argv) == 3 else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
