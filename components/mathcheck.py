@@ -12,7 +12,10 @@ the main thread. We always call math-verify with its timeouts disabled and bound
 Every function returns None/False on a timeout or an error and never raises.
 
 Simplifications: a timed-out worker costs a restart (~2 s of imports); the worker pool is capped
-at `MAX_WORKERS` processes, further threads wait for a free one.
+at `MAX_WORKERS` processes, further threads wait for a free one. On the main thread the timer's
+exception waits for the running bytecode: one long computation inside C (sympy on big integers)
+runs to its end first (`(x+1)^{3000}` against `(x+2)^{3000}` with a 0.5 s limit took 24 s once,
+on a loaded CI machine); only the worker processes, killed from outside, have a hard bound.
 """
 from __future__ import annotations
 
