@@ -86,11 +86,9 @@ def plot_curves(metrics_path: Path, png: Path, title: str = "") -> Path:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) not in (2, 3):
-        print("usage: python -m components.grpo.curves METRICS_JSONL OUT_PNG [TITLE]", file=sys.stderr)
-        return 2
-    print(plot_curves(Path(argv[0]), Path(argv[1]), argv[2] if len(argv) == 3 else ""))
-    return 0
+    from components.evaluate.report import figure_main
+
+    return figure_main(argv, "python -m components.grpo.curves METRICS_JSONL OUT_PNG [TITLE]", plot_curves)
 
 
 if __name__ == "__main__":

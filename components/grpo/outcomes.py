@@ -62,11 +62,9 @@ def plot_outcomes(run_dir: Path, png: Path, title: str = "") -> Path:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) not in (2, 3):
-        print("usage: python -m components.grpo.outcomes GRPO_RUN_DIR OUT_PNG [TITLE]", file=sys.stderr)
-        return 2
-    print(plot_outcomes(Path(argv[0]), Path(argv[1]), argv[2] if len(argv) == 3 else ""))
-    return 0
+    from components.evaluate.report import figure_main
+
+    return figure_main(argv, "python -m components.grpo.outcomes GRPO_RUN_DIR OUT_PNG [TITLE]", plot_outcomes)
 
 
 if __name__ == "__main__":
