@@ -3,7 +3,7 @@
 # until the machine goes back: the `gpu` pipeline (~25 min) runs detached, and later calls wait on it.
 #   bench/gpu_background.sh start CMD ...   run CMD detached (log: runs/gpu/background.log, exit status: .rc)
 #   bench/gpu_background.sh wait SECONDS    wait until CMD ends or SECONDS pass, print the log's tail and put
-#                                           the run's logs, metrics and GRPO samples in $OUT/gpu_results.tgz
+#                                           the runs' logs, metrics, samples and plots in $OUT/gpu_results.tgz
 set -euo pipefail
 cd "$(dirname "$0")/.."
 log=runs/gpu/background.log
@@ -21,13 +21,13 @@ wait)
   end=$((SECONDS + limit))
   while [ ! -f "$rc" ] && [ "$SECONDS" -lt "$end" ]; do sleep 5; done
   tail -n 40 "$log" || true
+  for f in runs/gpu/seed*/grpo.log; do [ -f "$f" ] && { echo "== $f"; tail -n 3 "$f"; }; done
   if [ -f "$rc" ]; then echo "finished with exit status $(cat "$rc")"; else echo "still running"; fi
   if [ -n "${OUT:-}" ]; then
-    # shellcheck disable=SC2046
-    tar czf "$OUT/gpu_results.tgz" "$log" $(ls -d runs/gpu/metrics runs/gpu/*/history.jsonl \
-      runs/gpu/*/metrics.jsonl runs/gpu/*/train_metrics.json runs/gpu/*/grpo_metrics.json runs/gpu/*/samples \
-      runs/gpu/*/heldout_*.jsonl runs/gpu/*/grpo_curves.png \
-      2>/dev/null) || true
+    # Everything small a run writes (logs, metrics, samples, plots); models, checkpoints and data stay there.
+    find runs/gpu \( -name model -o -name checkpoints -o -name data \) -prune -o -type f \( -name '*.log' -o -name '*.jsonl' \
+      -o -name '*metrics*.json' -o -name '*.png' -o -path '*/metrics/*' -o -path '*/samples/*' \) -print0 \
+      | tar czf "$OUT/gpu_results.tgz" --null -T - || true
   fi ;;
 *) echo "usage: bench/gpu_background.sh start CMD ... | wait SECONDS" >&2; exit 2 ;;
 esac

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Replicates of the GRPO stage run side by side on one lent GPU from the same SFT-2 model (runs/gpu/sft2): a
+# 135M policy leaves an H100 mostly idle (decoding is bound by kernel launches), so N seeds take little longer
+# than one, and a gain that holds across seeds is told apart from one run's luck. Seed N's run lives in
+# runs/gpu/seed<N>/ (its run_dir, with sft2/ and data/ linked to runs/gpu's), its log in grpo.log there.
+# Usage: bench/gpu_grpo_seeds.sh SEED ...   (--set flags in $M1_SET apply to every seed; $M1_PROFILE, default gpu)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ $# -gt 0 ] || { echo "usage: bench/gpu_grpo_seeds.sh SEED ..." >&2; exit 2; }
+root=${M1_RUN_ROOT:-runs/gpu}
+[ -d "$root/sft2/model" ] || { echo "no $root/sft2/model: run the stages up to sft2 first" >&2; exit 2; }
+stash=${M1_STASH:-/root/m1stash}
+# Installed once here: concurrent `pip install --target` into one folder would race.
+M1_EXTRA_WHEELS="$stash/wheels" source bench/gpu_setup.sh
+teacher=()
+[ -f "$stash/teacher.gguf" ] && teacher=(--set teacher.source="$stash/teacher.gguf")
+pids=()
+for s in "$@"; do
+  d=$root/seed$s
+  mkdir -p "$d" && ln -sfn ../sft2 "$d/sft2" && ln -sfn ../data "$d/data"
+  # shellcheck disable=SC2086
+  python3 -m components.cli stage grpo --profile "${M1_PROFILE:-gpu}" --set tracking.enabled=false \
+    --set run_dir="$d" --set seed="$s" "${teacher[@]}" ${M1_SET:-} > "$d/grpo.log" 2>&1 &
+  pids+=($!)
+  echo "seed $s: pid $! (log $d/grpo.log)"
+done
+rc=0
+for p in "${pids[@]}"; do wait "$p" || rc=1; done
+exit $rc
