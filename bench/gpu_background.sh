@@ -20,7 +20,7 @@ wait)
   limit=${2:?usage: gpu_background.sh wait SECONDS}
   end=$((SECONDS + limit))
   while [ ! -f "$rc" ] && [ "$SECONDS" -lt "$end" ]; do sleep 5; done
-  tail -n 40 "$log" || true
+  tail -n 12 "$log" || true
   for f in runs/gpu/seed*/grpo.log; do [ -f "$f" ] && { echo "== $f"; tail -n 3 "$f"; }; done
   if [ -f "$rc" ]; then echo "finished with exit status $(cat "$rc")"; else echo "still running"; fi
   if [ -n "${OUT:-}" ]; then

@@ -3,6 +3,8 @@
 # 135M policy leaves an H100 mostly idle (decoding is bound by kernel launches), so N seeds take little longer
 # than one, and a gain that holds across seeds is told apart from one run's luck. Seed N's run lives in
 # runs/gpu/seed<N>/ (its run_dir, with sft2/ and data/ linked to runs/gpu's), its log in grpo.log there.
+# At most $M1_PARALLEL (default 2) run at once: with the gpu profile's dynamic sampling a run holds ~31 GiB of
+# an H100's 79 (2048 sequences' caches in a refill round); a third ran out of memory (session 6).
 # Usage: bench/gpu_grpo_seeds.sh SEED ...   (--set flags in $M1_SET apply to every seed; $M1_PROFILE, default gpu)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +17,7 @@ M1_EXTRA_WHEELS="$stash/wheels" source bench/gpu_setup.sh
 teacher=()
 [ -f "$stash/teacher.gguf" ] && teacher=(--set teacher.source="$stash/teacher.gguf")
 pids=()
+rc=0
 for s in "$@"; do
   d=$root/seed$s
   mkdir -p "$d" && ln -sfn ../sft2 "$d/sft2" && ln -sfn ../data "$d/data"
@@ -23,7 +26,7 @@ for s in "$@"; do
     --set run_dir="$d" --set seed="$s" "${teacher[@]}" ${M1_SET:-} > "$d/grpo.log" 2>&1 &
   pids+=($!)
   echo "seed $s: pid $! (log $d/grpo.log)"
+  if [ "${#pids[@]}" -ge "${M1_PARALLEL:-2}" ]; then wait "${pids[0]}" || rc=1; pids=("${pids[@]:1}"); fi
 done
-rc=0
 for p in "${pids[@]}"; do wait "$p" || rc=1; done
 exit $rc
