@@ -148,6 +148,30 @@ def test_outcome_counts_and_stats_by_hand(tmp_path):
         correct_counts(tmp_path / "bad.jsonl")
 
 
+def test_per_prompt_record_and_accuracy_by_kind(tmp_path):
+    from components.errors import M1Error
+    from components.grpo.outcomes import accuracy_by_kind, per_prompt, problem_kind
+
+    problems = ["Modulo division: $7 % 3 =$", "Addition: $2+2=$", "Modulo division: $9 % 4 =$",
+                "Find $x$: if $x^2 = 4$, what is $x$?"]
+    before = [["correct", "wrong"], ["wrong", "wrong"], ["wrong", "wrong"], ["correct", "correct"]]
+    after = [["correct", "correct"], ["wrong", "no_box"], ["correct", "wrong"], ["correct", "wrong"]]
+    for name, reasons in (("before", before), ("after", after)):
+        (tmp_path / f"heldout_{name}.jsonl").write_text("".join(
+            json.dumps({"problem": p, "answer": "1", "reasons": r}) + "\n" for p, r in zip(problems, reasons)))
+    rows = per_prompt(tmp_path)
+    assert [(r["kind"], r["before_correct"], r["after_correct"]) for r in rows] == [
+        ("Modulo division", 1, 2), ("Addition", 0, 0), ("Modulo division", 0, 1), ("other", 2, 1)]
+    assert problem_kind("A sentence that runs on and on and on past forty characters: then $x$") == "other"
+    # Modulo division: before 1 of 4 samples, after 3 of 4; the first type is the one with most prompts
+    assert accuracy_by_kind(rows) == {"Modulo division": {"prompts": 2, "before": 0.25, "after": 0.75},
+                                      "Addition": {"prompts": 1, "before": 0.0, "after": 0.0},
+                                      "other": {"prompts": 1, "before": 1.0, "after": 0.5}}
+    (tmp_path / "heldout_after.jsonl").write_text(json.dumps({"problem": "x", "answer": "1", "reasons": ["wrong"] * 2}) + "\n")
+    with pytest.raises(M1Error, match="different held-out prompts"):
+        per_prompt(tmp_path)
+
+
 def test_curves_read_the_last_copy_of_a_resumed_step(tmp_path):
     from components.grpo.curves import plot_curves, read_metrics
 

@@ -17,15 +17,50 @@ import numpy as np
 from components.errors import M1Error
 
 
-def correct_counts(path: Path) -> tuple[np.ndarray, int]:
-    """(per-prompt count of correct samples, samples per prompt) of a heldout_*.jsonl."""
+def _rows(path: Path) -> tuple[list[dict], int]:
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
     if not rows:
         raise M1Error(f"{path}: no held-out prompts")
     n = {len(r["reasons"]) for r in rows}
     if len(n) != 1:
         raise M1Error(f"{path}: prompts have different sample counts {sorted(n)}")
-    return np.asarray([sum(x == "correct" for x in r["reasons"]) for r in rows]), n.pop()
+    return rows, n.pop()
+
+
+def _correct(row: dict) -> int:
+    return sum(x == "correct" for x in row["reasons"])
+
+
+def correct_counts(path: Path) -> tuple[np.ndarray, int]:
+    """(per-prompt count of correct samples, samples per prompt) of a heldout_*.jsonl."""
+    rows, n = _rows(path)
+    return np.asarray([_correct(r) for r in rows]), n
+
+
+def problem_kind(problem: str) -> str:
+    """A generated problem's type is the label before its first colon ("Modulo division: $57 % 9 =$"); a
+    competition problem has none (or a sentence there) and is "other"."""
+    head, sep, _ = problem.partition(":")
+    return head.strip() if sep and len(head) <= 40 and "$" not in head else "other"
+
+
+def per_prompt(run_dir: Path) -> list[dict]:
+    """The run's paired record: per held-out prompt, its type and correct samples before and after GRPO."""
+    (before, n), (after, n_after) = (_rows(Path(run_dir) / f"heldout_{k}.jsonl") for k in ("before", "after"))
+    if [r["problem"] for r in before] != [r["problem"] for r in after] or n != n_after:
+        raise M1Error(f"{run_dir}: heldout_before.jsonl and heldout_after.jsonl hold different held-out prompts")
+    return [{"problem": b["problem"], "answer": b["answer"], "kind": problem_kind(b["problem"]), "samples": n,
+             "before_correct": _correct(b), "after_correct": _correct(a)} for b, a in zip(before, after)]
+
+
+def accuracy_by_kind(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """pass@1 before and after per problem type, most prompts first (where a gain comes from)."""
+    kinds: dict[str, list[dict]] = {}
+    for r in rows:
+        kinds.setdefault(r["kind"], []).append(r)
+    return {k: {"prompts": len(v), "before": sum(r["before_correct"] for r in v) / sum(r["samples"] for r in v),
+                "after": sum(r["after_correct"] for r in v) / sum(r["samples"] for r in v)}
+            for k, v in sorted(kinds.items(), key=lambda kv: -len(kv[1]))}
 
 
 def outcome_stats(counts: np.ndarray, n: int) -> dict[str, float]:
