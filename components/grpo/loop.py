@@ -28,7 +28,7 @@ from components.errors import M1Error
 from components.grpo import rewards as R
 from components.grpo.advantages import group_advantages, informative_groups
 from components.grpo.loss import policy_loss
-from components.grpo.outcomes import outcome_stats, plot_outcomes
+from components.grpo.outcomes import outcome_stats, plot_outcomes, read_pair
 from components.grpo.rollout import RolloutPool
 from components.model import HybridForCausalLM
 from components.train import checkpoint as ck
@@ -99,10 +99,7 @@ def heldout_accuracy(pool: RolloutPool, heldout: list[dict], gc: dict, seed: int
 def paired_gain(before: Path, after: Path) -> dict:
     """Mean per-prompt accuracy change after - before on the same held-out prompts, with the standard error of
     the paired differences (smaller than the two accuracies' errors combined: prompt difficulty cancels)."""
-    rows = [[json.loads(line) for line in open(p)] for p in (before, after)]
-    if len(rows[0]) != len(rows[1]) or any(a["problem"] != b["problem"] for a, b in zip(*rows)):
-        raise M1Error(f"{before} and {after} hold different held-out prompts: no paired gain")
-    d = np.asarray([b["accuracy"] - a["accuracy"] for a, b in zip(*rows)], dtype=np.float64)
+    d = np.asarray([b["accuracy"] - a["accuracy"] for a, b in zip(*read_pair(before, after))], dtype=np.float64)
     se = d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else 0.0
     return {"heldout/gain": float(d.mean()), "heldout/gain_se": float(se)}
 

@@ -17,14 +17,26 @@ import numpy as np
 from components.errors import M1Error
 
 
-def _rows(path: Path) -> tuple[list[dict], int]:
+def _read(path: Path) -> list[dict]:
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
     if not rows:
         raise M1Error(f"{path}: no held-out prompts")
+    return rows
+
+
+def _samples(rows: list[dict], path: Path) -> int:
     n = {len(r["reasons"]) for r in rows}
     if len(n) != 1:
         raise M1Error(f"{path}: prompts have different sample counts {sorted(n)}")
-    return rows, n.pop()
+    return n.pop()
+
+
+def read_pair(before: Path, after: Path) -> tuple[list[dict], list[dict]]:
+    """The held-out records before and after GRPO, refused unless they hold the same prompts in the same order."""
+    b, a = _read(before), _read(after)
+    if len(b) != len(a) or any(x["problem"] != y["problem"] for x, y in zip(b, a)):
+        raise M1Error(f"{before} and {after} hold different held-out prompts: no paired comparison")
+    return b, a
 
 
 def _correct(row: dict) -> int:
@@ -33,8 +45,8 @@ def _correct(row: dict) -> int:
 
 def correct_counts(path: Path) -> tuple[np.ndarray, int]:
     """(per-prompt count of correct samples, samples per prompt) of a heldout_*.jsonl."""
-    rows, n = _rows(path)
-    return np.asarray([_correct(r) for r in rows]), n
+    rows = _read(path)
+    return np.asarray([_correct(r) for r in rows]), _samples(rows, path)
 
 
 def problem_kind(problem: str) -> str:
@@ -46,9 +58,11 @@ def problem_kind(problem: str) -> str:
 
 def per_prompt(run_dir: Path) -> list[dict]:
     """The run's paired record: per held-out prompt, its type and correct samples before and after GRPO."""
-    (before, n), (after, n_after) = (_rows(Path(run_dir) / f"heldout_{k}.jsonl") for k in ("before", "after"))
-    if [r["problem"] for r in before] != [r["problem"] for r in after] or n != n_after:
-        raise M1Error(f"{run_dir}: heldout_before.jsonl and heldout_after.jsonl hold different held-out prompts")
+    paths = [Path(run_dir) / f"heldout_{k}.jsonl" for k in ("before", "after")]
+    before, after = read_pair(*paths)
+    n = _samples(before, paths[0])
+    if _samples(after, paths[1]) != n:
+        raise M1Error(f"{run_dir}: samples per prompt differ before and after")
     return [{"problem": b["problem"], "answer": b["answer"], "kind": problem_kind(b["problem"]), "samples": n,
              "before_correct": _correct(b), "after_correct": _correct(a)} for b, a in zip(before, after)]
 
