@@ -38,10 +38,13 @@ DEFAULT_TIMEOUT_S = 5.0
 MAX_WORKERS = max(2, min(8, os.cpu_count() or 2))
 _WORKER_START_TIMEOUT_S = 120.0
 
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)\b")
 # Answers that are plain numbers parse by construction; skipping sympy for them keeps curation fast.
 _PLAIN_NUMBER_RE = re.compile(r"^[+-]?(?:\d+(?:\.\d+)?|\.\d+)(?:/\d+)?$|^[+-]?\\[dt]?frac\{\d+\}\{\d+\}$")
 _WORDY_RE = re.compile(r"[A-Za-z]{4,}")
+# LaTeX spacing: thin, negative, medium and thick spaces, a control space "\ ", a tie ~ (a row break "\\" is kept).
+_LATEX_SPACE_RE = re.compile(r"(?<!\\)(?:\\[,!;: ]|~)")
 
 
 def extract_boxed(text: str | None) -> str | None:
@@ -75,10 +78,25 @@ def extract_boxed(text: str | None) -> str | None:
     return None
 
 
+def answer_region(completion: str, answer_in_think: bool = False) -> str | None:
+    """The part of a completion where its \\boxed{} answer counts. A thinking completion (one with a <think> or
+    </think> tag) answers after its last </think>, up to a <think> reopened there: a box inside the thinking is a
+    draft, not the answer; one whose thinking never closes has no answer (None). A completion without tags (a
+    model that does not think) answers anywhere, and so does every completion when answer_in_think is True."""
+    if answer_in_think or (THINK_OPEN not in completion and THINK_CLOSE not in completion):
+        return completion
+    if THINK_CLOSE not in completion:
+        return None
+    return completion.rsplit(THINK_CLOSE, 1)[1].split(THINK_OPEN, 1)[0]
+
+
 def normalize_answer_text(s: str) -> str:
-    """Cheap canonical form for exact comparison: no $, spacing, \\left/\\right, trailing period, \\dfrac."""
-    s = s.strip().strip("$").strip()
-    s = s.replace("\\left", "").replace("\\right", "").replace("\\!", "").replace("\\,", "")
+    """Cheap canonical form for exact comparison: no $ or \\$ (a currency sign is never mathematics), no spacing
+    (\\, \\! \\; \\: "\\ " ~), no \\left/\\right, {,} read as a comma, no trailing period, \\dfrac as \\frac."""
+    # \$ first: stripping a bare $ from "18\$" would leave a dangling backslash.
+    s = s.replace("\\$", "").strip().strip("$").strip()
+    s = s.replace("\\left", "").replace("\\right", "").replace("{,}", ",")
+    s = _LATEX_SPACE_RE.sub(" ", s)
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
     s = re.sub(r"\s+", "", s)
     return s.rstrip(".")
@@ -143,12 +161,18 @@ def _looks_like_bare_answer(text: str) -> bool:
     return len(text) <= 200 and "\n" not in text and not _WORDY_RE.search(re.sub(r"\\[A-Za-z]+", "", text))
 
 
+def _uncurrency(answer: str) -> str:
+    # math-verify reads a \$ inside \text{} and a tie ~ as symbols ("\text{\$}18" gives *18, "18~\text{dollars}"
+    # gives "18~"): a currency sign and a space are neither.
+    return re.sub(r"(?<!\\)~", " ", answer.replace("\\$", ""))
+
+
 def _parse_local(text: str) -> list:
     mv = _math_verify()
     boxed = extract_boxed(text)
     if boxed is not None:
-        return mv.parse("\\boxed{" + boxed + "}", parsing_timeout=None)
-    stripped = text.strip()
+        return mv.parse("\\boxed{" + _uncurrency(boxed) + "}", parsing_timeout=None)
+    stripped = _uncurrency(text.strip())
     if _looks_like_bare_answer(stripped):
         inner = stripped.strip("$").strip()
         out = mv.parse("$" + inner + "$", parsing_timeout=None)
@@ -365,9 +389,28 @@ def is_plain_number(text: str) -> bool:
 
 _INTEGER_RE = re.compile(r"^[+-]?\d+(?:\.0*)?$")
 _DECIMAL_RE = re.compile(r"^[+-]?(?:\d+(?:\.\d*)?|\.\d+)$")
-# Marks a numeric answer may carry without being an expression: degrees, percent, thousands separators, \text{units}.
+# Marks a numeric answer may carry without being an expression: degrees, percent, thousands separators, units
+# in \text{} (currency signs and spacing are gone with normalize_answer_text).
 _NAMED_RE = re.compile(r"^[A-Za-z]=")  # x=5: the value, named
-_DECORATION_RE = re.compile(r"\\text\{[^{}]*\}|\^\{?\\circ\}?|°|\\?%|(?<=\d),(?=\d{3}\b)")
+_DECORATION_RE = re.compile(r"\^\{?\\circ\}?|°|\\?%|(?<=\d),(?=\d{3}\b)")
+_TEXT_RE = re.compile(r"\\(?:text|textrm|textnormal|textbf|mathrm|mathbf|mbox)\{([^{}]*)\}")
+_MIXED_RE = re.compile(r"^([+-]?)(\d+)\\frac\{(\d+)\}\{(\d+)\}$")  # 3\frac{1}{2} = 7/2
+
+
+def _text_arg(m: re.Match) -> str:
+    # \text{18} is the number itself; \text{dollars} or \mathrm{cm} is a unit word and goes.
+    inner = m.group(1)
+    return inner if re.search(r"\d", inner) else ""
+
+
+def _bare_value(pred: str) -> str:
+    """The number a numeric answer states, its decorations removed; still an expression if it was one."""
+    value = _DECORATION_RE.sub("", _TEXT_RE.sub(_text_arg, _NAMED_RE.sub("", normalize_answer_text(pred))))
+    mixed = _MIXED_RE.match(value)
+    if mixed and 0 < int(mixed.group(3)) < int(mixed.group(4)):  # a proper fraction: whole part plus fraction
+        sign, whole, num, den = mixed.group(1), *map(int, mixed.group(2, 3, 4))
+        value = f"{sign}{whole * den + num}/{den}"
+    return value
 
 
 def is_final_value(answer: str, pred: str) -> bool:
@@ -378,7 +421,7 @@ def is_final_value(answer: str, pred: str) -> bool:
     references (expressions, sets, intervals) are not judged here."""
     if not is_plain_number(answer):
         return True
-    value = _DECORATION_RE.sub("", _NAMED_RE.sub("", normalize_answer_text(pred)))
+    value = _bare_value(pred)
     if _INTEGER_RE.match(normalize_answer_text(answer)):  # 156/2 for 78 is the division left undone
         return bool(_DECIMAL_RE.match(value))
     return is_plain_number(value)

@@ -91,3 +91,37 @@ def test_budget_grid_spans_one_sample_to_the_whole_pool():
     assert grid[0] == pytest.approx(0.5 * 20 / 200)
     assert grid[-1] == pytest.approx(1.5 * 80 / 50)
     assert all(b > a for a, b in zip(grid, grid[1:]))
+
+
+# (completion, the evaluation's answer by default, its answer with answer_in_think=True); reference 7.
+THINK_CASES = [
+    ("<think>so 7</think> \\boxed{7}", "7", "7"),
+    ("<think>maybe \\boxed{7}", None, "7"),  # thinking never closed: no answer, as in the reward
+    ("<think>maybe \\boxed{7}</think> I am not sure", None, "7"),  # the only box is inside the thinking
+    ("<think>\\boxed{7}</think> \\boxed{8}", "8", "8"),
+    ("<think>a</think> so <think>\\boxed{7}", None, "7"),  # a thinking reopened after </think>
+    ("\\boxed{7} <think>never closed", None, "7"),
+    ("</think> \\boxed{7}", "7", "7"),  # the prompt opened the thinking
+]
+
+
+@pytest.mark.parametrize("text,answer,answer_anywhere", THINK_CASES)
+def test_thinking_completions_answer_after_think_like_the_reward(text, answer, answer_anywhere):
+    from components.grpo.rewards import score
+
+    prob = Problem("set", "t", "arith", "q", "7")
+    s = score_problem(prob, [C(text)], timeout_s=10)
+    assert s.answers == [answer] and s.correct == [answer == "7"]
+    assert s.labels == [None if answer is None else 0]  # no answer abstains from votes
+    assert score("boxed_after_think", text, "7").correct is (answer == "7")  # the GRPO reward agrees
+    anywhere = score_problem(prob, [C(text)], timeout_s=10, answer_in_think=True)
+    assert anywhere.answers == [answer_anywhere] and anywhere.correct == [answer_anywhere == "7"]
+
+
+def test_completion_without_think_tags_answers_anywhere_and_config_default():
+    from components.config import load_config
+
+    s = score_problem(Problem("set", "t", "arith", "q", "7"), [C("so \\boxed{7}")], timeout_s=10)
+    assert s.answers == ["7"] and s.correct == [True]  # a teacher that does not think is still scored
+    assert load_config().evaluate.answer_in_think is False
+    assert load_config(overrides={"evaluate": {"answer_in_think": True}}).evaluate.answer_in_think is True

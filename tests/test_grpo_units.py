@@ -96,6 +96,7 @@ def test_entropy_bonus_kl_term_and_token_mean_with_mask():
     ("<think>x</think> the answer is 7", "7", 0.0, "no_box"),
     ("\\boxed{7} <think>never closed", "7", 0.0, "no_think"),
     ("<think>\\boxed{7}</think> \\boxed{8}", "7", 0.0, "wrong"),  # a box inside the thinking does not count
+    ("<think>x</think> so <think>\\boxed{7}", "7", 0.0, "no_box"),  # nor one inside a thinking reopened after it
 ])
 def test_boxed_after_think_reward(completion, answer, reward, reason):
     r = R.score("boxed_after_think", completion, answer)

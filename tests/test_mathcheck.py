@@ -88,3 +88,64 @@ def test_worker_thread_calls_and_timeout():
         assert wrong is False
         assert after is True  # the pool recovered after a timed-out call
     assert threading.current_thread() is threading.main_thread()
+
+
+# A boxed answer as written (currency signs, separators, unit words, mixed numbers), its reference, and the verdict.
+# The GRPO reward and the evaluation share mathcheck's normalisation, so both must agree with the table.
+ANSWER_FORMS = [
+    (r"\$18", "18", "correct"),
+    (r"\$4,000", "4000", "correct"),
+    (r"\$18.00", "18", "correct"),
+    (r"18\$", "18", "correct"),
+    (r"\text{\$18}", "18", "correct"),
+    (r"\text{\$}18", "18", "correct"),
+    (r"118{,}000", "118000", "correct"),
+    (r"\$18{,}000", "18000", "correct"),
+    (r"18 \mathrm{~dollars}", "18", "correct"),
+    (r"18\ \text{dollars}", "18", "correct"),
+    (r"18~\text{dollars}", "18", "correct"),
+    (r"3\frac{1}{2}", "3.5", "correct"),
+    (r"-3\frac{1}{2}", "-3.5", "correct"),
+    (r"\$19", "18", "wrong"),
+    # a numeric reference wants the value: an expression, or a fraction for an integer, is unevaluated (and wrong)
+    (r"34+44", "78", "unevaluated"),
+    (r"\$34+44", "78", "unevaluated"),
+    (r"3\frac{1}{2}", "3", "unevaluated"),
+]
+
+
+@pytest.mark.parametrize("boxed,reference,verdict", ANSWER_FORMS)
+def test_answer_forms_scored_alike_by_reward_and_evaluation(boxed, reference, verdict):
+    from components.evaluate.benchmarks import Problem
+    from components.evaluate.sampling import Completion
+    from components.evaluate.scoring import score_problem
+    from components.grpo import rewards as R
+
+    completion = rf"<think>work</think> The answer is $\boxed{{{boxed}}}$."
+    r = R.score("boxed_after_think", completion, reference)
+    assert (r.correct, r.reason) == (verdict == "correct", verdict)
+    s = score_problem(Problem("set", "p", "src", "q", reference), [Completion(completion, 5, "eos")], timeout_s=10)
+    assert s.correct == [verdict == "correct"]
+    assert s.labels == ([None] if verdict == "unevaluated" else [0])  # an unevaluated answer abstains from votes
+
+
+def test_normalize_answer_text_drops_currency_and_latex_spacing():
+    assert mc.normalize_answer_text(r"18\$") == "18"
+    assert mc.normalize_answer_text(r"$\$4{,}000$") == "4,000"
+    assert mc.normalize_answer_text(r"18\ \text{dollars}") == r"18\text{dollars}"
+    assert mc.normalize_answer_text(r"18~\mathrm{cm}") == r"18\mathrm{cm}"
+    assert mc.normalize_answer_text(r"\begin{matrix}1\\ 2\end{matrix}") == r"\begin{matrix}1\\2\end{matrix}"  # row break kept
+    assert mc.is_plain_number(r"\$18") and not mc.is_plain_number(r"\$18+1")
+
+
+@pytest.mark.parametrize("completion,in_think,region", [
+    ("<think>a</think> b", False, " b"),
+    ("<think>a</think> b <think> c", False, " b "),  # a reopened thinking is not the answer
+    ("<think>a</think> b </think> c", False, " c"),  # the last close counts
+    ("</think> b", False, " b"),  # the prompt opened the thinking
+    ("<think> a, never closed", False, None),
+    ("no tags at all", False, "no tags at all"),  # a model that does not think
+    ("<think> a, never closed", True, "<think> a, never closed"),
+])
+def test_answer_region(completion, in_think, region):
+    assert mc.answer_region(completion, in_think) == region

@@ -134,6 +134,10 @@ class EvalConfig(Section):
     seed: int | None = None
     # Seconds allowed to one math-verify comparison (a timeout counts as not equivalent).
     verify_timeout_s: float = Field(5.0, gt=0)
+    # False: a thinking completion's answer is its last \boxed{} after its last </think>, the GRPO reward's rule (a box
+    # inside <think>, closed or never closed, is no answer); completions without think tags answer anywhere.
+    # True: the last \boxed{} anywhere, thinking included.
+    answer_in_think: bool = False
     # Completions (with text) kept per model and benchmark in completions_sample.jsonl.
     completions_sample: int = Field(8, ge=0)
     time_budget: TimeBudgetConfig = TimeBudgetConfig()

@@ -171,7 +171,8 @@ def run(config, inputs: dict | None = None) -> EvalOutputs:
             bs = cfg.model_batch_size.get(name, cfg.batch_size)
             comps, gstats = sample_completions(em, ids, cfg, seed, desc=name, batch_size=bs)
             info[name].update({k: round(v, 3) for k, v in gstats.items()})
-            scores[name] = [score_problem(p, c, cfg.verify_timeout_s) for p, c in zip(problems, comps)]
+            scores[name] = [score_problem(p, c, cfg.verify_timeout_s, cfg.answer_in_think)
+                            for p, c in zip(problems, comps)]
             per_bench: dict[str, int] = {}
             for p, text, c, s in zip(problems, texts, comps, scores[name]):
                 samples.append({"model": name, "benchmark": p.benchmark, "id": p.id, "source": p.source,

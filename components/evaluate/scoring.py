@@ -4,6 +4,10 @@ Each distinct answer of a problem is verified once (cached by its normalised tex
 answers go through components.mathcheck, time-bounded; a timeout counts as "not equivalent" / "wrong". An answer
 that is still an expression where the reference is a number (\\boxed{34+44} for 78, mathcheck.is_final_value) is
 wrong and abstains from majority votes: math-verify would evaluate it, a grader would not.
+
+The answer is the last \\boxed{} where the GRPO reward (boxed_after_think) reads it, mathcheck.answer_region: in a
+thinking completion only after its last </think> (a box inside the thinking, closed or not, is no answer); in a
+completion without think tags (a teacher that does not think) anywhere. answer_in_think=True reads any box.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from components.evaluate.benchmarks import Problem
 from components.evaluate.metrics import ProblemScore, group_answers
 from components.evaluate.sampling import Completion
 from components.mathcheck import (
+    answer_region,
     answers_equivalent,
     extract_boxed,
     is_final_value,
@@ -21,8 +26,9 @@ from components.mathcheck import (
 )
 
 
-def score_problem(problem: Problem, completions: Sequence[Completion], timeout_s: float = 5.0) -> ProblemScore:
-    answers = [extract_boxed(c.text) for c in completions]
+def score_problem(problem: Problem, completions: Sequence[Completion], timeout_s: float = 5.0,
+                  answer_in_think: bool = False) -> ProblemScore:
+    answers = [extract_boxed(answer_region(c.text, answer_in_think)) for c in completions]
     answers = [a if a is not None and a.strip() else None for a in answers]
     votes = [a if a is not None and is_final_value(problem.answer, a) else None for a in answers]
     verdict: dict[str, bool] = {}

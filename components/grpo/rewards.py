@@ -8,7 +8,7 @@ from typing import Callable
 
 from components import mathcheck
 
-THINK_CLOSE = "</think>"
+THINK_CLOSE = mathcheck.THINK_CLOSE
 
 
 @dataclass
@@ -27,13 +27,13 @@ def _judge(boxed: str, answer: str, format_weight: float, timeout_s: float) -> R
 
 
 def boxed_after_think(completion: str, answer: str, format_weight: float = 0.0, timeout_s: float = 5.0) -> RewardResult:
-    """1 if a \\boxed{} answer after the last </think> verifies against the reference and is a value where the
-    reference is a number (mathcheck.is_final_value), else 0 (+ format_weight when the completion is well formed:
-    a closing </think> followed by a \\boxed{})."""
+    """1 if a \\boxed{} answer after the last </think> (mathcheck.answer_region: not inside a <think> reopened there)
+    verifies against the reference and is a value where the reference is a number (mathcheck.is_final_value),
+    else 0 (+ format_weight when the completion is well formed: a closing </think> followed by a \\boxed{}).
+    The evaluation reads answers by the same rule (evaluate.answer_in_think: false)."""
     if THINK_CLOSE not in completion:
         return RewardResult(0.0, False, "no_think")
-    tail = completion.rsplit(THINK_CLOSE, 1)[1]
-    boxed = mathcheck.extract_boxed(tail)
+    boxed = mathcheck.extract_boxed(mathcheck.answer_region(completion))
     if boxed is None:
         return RewardResult(0.0, False, "no_box")
     return _judge(boxed, answer, format_weight, timeout_s)
