@@ -1,6 +1,7 @@
 """Model core: teacher equivalence, decode == full forward (mixed lengths, packed docs), init mapping,
 save/load, gradients, generation."""
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -238,3 +239,20 @@ def test_static_decode_engine_equals_eager(tiny_teacher, mixer):
     b = generate(model, prompts, 20, greedy=True, engine="static", bucket_size=8)
     assert a.tokens == b.tokens
     assert max(abs(x - y) for r1, r2 in zip(a.logprobs, b.logprobs) for x, y in zip(r1, r2)) < 1e-4
+
+
+def test_convert_clears_a_crashed_runs_partial_folder_first(tmp_path):
+    """Leftovers of a crashed convert in model.partial (a stray file, a stale chat template) are not published:
+    the model equals a clean convert's, file for file."""
+    from components.config import load_config
+    from components.model.convert import run
+    from components.pipeline.hashing import dvc_md5
+
+    clean = run(load_config("tiny", overrides={"run_dir": str(tmp_path / "clean")})).model_dir
+    partial = tmp_path / "crashed" / "convert" / "model.partial"
+    partial.mkdir(parents=True)
+    (partial / "stray.txt").write_text("left by a crashed run")
+    (partial / "chat_template.json").write_text('{"chat_template": "stale"}')
+    out = run(load_config("tiny", overrides={"run_dir": str(tmp_path / "crashed")})).model_dir
+    assert sorted(p.name for p in Path(out).iterdir()) == sorted(p.name for p in Path(clean).iterdir())
+    assert dvc_md5(out) == dvc_md5(clean)

@@ -1,11 +1,16 @@
 """Trainer: held-out KL falls under distillation, loss curves are invariant to micro-batching and to Ray
-workers, and a run killed mid-way resumes from its checkpoint onto the uninterrupted curve."""
+workers, and a run killed mid-way resumes from its checkpoint onto the uninterrupted curve; checkpoints of other
+code or settings are never resumed nor crowd out the run's own, and trainer state that would run code is refused."""
 import json
 import os
+import shutil
+from pathlib import Path
 
 import pytest
+import torch
 
 from components.config import load_config
+from components.errors import M1Error
 from components.train.stage import run
 
 
@@ -60,6 +65,68 @@ def test_changed_settings_do_not_resume_foreign_checkpoints(train_setup):
     assert out.metrics["resumed_from"] == 0
 
 
+def test_code_change_retrains_instead_of_resuming_the_finished_run(train_setup, monkeypatch):
+    """A finished run's checkpoint at max_steps, after a code change: training starts over."""
+    from components.pipeline import hashing
+
+    root, data = train_setup
+    shutil.copytree(root / "straight" / "distill" / "checkpoints", root / "recoded" / "distill" / "checkpoints")
+    code_version = hashing.code_version
+    monkeypatch.setattr(hashing, "code_version", lambda paths, r: "edited" + code_version(paths, r))
+    out = run(_cfg(root, "recoded"), {"model_dir": root / "conv", "data_dir": data}, "distill")
+    assert out.metrics["resumed_from"] == 0
+    straight, recoded = _losses(root, "straight"), _losses(root, "recoded")
+    assert straight.keys() == recoded.keys() and all(abs(straight[k] - recoded[k]) < 1e-6 for k in straight)
+
+
+def test_foreign_checkpoints_neither_hide_nor_prune_the_runs_own(train_setup):
+    """Higher-numbered checkpoints of an earlier configuration in the same root: the killed run keeps its own
+    checkpoint (keep_checkpoints=2) and resumes from it onto the uninterrupted curve."""
+    root, data = train_setup
+    ckpts = root / "mixed" / "distill" / "checkpoints"
+    shutil.copytree(root / "straight" / "distill" / "checkpoints", ckpts)
+    for meta in ckpts.glob("checkpoint_*/trainer_state.json"):
+        meta.write_text(json.dumps({**json.loads(meta.read_text()), "fingerprint": "earlier-settings"}))
+    cfg = _cfg(root, "mixed")
+    os.environ["M1_FAIL_AFTER_STEP"] = "3"
+    try:
+        with pytest.raises(RuntimeError, match="injected failure"):
+            run(cfg, {"model_dir": root / "conv", "data_dir": data}, "distill")
+    finally:
+        del os.environ["M1_FAIL_AFTER_STEP"]
+    assert sorted(p.name for p in ckpts.iterdir()) == ["checkpoint_000002", "checkpoint_000004", "checkpoint_000006"]
+    out = run(cfg, {"model_dir": root / "conv", "data_dir": data}, "distill")
+    assert out.metrics["resumed_from"] == 2
+    straight, resumed = _losses(root, "straight"), _losses(root, "mixed")
+    for step in range(3, 7):
+        assert abs(straight[step] - resumed[step]) < 1e-6, step
+
+
+def _write_marker(path):
+    Path(path).write_text("code ran")
+
+
+class _RunsCodeWhenUnpickled:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return _write_marker, (self.marker,)
+
+
+def test_resume_refuses_trainer_state_that_would_run_code(train_setup, tmp_path):
+    root, data = train_setup
+    ckpt = root / "evil" / "distill" / "checkpoints" / "checkpoint_000004"
+    shutil.copytree(root / "straight" / "distill" / "checkpoints" / "checkpoint_000004", ckpt)
+    marker = tmp_path / "marker"
+    torch.save({"optimizer": _RunsCodeWhenUnpickled(str(marker)), "scheduler": {}, "rng": {}},
+               ckpt / "trainer_state.pt")
+    with pytest.raises(M1Error) as e:
+        run(_cfg(root, "evil"), {"model_dir": root / "conv", "data_dir": data}, "distill")
+    assert str(ckpt / "trainer_state.pt") in str(e.value) and "\n" not in str(e.value)
+    assert not marker.exists()
+
+
 @pytest.mark.slow
 def test_ray_two_cpu_workers_match_in_process(train_setup):
     import ray
@@ -78,7 +145,6 @@ def test_ray_two_cpu_workers_match_in_process(train_setup):
 def test_ray_fsdp2_two_cpu_workers_match_in_process(train_setup):
     """FSDP2 shards every layer over 2 gloo workers; the gathered checkpoints and final model are full."""
     import ray
-    import torch
 
     from components.model import HybridForCausalLM
 

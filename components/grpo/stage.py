@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from components.errors import M1Error
-from components.train.stage import _has_checkpoint, fingerprint
+from components.train.stage import fingerprint
 
 
 @dataclass
@@ -33,7 +33,8 @@ def run(config, inputs: dict) -> GRPOOutputs:
     g = gc.model_dump(mode="json")
     lc = {"stage": "grpo", "grpo": g, "model_dir": str(model_dir.resolve()),
           "data_dir": str((data_root / gc.data).resolve()), "out_dir": str(out_dir.resolve()), "checkpoint_root": root,
-          "fingerprint": fingerprint("grpo", g, model_dir, data_root, config.seed, config.teacher.source),
+          "fingerprint": fingerprint("grpo", g, model_dir, data_root, config.seed, config.teacher.source,
+                                     libraries=("torch", "transformers", "math-verify")),
           "seed": config.seed, "use_ray": gc.learner_workers > 0, "use_gpu": use_gpu,
           "mlflow_run_id": os.environ.get("MLFLOW_RUN_ID"), "mlflow_uri": os.environ.get("MLFLOW_TRACKING_URI")}
     if (gc.rollout_workers or gc.learner_workers):
@@ -53,8 +54,8 @@ def run(config, inputs: dict) -> GRPOOutputs:
 
         fs, path = ck.filesystem(root)
         storage, name = path.rsplit("/", 1)
-        resume = ray.train.Checkpoint(path=ck.latest_checkpoint(root), filesystem=fs) \
-            if _has_checkpoint(root, lc["fingerprint"]) else None
+        latest = ck.latest_checkpoint(root, lc["fingerprint"])
+        resume = ray.train.Checkpoint(path=latest, filesystem=fs) if latest else None
         TorchTrainer(grpo_loop, train_loop_config=lc, torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
                      scaling_config=ray.train.ScalingConfig(num_workers=gc.learner_workers, use_gpu=use_gpu),
                      run_config=ray.train.RunConfig(name=name, storage_path=storage, storage_filesystem=fs),

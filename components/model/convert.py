@@ -9,6 +9,7 @@ in_proj has none, as in the reference."""
 from __future__ import annotations
 
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,10 +134,9 @@ def run(config, inputs: dict | None = None) -> ConvertOutputs:
                     dt_min=c.dt_min, dt_max=c.dt_max, dt_init_floor=c.dt_init_floor, conv_bias=c.conv_bias,
                     mamba2_headdim=c.mamba2_headdim, seed=c.seed)
     tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)  # a crashed convert's leftovers must not be published with this model
     model.save_pretrained(tmp, tokenizer=load_any_tokenizer(config.teacher.source))
     if out.exists():
-        import shutil
-
         shutil.rmtree(out)
     tmp.rename(out)
     return ConvertOutputs(str(out), model.num_parameters(), list(c.attn_layers), c.mixer)

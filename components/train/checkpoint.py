@@ -1,13 +1,16 @@
 """Training checkpoints on a local directory or S3, through pyarrow filesystems (the same ones Ray Train uses).
 
 A checkpoint is a directory: the model in the Hugging Face layout (loadable by HybridForCausalLM.from_pretrained)
-plus trainer_state.pt (optimizer, scheduler, RNG states) and trainer_state.json (step, data position). The latest
-checkpoint is the one with the highest step among `<root>/checkpoint_*`. Ray Train writes its own
-checkpoint_<timestamp> folders into the same root, so the scan works for both paths."""
+plus trainer_state.pt (optimizer, scheduler, RNG states: tensors and plain data only, loaded with
+weights_only=True) and trainer_state.json (step, data position, fingerprint). A run's latest checkpoint is the one
+with the highest step among the `<root>/checkpoint_*` of its fingerprint: checkpoints of other settings in the same
+root are neither resumed nor pruned. Ray Train writes its own checkpoint_<timestamp> folders into the same root, so
+the scan works for both paths."""
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 import tempfile
@@ -15,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from components.errors import M1Error
 
 STATE_JSON = "trainer_state.json"
 STATE_PT = "trainer_state.pt"
@@ -35,7 +40,10 @@ def filesystem(uri: str):
 
 
 def rng_state() -> dict:
-    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    # numpy's key array as a list of ints: the state then loads with weights_only=True, no numpy globals allowed
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    st = {"torch": torch.get_rng_state(), "numpy": (name, keys.tolist(), pos, has_gauss, gauss),
+          "python": random.getstate()}
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st
@@ -43,7 +51,8 @@ def rng_state() -> dict:
 
 def set_rng_state(st: dict) -> None:
     torch.set_rng_state(st["torch"])
-    np.random.set_state(st["numpy"])
+    name, keys, pos, has_gauss, gauss = st["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
     random.setstate(st["python"])
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
@@ -99,8 +108,8 @@ def upload(local_dir: Path, root_uri: str, name: str) -> str:
     return dest
 
 
-def list_checkpoints(root_uri: str) -> list[tuple[int, str]]:
-    """[(step, path)] of complete checkpoints under root, oldest first."""
+def list_checkpoints(root_uri: str, fingerprint: str | None = None) -> list[tuple[int, str]]:
+    """[(step, path)] of complete checkpoints under root (only those of `fingerprint` when given), oldest first."""
     import pyarrow.fs as pafs
 
     fs, root = filesystem(root_uri)
@@ -115,14 +124,18 @@ def list_checkpoints(root_uri: str) -> list[tuple[int, str]]:
             continue
         try:
             with fs.open_input_stream(f"{info.path}/{STATE_JSON}") as f:
-                out.append((json.loads(f.read())["step"], info.path))
+                meta = json.loads(f.read())
+            step = meta["step"]
         except (FileNotFoundError, OSError, KeyError, json.JSONDecodeError):
             continue  # incomplete
+        if fingerprint is None or meta.get("fingerprint") == fingerprint:
+            out.append((step, info.path))
     return sorted(out)
 
 
-def latest_checkpoint(root_uri: str) -> str | None:
-    cks = list_checkpoints(root_uri)
+def latest_checkpoint(root_uri: str, fingerprint: str) -> str | None:
+    """The newest checkpoint of this fingerprint: a newer one of other settings must not hide it."""
+    cks = list_checkpoints(root_uri, fingerprint)
     return cks[-1][1] if cks else None
 
 
@@ -138,13 +151,20 @@ def download(root_uri: str, path: str) -> Path:
     return local
 
 
-def prune(root_uri: str, keep: int) -> None:
+def prune(root_uri: str, keep: int, fingerprint: str) -> None:
+    """Keep the newest `keep` checkpoints of this fingerprint; those of other settings are not this run's to count
+    or remove (higher-numbered ones would otherwise push out the run's own)."""
     fs, _ = filesystem(root_uri)
-    for _, path in list_checkpoints(root_uri)[:-keep]:
+    for _, path in list_checkpoints(root_uri, fingerprint)[:-keep]:
         fs.delete_dir(path)
 
 
 def read_state(local_dir: Path) -> tuple[dict, dict]:
     meta = json.loads((local_dir / STATE_JSON).read_text())
-    state = torch.load(local_dir / STATE_PT, map_location="cpu", weights_only=False)
+    path = local_dir / STATE_PT
+    try:  # checkpoints may come from shared storage: unpickling anything but tensors and plain data could run code
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise M1Error(f"{path}: refusing to resume from trainer state that holds more than tensors and plain data "
+                      f"(loading it could run code); delete this checkpoint to start over") from e
     return meta, state

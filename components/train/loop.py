@@ -65,7 +65,7 @@ class Context:
             d = Path(tempfile.mkdtemp(prefix="m1-resume-"))
             c.to_directory(str(d))
         else:
-            path = ck.latest_checkpoint(root)
+            path = ck.latest_checkpoint(root, fingerprint)
             if path is None:
                 return None
             d = ck.download(root, path)
@@ -80,7 +80,7 @@ class Context:
             ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, checkpoint=ckpt)
         elif local_ckpt is not None:
             ck.upload(local_ckpt, root, f"checkpoint_{step:06d}")
-            ck.prune(root, keep)
+            ck.prune(root, keep, json.loads((local_ckpt / ck.STATE_JSON).read_text())["fingerprint"])
 
 
 def lr_lambda(tc: dict):

@@ -3,16 +3,19 @@
 inputs: model_dir (the model to start from: the converted hybrid for distill, the previous stage's model after)
 and data_dir (the curate stage's output). Runs in-process when `num_workers` is 0, else as a Ray Train
 TorchTrainer with that many workers (gloo on CPU, NCCL on GPU) on the cluster `ensure_ray` joins or starts.
-Started again after a failure, it resumes from the latest checkpoint whose fingerprint (stage settings, input
-model, data manifest) matches; checkpoints of other settings are ignored."""
+Started again after a failure, it resumes from the latest checkpoint whose fingerprint (stage settings, code,
+library versions, input model, data manifest) matches; checkpoints of other settings are ignored."""
 from __future__ import annotations
 
 import hashlib
 import json
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from components.errors import M1Error
+from components.pipeline import hashing
+from components.pipeline.stages import ROOT, get_stage
 
 STAGES = ("distill", "sft1", "sft2")
 
@@ -28,12 +31,25 @@ def _file_hash(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "-"
 
 
-def fingerprint(stage: str, train_cfg: dict, model_dir: Path, data_dir: Path, seed: int, teacher: str) -> str:
-    h = hashlib.sha256(json.dumps({"stage": stage, "train": train_cfg, "seed": seed, "teacher": teacher}, sort_keys=True,
-                                  default=str).encode())
-    for f in (model_dir / "config.json", model_dir / "model.safetensors", model_dir / "model.safetensors.index.json",
-              data_dir / "manifest.json"):
-        h.update(_file_hash(f).encode())
+def _library_version(name: str) -> str:
+    # the public version only: the build tag (+cpu, +cu124) is the driver's, not that of the workers that train
+    try:
+        return version(name).split("+")[0]
+    except PackageNotFoundError:
+        return "-"
+
+
+def fingerprint(stage: str, train_cfg: dict, model_dir: Path, data_dir: Path, seed: int, teacher: str,
+                libraries: tuple[str, ...] = ("torch", "transformers")) -> str:
+    """What a checkpoint must match to be resumed: the settings, the stage's code (the paths that key its cache),
+    the versions of `libraries`, every file of the input model and the data manifest. Computed once by the driver
+    and handed to the workers; it holds no absolute path, so the same code and inputs give the same value."""
+    h = hashlib.sha256(json.dumps({"stage": stage, "train": train_cfg, "seed": seed, "teacher": teacher,
+                                   "code": hashing.code_version(get_stage(stage).code_paths(), ROOT),
+                                   "libraries": {n: _library_version(n) for n in libraries}},
+                                  sort_keys=True, default=str).encode())
+    h.update(hashing.dvc_md5(model_dir).encode())  # every shard and file; remembered by stat, not re-read
+    h.update(_file_hash(data_dir / "manifest.json").encode())
     return h.hexdigest()[:16]
 
 
@@ -41,6 +57,8 @@ def run(config, inputs: dict, stage: str) -> TrainOutputs:
     import os
 
     import torch
+
+    from components.train import checkpoint as ck
 
     if stage not in STAGES:
         raise M1Error(f"unknown training stage {stage!r}; choose one of {', '.join(STAGES)}")
@@ -64,7 +82,7 @@ def run(config, inputs: dict, stage: str) -> TrainOutputs:
         "mlflow_run_id": os.environ.get("MLFLOW_RUN_ID"), "mlflow_uri": os.environ.get("MLFLOW_TRACKING_URI"),
     }
     topk = _teacher_topk(config, tc, stage, lc, out_dir, use_gpu)
-    if not _has_checkpoint(root, lc["fingerprint"]):
+    if ck.latest_checkpoint(root, lc["fingerprint"]) is None:
         (out_dir / "history.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh loss curve
     if tc.num_workers == 0:
         from components.train.loop import train_loop
@@ -102,20 +120,6 @@ def _teacher_topk(config, tc, stage: str, lc: dict, out_dir: Path, use_gpu: bool
     return {"teacher_topk/rows": info["rows"], "teacher_topk/computed": info["computed"]}
 
 
-def _has_checkpoint(root: str, fp: str) -> bool:
-    from components.train import checkpoint as ck
-
-    for _, path in ck.list_checkpoints(root):
-        try:
-            fs, _ = ck.filesystem(root)
-            with fs.open_input_stream(f"{path}/{ck.STATE_JSON}") as f:
-                if json.loads(f.read()).get("fingerprint") == fp:
-                    return True
-        except OSError:
-            continue
-    return False
-
-
 def _run_ray(lc: dict, tc, root: str, use_gpu: bool, config) -> dict:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -127,9 +131,8 @@ def _run_ray(lc: dict, tc, root: str, use_gpu: bool, config) -> dict:
     ensure_ray()  # RAY_ADDRESS (set from pipeline.ray_address by the pipeline) or a local cluster
     fs, path = ck.filesystem(root)
     storage, name = path.rsplit("/", 1)
-    resume = None
-    if _has_checkpoint(root, lc["fingerprint"]):
-        resume = ray.train.Checkpoint(path=ck.latest_checkpoint(root), filesystem=fs)
+    latest = ck.latest_checkpoint(root, lc["fingerprint"])
+    resume = ray.train.Checkpoint(path=latest, filesystem=fs) if latest else None
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=lc,
