@@ -103,6 +103,23 @@ def format_validation_error(e: ValidationError) -> str:
     return "invalid config: " + "; ".join(parts)
 
 
+def _profile_overlay(profile: str, seen: tuple[str, ...] = ()) -> dict:
+    """A profile's overlay; `extends: <profile>` at its top stacks it on another profile's overlay first (a node
+    profile such as gpu2 changes only what differs from gpu)."""
+    path = PROFILES_DIR / f"{profile}.yaml"
+    if not path.is_file():
+        raise M1Error(f"unknown profile {profile!r}; available: {', '.join(available_profiles())}")
+    if profile in seen:
+        raise M1Error(f"profile {profile!r} extends itself through {' -> '.join(seen + (profile,))}")
+    data = _read_yaml(path)
+    base = data.pop("extends", None)
+    if base is None or base == "default":
+        return data
+    if not isinstance(base, str):
+        raise M1Error(f"{path}: extends must name one profile, not {base!r}")
+    return _merge(_profile_overlay(base, seen + (profile,)), data)
+
+
 def load_config(
     profile: str = "default", params: str | Path | None = None, overrides: dict[str, Any] | None = None
 ) -> M1Config:
@@ -111,10 +128,7 @@ def load_config(
         raise M1Error(f"params file not found: {params}")
     data = _read_yaml(params)
     if profile != "default":
-        path = PROFILES_DIR / f"{profile}.yaml"
-        if not path.is_file():
-            raise M1Error(f"unknown profile {profile!r}; available: {', '.join(available_profiles())}")
-        data = _merge(data, _read_yaml(path))
+        data = _merge(data, _profile_overlay(profile))
     data["profile"] = profile
     if overrides:
         data = _merge(data, overrides)

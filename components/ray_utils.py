@@ -16,5 +16,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, namespac
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         return ray.init(address=address, namespace=namespace, log_to_driver=True)
-    return ray.init(num_cpus=num_cpus, namespace=namespace, include_dashboard=False, _node_ip_address="127.0.0.1",
-                    log_to_driver=True, configure_logging=False)
+    # address="local": a new instance, never one found through /tmp/ray's cluster file (a stopped head leaves it
+    # behind, and ray.init() then waits on a GCS that is gone).
+    return ray.init(address="local", num_cpus=num_cpus, namespace=namespace, include_dashboard=False,
+                    _node_ip_address="127.0.0.1", log_to_driver=True, configure_logging=False)

@@ -194,6 +194,7 @@ def grpo_loop(lc: dict) -> dict:
     G = gc["group_size"]
     for step in range(start, gc["max_steps"]):
         batch = None
+        t_step = time.time()
         if ctx.rank == 0:
             batch, cursor, roll_stats = _collect(pool, train_rows, cursor, gc, lc["seed"] + step)
         if ctx.world > 1:
@@ -253,12 +254,14 @@ def grpo_loop(lc: dict) -> dict:
         totals = ctx.all_sum([stats_acc.get(k, 0.0) for k in ("pg_loss", "clip_fraction", "approx_kl_old", "entropy")])
         if ctx.rank == 0:
             sync_s = pool.set_weights(core.state_dict(), step + 1)
+            step_s = time.time() - t_step
             lens = [len(t) for t in batch["tokens"]]
             n_upd = max(n_upd, 1)
             m = {**roll_stats, "pg_loss": totals[0] / n_upd, "clip_fraction": totals[1] / n_upd,
                  "approx_kl": totals[2] / n_upd, "entropy": totals[3] / n_upd, "skipped_update": float(no_signal),
                  "rollout_logprob_gap": gap[0], "rollout_logprob_gap_max": gap[1],
                  "learner_tokens_per_s": sum(lens) * gc["ppo_epochs"] / max(learn_s, 1e-9), "sync_seconds": sync_s,
+                 "learn_seconds": learn_s, "step_seconds": step_s, "sync_share": sync_s / max(step_s, 1e-9),
                  "prompt_cursor": cursor}
             if tracker:
                 tracker.log_metrics(m, step=step + 1)
@@ -376,7 +379,8 @@ def _collect(pool, rows, cursor, gc, seed):
              "truncated_fraction": trunc / n, "zero_variance_groups": zero_var / max(1, n // G),
              "no_think_fraction": reasons.count("no_think") / n, "reward_errors": float(reasons.count("error")),
              "unevaluated_fraction": reasons.count("unevaluated") / n,
-             "rollout_tokens_per_s": gen_tokens / max(gen_s, 1e-9), "rollout_rounds": float(rounds),
+             "rollout_tokens_per_s": gen_tokens / max(gen_s, 1e-9), "rollout_seconds": gen_s,
+             "rollout_rounds": float(rounds),
              "batch_prompts": float(len(groups))}
     return batch, cursor, stats
 

@@ -52,6 +52,8 @@ def register(sub) -> None:
     p.add_argument("--dry-run", action="store_true",
                    help="validate the config and print the stages, their cache keys and the resources they ask for")
     p.add_argument("--dvc-yaml", action="store_true", help="print the dvc.yaml stages generated from the registry")
+    p.add_argument("--summary-json", default=None, metavar="PATH",
+                   help="also write the run's summary (flow run id, per-stage status, seconds, metrics) as JSON")
     p.set_defaults(func=_pipeline)
 
     s = sub.add_parser("stage", help="run one registered stage directly, without Prefect (what dvc.yaml runs)")
@@ -115,6 +117,11 @@ def _pipeline(args) -> int:
     if summary["mlflow"]["link"]:
         print(f"\nMLflow parent run: {summary['mlflow']['parent_run_id']}  ({summary['mlflow']['link']})")
     print("\n" + "\n".join(summary["ui"]))
+    if args.summary_json:
+        out = Path(args.summary_json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({**summary, "wall_seconds": round(time.time() - t0, 2),
+                                   "overrides": overrides_from(args.overrides)}, indent=1, default=str))
     return 0
 
 

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# The pipeline on one GPU node without internet, from a checkout of this repo and the wheelhouse installed by
+# `python3 infra/offline/wheelhouse.py install ... --target $M1_SITE`:
+#   infra/offline/node-pipeline.sh start PROFILE [m1 pipeline args]   a local Ray head with every GPU of the node,
+#        then the Prefect flow `m1-pipeline` detached (it outlives the shell; log and exit status under the run dir)
+#   infra/offline/node-pipeline.sh wait PROFILE SECONDS              wait for it, print the log's tail
+#   infra/offline/node-pipeline.sh report PROFILE OUT.json            the run's record (bench/gpu_pipeline_report.py)
+#   infra/offline/node-pipeline.sh stop                              stop the Ray head started here (by its PIDs)
+# Started again after an interruption, the flow skips finished stages (Prefect cache) and training resumes from
+# its checkpoints. MLflow: sqlite under the run dir (runs/<profile>/mlflow.db, artifacts beside it).
+# M1_RAY_HEAD=0: no head; the flow starts a Ray instance of its own on 127.0.0.1 (components/ray_utils.py).
+# The head binds the node's address (Ray maps 127.0.0.1 to it): meant for a node on a private network.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+site=${M1_SITE:-/var/tmp/m1-site}
+py=${M1_PYTHON:-python3}
+export PYTHONPATH=$PWD:$site${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+export MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=true DVC_NO_ANALYTICS=1 PREFECT_SERVER_ANALYTICS_ENABLED=false \
+       RAY_USAGE_STATS_ENABLED=0 HF_HUB_DISABLE_TELEMETRY=1
+port=${M1_RAY_PORT:-6379}
+# `ray start` turns token authentication on (the token lands in ~/.ray/auth_token); its clients must ask for it.
+export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
+state=runs/node
+
+case "${1:-}" in
+start)
+  profile=${2:?usage: node-pipeline.sh start PROFILE [m1 pipeline args]}; shift 2
+  run_dir=$("$py" -c "from components.config import load_config as c; print(c('$profile').run_dir)")
+  mkdir -p "$run_dir" "$state"
+  if [ "${M1_RAY_HEAD:-1}" = 1 ]; then
+    if ! { [ -f "$state/ray.sid" ] && pgrep -s "$(cat "$state/ray.sid")" >/dev/null; }; then
+      gpus=$("$py" -c "import torch; print(torch.cuda.device_count())")
+      # its own session, so `stop` ends exactly the processes it started (pkill -s)
+      setsid "$py" -c 'import sys; from ray.scripts.scripts import main; sys.argv[0] = "ray"; sys.exit(main())' \
+        start --head --port "$port" --num-gpus "$gpus" --include-dashboard=false --disable-usage-stats \
+        > "$state/ray-start.log" 2>&1 &
+      echo $! > "$state/ray.sid"
+      wait $! || { tail -n 5 "$state/ray-start.log" >&2; exit 1; }
+      echo "Ray head on port $port with $gpus GPU(s), session $(cat "$state/ray.sid")"
+    fi
+    export RAY_ADDRESS=127.0.0.1:$port
+  fi
+  export PREFECT_HOME=$PWD/$run_dir/prefect
+  export MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///$PWD/$run_dir/mlflow.db}
+  rm -f "$run_dir/pipeline.rc"
+  printf -v cmd '%q ' "$py" -m components.cli pipeline --profile "$profile" \
+    --summary-json "$run_dir/pipeline_summary.json" "$@"
+  setsid nohup bash -c "$cmd; echo \$? > $run_dir/pipeline.rc" >> "$run_dir/pipeline.log" 2>&1 < /dev/null &
+  echo "started: $cmd (log $run_dir/pipeline.log)" ;;
+wait)
+  profile=${2:?usage: node-pipeline.sh wait PROFILE SECONDS}; limit=${3:?usage: node-pipeline.sh wait PROFILE SECONDS}
+  run_dir=$("$py" -c "from components.config import load_config as c; print(c('$profile').run_dir)")
+  end=$((SECONDS + limit))
+  while [ ! -f "$run_dir/pipeline.rc" ] && [ "$SECONDS" -lt "$end" ]; do sleep 5; done
+  tail -n "${M1_TAIL:-25}" "$run_dir/pipeline.log" || true
+  if [ -f "$run_dir/pipeline.rc" ]; then echo "finished with exit status $(cat "$run_dir/pipeline.rc")"
+  else echo "still running"; fi ;;
+report)
+  profile=${2:?usage: node-pipeline.sh report PROFILE OUT.json}; out=${3:?usage: node-pipeline.sh report PROFILE OUT.json}
+  "$py" bench/gpu_pipeline_report.py --profile "$profile" --out "$out" ;;
+stop)
+  if [ -f "$state/ray.sid" ]; then
+    sid=$(cat "$state/ray.sid"); pkill -s "$sid" || true; sleep 3; pkill -9 -s "$sid" || true; rm -f "$state/ray.sid"
+  fi ;;
+*) sed -n 2,10p "$0" >&2; exit 2 ;;
+esac
