@@ -127,8 +127,15 @@ def test_dry_run_prints_stages_keys_and_resources(profile, capsys, monkeypatch):
     for name in stage_names():
         assert f"  {name} " in out
     assert "key m1-curate-" in out and "asks for" in out
-    if profile == "m1-3b":
-        assert "1 GPU (H100)" in out and "largest request" in out and "s3://m1-pipeline" in out
+    if profile == "m1-3b":  # Ray stages count their workers and actors, driver-side stages the driver's GPU
+        asks = [line.split("asks for ", 1)[1] for line in out.splitlines() if "asks for " in line]
+        train = "1 CPU, 8 GPU: driver 1 CPU + Ray 8 workers x (0 CPU, 1 GPU); uses Ray"
+        assert asks == ["32 CPU, 128 GB", "8 CPU, 64 GB", train, train, train,
+                        ("33 CPU, 8 GPU: driver 1 CPU + Ray 4 learners x (0 CPU, 1 GPU) + 4 rollout actors x "
+                         "(8 CPU, 1 GPU); uses Ray"), "1 CPU, 1 GPU", "1 CPU"]
+        assert "largest request (stages run one after another): 1 node(s), 33 CPU, 8 GPU, 128 GB per node" in out
+        assert "driver at most 32 CPU, 1 GPU, 128 GB; Ray workers and actors of one stage at most 32 CPU, 8 GPU" in out
+        assert "s3://m1-pipeline" in out
 
 
 def test_profiles_dir_holds_the_documented_profiles():

@@ -1,6 +1,6 @@
 """`m1 pipeline --dry-run`: the validated plan without running anything: each stage, the config it is keyed
-on, its cache key and whether a cached result exists for it, and the resources it asks for (the m1-3b profile
-is sized this way on a machine that could never run it)."""
+on, its cache key and whether a cached result exists for it, and the resources it asks for: the driver's share and
+the Ray workers and actors it starts (the m1-3b profile is sized this way on a machine that could never run it)."""
 from __future__ import annotations
 
 from components.pipeline.keys import StageResult, cache_key
@@ -38,6 +38,8 @@ def dry_run(config, stages) -> str:
              "", "stages:"]
     hashes: dict[str, str] = {}
     largest = {"nodes": 1, "cpus": 0.0, "gpus": 0.0, "memory_gb": 0.0}
+    driver = {"cpus": 0.0, "gpus": 0.0, "memory_gb": 0.0}
+    ray = {"cpus": 0.0, "gpus": 0.0}
     for s in stages:
         res = stage_resources(config, s)
         if all(u in hashes for u in s.upstream):
@@ -58,6 +60,14 @@ def dry_run(config, stages) -> str:
         lines.append(f"  {'':<10} asks for {format_resources(res)}" + ("; uses Ray" if s.uses_ray else ""))
         for k, v in largest.items():
             largest[k] = max(v, float(res.get(k) or 0))
+        for k, v in driver.items():
+            driver[k] = max(v, float(res["driver"].get(k) or 0))
+        for k, v in ray.items():
+            ray[k] = max(v, sum(g["count"] * g[k] for g in res["ray"]))
+    # A cluster runs the driver where its largest share fits (a Ray job's entrypoint reserves it for the whole
+    # run), with each Ray stage's workers beside it: the two peaks below add up on that node.
     lines += ["", (f"largest request (stages run one after another): {largest['nodes']:g} node(s), "
-                   f"{largest['cpus']:g} CPU, {largest['gpus']:g} GPU, {largest['memory_gb']:g} GB per node")]
+                   f"{largest['cpus']:g} CPU, {largest['gpus']:g} GPU, {largest['memory_gb']:g} GB per node"),
+              (f"driver at most {driver['cpus']:g} CPU, {driver['gpus']:g} GPU, {driver['memory_gb']:g} GB; "
+               f"Ray workers and actors of one stage at most {ray['cpus']:g} CPU, {ray['gpus']:g} GPU")]
     return "\n".join(lines)
