@@ -94,18 +94,58 @@ def available_profiles() -> list[str]:
     return ["default"] + sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
 
 
-def format_validation_error(e: ValidationError) -> str:
+def format_validation_error(e: ValidationError | list[dict], origins: dict[str, str] | None = None,
+                            show_input: bool = False) -> str:
+    """One line: each bad key with pydantic's message (and the input, for values that only fail strict checks) and
+    the file that set it."""
     parts = []
-    for err in e.errors():
+    for err in e.errors() if isinstance(e, ValidationError) else e:
         key = ".".join(str(x) for x in err["loc"]) or "<root>"
         msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        parts.append(f"{key}: {msg}")
+        if show_input:
+            got = repr(err["input"])
+            msg += f", got {got if len(got) <= 60 else got[:57] + '...'}"
+        where = _origin(err["loc"], origins or {})
+        parts.append(f"{key}: {msg}" + (f" (in {where})" if where and where != OVERRIDES else ""))
     return "invalid config: " + "; ".join(parts)
 
 
-def _profile_overlay(profile: str, seen: tuple[str, ...] = ()) -> dict:
-    """A profile's overlay; `extends: <profile>` at its top stacks it on another profile's overlay first (a node
-    profile such as gpu2 changes only what differs from gpu)."""
+# Origin of keys given as `overrides` (the CLI's --set, the Python API): not a file.
+OVERRIDES = "overrides"
+
+
+def _record_origins(data: dict, origin: str, out: dict[str, str], prefix: str = "") -> None:
+    """Note which file set each dotted key (the last to set it wins), so that a bad value is reported with the
+    file to fix: with params.yaml, a profile and the profiles it extends, the key alone does not say which."""
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        out[key] = origin
+        if isinstance(v, dict):
+            _record_origins(v, origin, out, key + ".")
+
+
+def _origin(loc: tuple, origins: dict[str, str]) -> str | None:
+    """The file that set the value at pydantic's error location, or a mapping above it (a list item's error
+    belongs to the file that set the list)."""
+    parts = [str(x) for x in loc]
+    for i in range(len(parts), 0, -1):
+        where = origins.get(".".join(parts[:i]))
+        if where is not None:
+            return where
+    return None
+
+
+def _shown(path: Path) -> str:
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def _profile_files(profile: str, seen: tuple[str, ...] = ()) -> list[tuple[Path, dict]]:
+    """A profile's file and data, after those of the profiles it extends: `extends: <profile>` at its top stacks it
+    on another profile (a node profile such as gpu2 changes only what differs from gpu)."""
     path = PROFILES_DIR / f"{profile}.yaml"
     if not path.is_file():
         raise M1Error(f"unknown profile {profile!r}; available: {', '.join(available_profiles())}")
@@ -114,10 +154,18 @@ def _profile_overlay(profile: str, seen: tuple[str, ...] = ()) -> dict:
     data = _read_yaml(path)
     base = data.pop("extends", None)
     if base is None or base == "default":
-        return data
+        return [(path, data)]
     if not isinstance(base, str):
         raise M1Error(f"{path}: extends must name one profile, not {base!r}")
-    return _merge(_profile_overlay(base, seen + (profile,)), data)
+    return _profile_files(base, seen + (profile,)) + [(path, data)]
+
+
+def _profile_overlay(profile: str) -> dict:
+    """A profile's overlay, the profiles it extends merged under it."""
+    out: dict = {}
+    for _, data in _profile_files(profile):
+        out = _merge(out, data)
+    return out
 
 
 def load_config(
@@ -127,12 +175,27 @@ def load_config(
     if not params.is_file():
         raise M1Error(f"params file not found: {params}")
     data = _read_yaml(params)
+    origins: dict[str, str] = {}
+    _record_origins(data, _shown(params), origins)
     if profile != "default":
-        data = _merge(data, _profile_overlay(profile))
+        for path, overlay in _profile_files(profile):
+            data = _merge(data, overlay)
+            _record_origins(overlay, _shown(path), origins)
     data["profile"] = profile
     if overrides:
         data = _merge(data, overrides)
+        _record_origins(overrides, OVERRIDES, origins)
     try:
-        return M1Config.model_validate(data)
+        config = M1Config.model_validate(data)
     except ValidationError as e:
-        raise M1Error(format_validation_error(e)) from None
+        raise M1Error(format_validation_error(e, origins)) from None
+    # The YAML files are typed, so a value that validates only by coercion (true -> 1, "10" -> 10, 10.0 -> 10,
+    # "yes" -> True) is a mistake in the file, not a wish: it is refused, naming the key and the file. Overrides
+    # (--set, the Python API) keep pydantic's coercion: `--set distill.lr=1e-4` reads 1e-4 as a string.
+    try:
+        M1Config.model_validate(data, strict=True)
+    except ValidationError as e:
+        in_files = [err for err in e.errors() if _origin(err["loc"], origins) != OVERRIDES]
+        if in_files:
+            raise M1Error(format_validation_error(in_files, origins, show_input=True)) from None
+    return config

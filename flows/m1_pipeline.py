@@ -4,13 +4,15 @@ Each task is cached on its stage's cache key (config sections, upstream output h
 result persisted (local folder by default, S3 when pipeline.result_storage says so): a stage whose inputs did
 not change is not run again, and a run started again after a failure skips the finished stages and re-runs the
 failed one (training stages resume from their own checkpoints). A failed task raises, so Prefect stores
-nothing for it. Transient failures retry with exponential backoff; bad input (M1Error) does not.
+nothing for it. Transient failures retry with exponential backoff; bad input (M1Error) does not, and ends the run
+as a Failed state whose message is the one line `m1: error: ...` (the traceback goes to <run_dir>/logs/last_error.log).
 
     m1 pipeline --profile tiny                                  # in-process, no server needed
     prefect deployment run m1-pipeline/local -p profile=tiny    # through a server + worker (infra/)
 """
 from __future__ import annotations
 
+import logging
 import time
 
 from components.pipeline.runner import quiet_env
@@ -20,6 +22,7 @@ quiet_env()
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.context import get_run_context
+from prefect.states import Failed
 
 from components.errors import M1Error
 from components.pipeline import runner
@@ -43,11 +46,24 @@ def _transient(task, task_run, state) -> bool:
     return True
 
 
+class _NoBadInputTraceback(logging.Filter):
+    """A task that fails with no retries left is logged with its traceback; for bad input (M1Error) the message is
+    the news and the traceback goes to the run's log file (runner.error_line), not the console."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], M1Error):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+logging.getLogger("prefect.task_runs").addFilter(_NoBadInputTraceback())
+
+
 @task(persist_result=True, cache_key_fn=_cache_key, result_serializer="pickle", cache_result_in_memory=False,
       retry_condition_fn=_transient)
 def run_stage(stage: str, config, inputs: dict, cache_key: str, mlflow_run_id: str | None,
-              tracking_uri: str | None) -> StageResult:
-    return runner.execute_stage(config, stage, inputs, cache_key, mlflow_run_id, tracking_uri)
+              tracking_uri: str | None, later: list[str] | None = None) -> StageResult:
+    return runner.execute_stage(config, stage, inputs, cache_key, mlflow_run_id, tracking_uri, later)
 
 
 def _stage_task(stage, config, storage, refresh: bool = False):
@@ -64,9 +80,20 @@ def m1_pipeline(profile: str = "default", params: str | None = None, stages: lis
     """Run the registered stages for `profile` (params.yaml + configs/profiles/<profile>.yaml [+ overrides])."""
     from components.config import load_config
 
+    config = None
+    try:
+        config = load_config(profile, params, overrides)  # bad input fails here, before any stage
+        return _run(config, stages)
+    except M1Error as e:
+        # Returned, not raised: the run's state message is then the one line (what `prefect flow-run inspect` and
+        # the UI show for a deployment run) and Prefect logs no traceback; calling the flow still raises `error`.
+        line, error = runner.error_line(e, config.run_dir if config is not None else None)
+        return Failed(message=line, data=error)
+
+
+def _run(config, stages: list[str] | None) -> dict:
     started = time.time()
     logger = get_run_logger()
-    config = load_config(profile, params, overrides)  # bad input fails here, before any stage
     plan = runner.selected_stages(config, stages)
     runner.preflight(config, plan)
     export_s3_env(config)
@@ -79,7 +106,8 @@ def m1_pipeline(profile: str = "default", params: str | None = None, stages: lis
     rows: list[dict] = []
     ok = False
     try:
-        for stage in plan:
+        for i, stage in enumerate(plan):
+            later = [s.name for s in plan[i + 1:]]
             key = cache_key(config, stage, {u: finished[u].output_hash for u in stage.upstream})
             inputs = stage.build_inputs({n: r.outputs for n, r in finished.items()}, config)
             run_id = runs.start_stage(stage.name)
@@ -89,14 +117,15 @@ def m1_pipeline(profile: str = "default", params: str | None = None, stages: lis
             t0 = time.time()
             try:
                 state = _stage_task(stage, config, storage)(stage.name, config, inputs, key, run_id, runs.uri,
-                                                           return_state=True)
+                                                           later, return_state=True)
                 result: StageResult = state.result()
                 cached = state.name == "Cached"
                 if cached and not result.outputs_intact(stage):
                     logger.warning(f"{stage.name}: cached outputs are missing or changed on disk; running it again")
                     state = _stage_task(stage, config, storage, refresh=True)(
-                        stage.name, config, inputs, key, run_id, runs.uri, return_state=True)
+                        stage.name, config, inputs, key, run_id, runs.uri, later, return_state=True)
                     result, cached = state.result(), False
+                runner.check_splits(config, result.outputs, later)  # also a result cached by a run of fewer stages
             except BaseException:
                 runs.end_stage(run_id, ok=False)
                 raise

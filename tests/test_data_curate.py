@@ -258,3 +258,23 @@ def test_rl_prompts_seen_in_sft_are_dropped_when_asked(tmp_path, tok):
     assert sorted(r["id"] for r in kept) == sorted(want) and 0 < len(want) < 40
     log = [json.loads(line) for line in open(outs[True].decontamination)]
     assert sum(e["matched"] == "sft" for e in log) == len(keep) - len(kept)
+
+
+@pytest.mark.parametrize("name", ["empty.jsonl", "blank_lines.jsonl", "no_rows.parquet"])
+def test_source_without_rows_is_refused_before_anything_is_written(tmp_path, tok, name):
+    # An empty local file used to be curated "successfully" (0 records, cached) and fail distill later with
+    # "run the curate stage first": it is refused by name, with the file, and no data/ is written.
+    import pyarrow as pa
+
+    path = tmp_path / name
+    if name.endswith(".parquet"):
+        pq.write_table(pa.table({"problem": pa.array([], pa.string()), "solution": pa.array([], pa.string())}), path)
+    else:
+        path.write_text("" if name == "empty.jsonl" else "\n  \n")
+    over = {"run_dir": str(tmp_path / "run"), "data": {"num_proc": 1, "sources": [
+        {"kind": "mathgenerator", "name": "mg", "splits": ["sft1", "rl"], "n": 10},
+        {"kind": "local", "name": "mine", "path": str(path), "splits": ["sft1"]}]}}
+    with pytest.raises(M1Error) as e:
+        curate.run(load_config(overrides=over), {"tokenizer": tok})
+    assert str(e.value) == f"source mine: no rows in {path}"
+    assert os.listdir(tmp_path / "run") == []

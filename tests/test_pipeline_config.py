@@ -12,7 +12,7 @@ from components.errors import M1Error
 from components.pipeline.keys import cache_key, extract_metrics
 from components.pipeline.stages import get_stage, plan, registered_stages, stage_names
 
-PROFILES = ["default", "tiny", "gpu", "m1-3b"]
+PROFILES = ["default", "tiny", "gpu", "gpu2", "m1-3b"]  # gpu2 extends gpu
 
 
 def m1(*argv) -> int:
@@ -182,3 +182,66 @@ def test_dvc_yaml_is_generated_from_the_registry():
     tiny = dvc_stages(load_config("tiny"))["stages"]
     assert tiny["curate"]["cmd"] == "m1 stage curate --profile tiny"
     assert "configs/profiles/tiny.yaml" in tiny["curate"]["deps"]
+
+
+@pytest.fixture
+def profiles(tmp_path, monkeypatch):
+    """A profiles folder of our own: `base` and `child` (extends base), each YAML text as given."""
+    import components.config as config_module
+
+    monkeypatch.setattr(config_module, "PROFILES_DIR", tmp_path)
+
+    def write(base: str, child: str):
+        (tmp_path / "base.yaml").write_text(base)
+        (tmp_path / "child.yaml").write_text("extends: base\n" + child)
+        return tmp_path / "base.yaml", tmp_path / "child.yaml"
+    return write
+
+
+@pytest.mark.parametrize("child, message", [
+    # values pydantic used to coerce silently: true -> 1, "10" -> 10, 10.0 -> 10, "yes" -> True
+    ("distill: {max_steps: true}\n", "distill.max_steps: Input should be a valid integer, got True"),
+    ("distill: {max_steps: '10'}\n", "distill.max_steps: Input should be a valid integer, got '10'"),
+    ("distill: {max_steps: 10.0}\n", "distill.max_steps: Input should be a valid integer, got 10.0"),
+    ("convert: {conv_bias: 'yes'}\n", "convert.conv_bias: Input should be a valid boolean, got 'yes'"),
+    # reported before, but not which of the stacked files to fix
+    ("distill: {max_steps: ten}\n",
+     "distill.max_steps: Input should be a valid integer, unable to parse string as an integer"),
+    ("sft1: [1, 2]\n", "sft1: Input should be a valid dictionary or instance of TrainConfig"),
+    ("convert: {attn_layers: {first: 1}}\n", "convert.attn_layers: Input should be a valid list"),
+    ("data:\n  sources: [{kind: synthetic, name: s, splits: [sft1], n: '5'}]\n",
+     "data.sources.0.synthetic.n: Input should be a valid integer, got '5'"),
+])
+def test_wrong_type_in_a_profile_names_the_key_and_the_file(profiles, capsys, child, message):
+    _, child_file = profiles("distill: {max_steps: 4}\n", child)
+    with pytest.raises(M1Error) as e:
+        load_config("child")
+    assert str(e.value) == f"invalid config: {message} (in {child_file})"
+    assert m1("pipeline", "--profile", "child", "--dry-run") == 2
+    assert capsys.readouterr().err == f"m1: error: invalid config: {message} (in {child_file})\n"
+
+
+def test_profile_extends_keeps_working_and_errors_name_the_base_file(profiles):
+    profiles("distill: {max_steps: 4, lr: 0.5}\nsft1: {max_steps: 3}\n", "distill: {max_steps: 6}\n")
+    cfg = load_config("child")
+    assert (cfg.distill.max_steps, cfg.distill.lr, cfg.sft1.max_steps) == (6, 0.5, 3)
+    # overrides (--set, the Python API) keep pydantic's coercion: `--set distill.lr=1e-4` is the string '1e-4'
+    assert load_config("child", overrides={"distill": {"lr": "1e-4"}}).distill.lr == 1e-4
+    base_file, _ = profiles("sft1: {max_steps: true}\n", "distill: {max_steps: 6}\n")
+    with pytest.raises(M1Error) as e:
+        load_config("child")
+    assert str(e.value) == f"invalid config: sft1.max_steps: Input should be a valid integer, got True (in {base_file})"
+
+
+def test_empty_split_a_later_stage_reads_is_refused(tmp_path):
+    from types import SimpleNamespace
+
+    from components.pipeline.runner import check_splits
+
+    cfg = load_config("tiny", overrides={"run_dir": str(tmp_path)})
+    out = SimpleNamespace(rows={"sft1": 9, "sft1_heldout": 2, "sft2": 0, "rl": 5}, report_md=tmp_path / "report.md")
+    check_splits(cfg, out, ["distill", "sft1"])  # no later stage reads sft2
+    with pytest.raises(M1Error) as e:
+        check_splits(cfg, out, ["convert", "distill", "sft1", "sft2", "grpo"])
+    assert str(e.value) == ("curated split sft2 is empty, but sft2 reads it; sources feeding it: synth_sft2 "
+                            f"(see {tmp_path / 'report.md'})")

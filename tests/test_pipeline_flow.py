@@ -182,3 +182,28 @@ def test_flow_refuses_bad_profile_before_any_stage(first, env, monkeypatch):
         m1_pipeline(profile="huge")
     with pytest.raises(M1Error, match="convert.mixer"):
         m1_pipeline(profile="tiny", overrides=overrides(env, convert={"mixer": "mamba3"}))
+
+
+def test_bad_input_in_a_stage_ends_the_flow_run_with_one_line(env, monkeypatch):
+    # The flow run's state message is the line `m1 pipeline` prints (a deployment run shows only the state), the
+    # traceback goes to <run_dir>/logs/last_error.log; called plainly, the flow still raises the M1Error.
+    from components.config import available_profiles
+    from components.errors import M1Error
+    from flows.m1_pipeline import m1_pipeline
+
+    def bad(config, inputs=None):
+        raise M1Error("teacher weights unreadable")
+
+    monkeypatch.setattr(CONVERT, "run", bad)
+    over = overrides(env, convert={"attn_layers": [1, 3], "seed": 10})
+    log = env / "run" / "logs" / "last_error.log"
+    line = f"m1: error: teacher weights unreadable (traceback: {log})"
+    state = m1_pipeline(profile="tiny", stages=["convert"], overrides=over, return_state=True)
+    assert state.is_failed() and state.message == line
+    assert 'raise M1Error("teacher weights unreadable")' in log.read_text()
+    with pytest.raises(M1Error) as e:
+        m1_pipeline(profile="tiny", stages=["convert"], overrides=over)
+    assert f"m1: error: {e.value}" == line
+    # bad input before there is a run dir to log into: the line alone
+    state = m1_pipeline(profile="huge", return_state=True)
+    assert state.message == f"m1: error: unknown profile 'huge'; available: {', '.join(available_profiles())}"

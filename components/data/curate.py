@@ -48,6 +48,7 @@ from components.data.report import (
 )
 from components.data.sources import make_adapter
 from components.data.templating import Formatter
+from components.errors import M1Error
 
 TRAIN_SPLITS = ("sft1", "sft2", "rl")
 PACKED_OUTPUTS = ("sft1", "sft1_heldout", "sft2")
@@ -235,12 +236,21 @@ def _pass1(config, cfg: DataConfig, staging: _Staging, rejects, stats: Stats) ->
                     staging.write(split, rec_json)
                     stats.add(spec.name, f"routed:{split}")
             bar.close()
+            if not stats.by_source[spec.name]["rows_read"]:
+                # An empty file would otherwise be curated "successfully" (and cached) and only fail a later
+                # stage with "no shards": refuse it here, naming what was read.
+                raise M1Error(f"source {spec.name}: {_no_rows(adapter)}")
             stats.timings[f"check:{spec.name}"] = time.time() - t0
     finally:
         if pool is not None:
             pool.terminate()
             pool.join()
         staging.close()
+
+
+def _no_rows(adapter) -> str:
+    files = adapter.files() if hasattr(adapter, "files") else getattr(adapter.spec, "data_files", None)
+    return f"no rows in {', '.join(files)}" if files else f"the {adapter.spec.kind} source yielded no rows"
 
 
 # ----------------------------------------------------------------------------- pass 2
@@ -427,7 +437,9 @@ def run(config, inputs: dict | None = None) -> CurateOutputs:
     cfg: DataConfig = config.data
     resolve_source(tokenizer_source(config.teacher.source))  # a bad teacher path fails now, not after pass 1
     for spec in cfg.sources:
-        make_adapter(spec, config.seed)  # unknown datasets/templates fail now, with their source named
+        adapter = make_adapter(spec, config.seed)  # unknown datasets/templates fail now, with their source named
+        if hasattr(adapter, "files"):
+            adapter.files()  # so does a missing local file
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     final_dir = run_dir / "data"

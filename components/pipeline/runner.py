@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+import traceback
 from pathlib import Path
 
 from components.errors import M1Error
@@ -46,20 +47,64 @@ def selected_stages(config, stages: list[str] | None = None) -> list[Stage]:
     return plan(stages if stages is not None else config.pipeline.stages)
 
 
+def needed_splits(config, stages: list[str]) -> dict[str, list[str]]:
+    """Curated splits that these stages read ({split: [stage, ...]}): a training stage's `data` and `heldout`."""
+    out: dict[str, list[str]] = {}
+    for name in stages:
+        section = getattr(config, name, None)
+        for attr in ("data", "heldout"):
+            split = getattr(section, attr, None)
+            if isinstance(split, str):
+                out.setdefault(split, []).append(name)
+    return out
+
+
+def check_splits(config, outputs, later: list[str]) -> None:
+    """Refuse outputs with an empty split that a later stage of this run reads: cached, they would fail that stage
+    with "no shards" instead of naming the split and what feeds it."""
+    rows = getattr(outputs, "rows", None)
+    if not isinstance(rows, dict):
+        return
+    for split, readers in needed_splits(config, later).items():
+        if split in rows and not rows[split]:
+            feeding = [s.name for s in config.data.sources if split.removesuffix("_heldout") in s.splits]
+            report = getattr(outputs, "report_md", None)
+            raise M1Error(f"curated split {split} is empty, but {', '.join(readers)} reads it; sources feeding it: "
+                          f"{', '.join(feeding) or 'none'}" + (f" (see {report})" if report else ""))
+
+
 def execute_stage(config, stage_name: str, inputs: dict, cache_key: str, mlflow_run_id: str | None,
-                  tracking_uri: str | None) -> StageResult:
+                  tracking_uri: str | None, later: list[str] | None = None) -> StageResult:
     """The body of a stage task. Raises on failure (so nothing is cached); outputs are the stage's own, written
-    atomically by the stage (temporary directory renamed on success)."""
+    atomically by the stage (temporary directory renamed on success). `later`: the stages of the run after this
+    one, whose inputs are checked before this stage's result is cached."""
     from components.pipeline.storage import mirror_outputs
 
     stage = get_stage(stage_name)
     t0 = time.time()
     with stage_env(mlflow_run_id, tracking_uri, config.pipeline.ray_address):
         outputs = stage.function()(config, inputs, **stage.kwargs)
+    check_splits(config, outputs, later or [])
     seconds = round(time.time() - t0, 2)
     hashes = hash_outputs(stage, outputs)
     mirror_outputs(config, stage.name, stage.output_paths(outputs))
     return StageResult(stage.name, cache_key, outputs, hashes, extract_metrics(outputs), seconds, mlflow_run_id)
+
+
+def error_line(e: M1Error, run_dir: str | None) -> tuple[str, M1Error]:
+    """The one line bad input ends a run with (`m1: error: ...`, what the CLI prints and the flow run's state
+    message) and the error carrying it; the traceback goes to <run_dir>/logs/last_error.log, named in the line."""
+    if run_dir:
+        log = Path(run_dir) / "logs" / "last_error.log"
+        try:
+            log.parent.mkdir(parents=True, exist_ok=True)
+            log.write_text("".join(traceback.format_exception(e)))
+            err = M1Error(f"{e} (traceback: {log})")
+            err.__cause__ = e
+            e = err
+        except OSError:
+            pass  # an unwritable run dir must not hide the error itself
+    return f"m1: error: {e}", e
 
 
 def where(stage: Stage, result: StageResult) -> str:
