@@ -5,7 +5,7 @@
 #        then the Prefect flow `m1-pipeline` detached (it outlives the shell; log and exit status under the run dir)
 #   infra/offline/node-pipeline.sh wait PROFILE SECONDS              wait for it, print the log's tail
 #   infra/offline/node-pipeline.sh report PROFILE OUT.json            the run's record (bench/gpu_pipeline_report.py)
-#   infra/offline/node-pipeline.sh stop                              stop the Ray head started here (by its PIDs)
+#   infra/offline/node-pipeline.sh stop                              stop the Ray head started here (its process session)
 # Started again after an interruption, the flow skips finished stages (Prefect cache) and training resumes from
 # its checkpoints. MLflow: sqlite under the run dir (runs/<profile>/mlflow.db, artifacts beside it).
 # M1_RAY_HEAD=0: no head; the flow starts a Ray instance of its own on 127.0.0.1 (components/ray_utils.py).
@@ -31,6 +31,11 @@ start)
   if [ "${M1_RAY_HEAD:-1}" = 1 ]; then
     if ! { [ -f "$state/ray.sid" ] && pgrep -s "$(cat "$state/ray.sid")" >/dev/null; }; then
       gpus=$("$py" -c "import torch; print(torch.cuda.device_count())")
+      # With RAY_AUTH_MODE=token set, `ray start` expects a token to exist already: make one on first use.
+      if [ "$RAY_AUTH_MODE" = token ] && [ -z "${RAY_AUTH_TOKEN:-}" ] && [ ! -f "${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}" ]; then
+        "$py" -c 'import sys; from ray.scripts.scripts import main; sys.argv[0] = "ray"; sys.exit(main())' \
+          get-auth-token --generate > /dev/null
+      fi
       # its own session, so `stop` ends exactly the processes it started (pkill -s)
       setsid "$py" -c 'import sys; from ray.scripts.scripts import main; sys.argv[0] = "ray"; sys.exit(main())' \
         start --head --port "$port" --num-gpus "$gpus" --include-dashboard=false --disable-usage-stats \
@@ -62,6 +67,8 @@ report)
 stop)
   if [ -f "$state/ray.sid" ]; then
     sid=$(cat "$state/ray.sid"); pkill -s "$sid" || true; sleep 3; pkill -9 -s "$sid" || true; rm -f "$state/ray.sid"
+    # what `ray stop` would clear: the address file that would point later clients at the stopped head
+    grep -qs ":$port\$" /tmp/ray/ray_current_cluster && rm -f /tmp/ray/ray_current_cluster
   fi ;;
 *) sed -n 2,10p "$0" >&2; exit 2 ;;
 esac

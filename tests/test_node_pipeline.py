@@ -1,0 +1,50 @@
+"""infra/offline/node-pipeline.sh on CPU (no Ray head: the flow starts its own local Ray instance): the flow runs
+detached, `wait` sees it finish, `m1 pipeline --summary-json` records it, and the GPU-run report reads it back.
+A second start completes from the Prefect cache."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "infra" / "offline" / "node-pipeline.sh"
+
+
+def _node(*args: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.mark.slow
+def test_detached_flow_summary_report_and_second_run_from_cache(tmp_path):
+    run_dir = Path("runs/tiny")
+    env = {**os.environ, "M1_RAY_HEAD": "0", "M1_PYTHON": sys.executable, "MLFLOW_TRACKING_URI":
+           f"sqlite:///{tmp_path}/mlflow.db", "PREFECT_HOME": str(tmp_path / "prefect")}
+    summaries = []
+    for _ in range(2):
+        (ROOT / run_dir / "pipeline.rc").unlink(missing_ok=True)
+        started = _node("start", "tiny", "--stages", "curate", env=env)
+        assert started.returncode == 0, started.stderr
+        waited = _node("wait", "tiny", "300", env=env)
+        assert waited.stdout.strip().endswith("finished with exit status 0"), waited.stdout + waited.stderr
+        summaries.append(json.loads((ROOT / run_dir / "pipeline_summary.json").read_text()))
+    first, second = summaries
+    assert [s["stage"] for s in first["stages"]] == ["curate"]
+    assert first["flow_run_id"] != second["flow_run_id"]
+    assert second["stages"][0]["cached"] is True and second["stages"][0]["cache_key"] == first["stages"][0]["cache_key"]
+    (tmp_path / "first.json").write_text(json.dumps(first))
+    out = tmp_path / "report.json"
+    rep = subprocess.run([sys.executable, "bench/gpu_pipeline_report.py", "--profile", "tiny", "--summary",
+                          str(tmp_path / "first.json"), "--cached-summary", str(ROOT / run_dir / "pipeline_summary.json"),
+                          "--out", str(out)], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert rep.returncode == 0, rep.stderr
+    rec = json.loads(out.read_text())
+    assert rec["prefect_flow_run"] == first["flow_run_id"] and rec["gpus"] == 0
+    assert [(s["stage"], s["status"]) for s in rec["stages"]] == [("curate", "completed")]
+    assert rec["second_run"]["stages"] == [{"stage": "curate", "cached": True,
+                                            "seconds": round(second["stages"][0]["seconds"], 2)}]
