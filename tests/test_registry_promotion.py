@@ -1,6 +1,11 @@
-"""MLflow registry: the gate's decision rule; registering a tiny converted hybrid as m1-hybrid@candidate, the
-gate moving `champion` only for a better candidate (decisions in version tags), `m1 promote`, and
-`mlflow.pyfunc.load_model("models:/m1-hybrid@champion")` generating text."""
+"""MLflow registry: the gate's decision rule and its default floor (pass@1 above 0); the registered name per
+profile (m1-hybrid, m1-hybrid-<profile>); registering a tiny converted hybrid as m1-hybrid-tiny@candidate, the
+gate moving `champion` only for a better candidate (decisions in version tags, left alone by a bare
+`m1 promote`), identical weights reusing their version, versions tagged with the gate's metrics only, and
+`mlflow.pyfunc.load_model("models:/m1-hybrid-tiny@champion")` generating text."""
+import json
+import shutil
+
 import pytest
 
 from components.config import load_config
@@ -8,6 +13,8 @@ from components.pipeline.config import GateMetric
 from components.pipeline.registry import decide
 
 GATE = [GateMetric(metric="pass@1", min_improvement=0.01), GateMetric(metric="latency_s", higher_is_better=False)]
+NAME = "m1-hybrid-tiny"  # the tiny profile's registered model
+OWN = "m1-test"  # a name set in the config: the tests of one behaviour each
 
 
 def test_gate_rules():
@@ -24,8 +31,27 @@ def test_gate_rules():
     assert not d.promoted and "candidate has no pass@1" in d.reason
     floor = [GateMetric(metric="pass@1", min_value=0.5)]
     assert not decide(floor, {"pass@1": 0.4}, None, None).promoted
+    assert not decide(floor, {"pass@1": 0.5}, None, None).promoted  # the floor itself does not clear it
     assert decide([], {}, champ, "3").promoted  # an empty gate promotes every candidate
     assert decide(GATE, {"pass@1": 0.9, "latency_s": 1.0}, {}, "3").promoted  # champion without metrics
+
+
+def test_default_gate_wants_pass_at_1_above_zero():
+    gate = load_config("default").pipeline.promotion.gate
+    assert [(g.metric, g.min_value, g.min_improvement) for g in gate] == [("hybrid/all/pass_at_1", 0.0, 0.0)]
+    d = decide(gate, {"hybrid/all/pass_at_1": 0.0}, None, None)
+    assert not d.promoted and d.reason == "hybrid/all/pass_at_1 0 does not clear the floor 0"
+    assert decide(gate, {"hybrid/all/pass_at_1": 0.01}, None, None).reason == "no champion yet"
+
+
+def test_registered_name_per_profile():
+    from components.pipeline.registry import model_name
+
+    assert model_name(load_config("default")) == "m1-hybrid"
+    assert model_name(load_config("tiny")) == NAME
+    assert model_name(load_config("m1-3b")) == "m1-hybrid-m1-3b"
+    set_by_profile = load_config("tiny", overrides={"pipeline": {"promotion": {"model_name": "m1-exp"}}})
+    assert model_name(set_by_profile) == "m1-exp"
 
 
 def m1(*argv) -> int:
@@ -35,54 +61,167 @@ def m1(*argv) -> int:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def models(tmp_path_factory):
+    """Three tiny converted hybrids: the same weights with a different note each, so three content hashes."""
     from components.model.convert import run as convert
 
     root = tmp_path_factory.mktemp("registry")
-    over = {"run_dir": str(root / "run"), "tracking": {"uri": f"sqlite:///{root}/mlflow.db"},
-            "pipeline": {"promotion": {"gate": [{"metric": "pass@1", "min_improvement": 0.01}],
-                                       "max_new_tokens": 6}}}
-    cfg = load_config("tiny", overrides=over)
-    out = convert(cfg)
-    return cfg, out.model_dir, over
+    first = convert(load_config("tiny", overrides={"run_dir": str(root / "run")})).model_dir
+    dirs = []
+    for name in ("a", "b", "c"):
+        d = root / name
+        shutil.copytree(first, d)
+        (d / "NOTE.txt").write_text(f"model {name}\n")
+        dirs.append(str(d))
+    return dirs
+
+
+def store(tmp_path, gate=({"metric": "pass@1", "min_improvement": 0.01},), name: str | None = OWN):
+    """A tiny config on a fresh sqlite store (version numbers start at 1); gate=None keeps the default gate,
+    name=None the profile's model name."""
+    promotion = {"max_new_tokens": 6, **({"gate": list(gate)} if gate is not None else {}),
+                 **({"model_name": name} if name else {})}
+    over = {"run_dir": str(tmp_path / "run"), "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db"},
+            "pipeline": {"promotion": promotion}}
+    return load_config("tiny", overrides=over), over
+
+
+def client_of(cfg):
+    from mlflow.tracking import MlflowClient
+
+    from components.tracking import tracking_uri
+
+    uri = tracking_uri(cfg.tracking)
+    return MlflowClient(uri, registry_uri=uri)  # not the registry another test left set in this process
+
+
+def alias(client, name: str, alias: str) -> str:
+    return str(client.get_model_version_by_alias(name, alias).version)
 
 
 @pytest.mark.slow
-def test_register_gate_and_load_champion(setup, capsys):
+def test_register_gate_and_load_champion(models, tmp_path, capsys):
     import mlflow
     import pandas as pd
-    from mlflow.tracking import MlflowClient
 
     from components.pipeline import registry
-    from components.tracking import tracking_uri
+    from components.tracking import tracking_uri, use_store
 
-    cfg, model_dir, over = setup
-    first = registry.run(cfg, {"model_dir": model_dir, "metrics": {"pass@1": 0.20}})
-    assert first.promoted and first.champion_version == first.version == "1"
-    worse = registry.run(cfg, {"model_dir": model_dir, "metrics": {"pass@1": 0.205}})
-    assert not worse.promoted and worse.champion_version == "1"
+    cfg, over = store(tmp_path, name=None)
+    a, b, c = models
+    first = registry.run(cfg, {"model_dir": a, "metrics": {"pass@1": 0.20}})
+    assert first.promoted and first.champion_version == first.version == "1" and first.model_name == NAME
+    worse = registry.run(cfg, {"model_dir": b, "metrics": {"pass@1": 0.205}})
+    assert not worse.promoted and worse.version == "2" and worse.champion_version == "1"
 
-    client = MlflowClient(tracking_uri(cfg.tracking))
-    assert str(client.get_model_version_by_alias("m1-hybrid", "candidate").version) == "2"
-    assert str(client.get_model_version_by_alias("m1-hybrid", "champion").version) == "1"
-    tags = client.get_model_version("m1-hybrid", "2").tags
+    client = client_of(cfg)
+    assert [m.name for m in client.search_registered_models()] == [NAME]  # never the default profile's m1-hybrid
+    assert alias(client, NAME, "candidate") == "2" and alias(client, NAME, "champion") == "1"
+    tags = client.get_model_version(NAME, "2").tags
     assert tags["gate.decision"] == "rejected" and tags["gate.compared_to"] == "1"
     assert tags["metric.pass_1"] == "0.205" and "improvement" in tags["gate.reason"]
 
     # m1 promote: register a better model from the command line (metrics passed explicitly)
     sets = ["--set", f"tracking.uri={over['tracking']['uri']}",
             "--set", "pipeline.promotion.gate=[{metric: pass@1, min_improvement: 0.01}]"]
-    assert m1("promote", "--profile", "tiny", *sets, "--model-dir", model_dir, "--metric", "pass@1=0.3") == 0
+    assert m1("promote", "--profile", "tiny", *sets, "--model-dir", c, "--metric", "pass@1=0.3") == 0
     assert "promoted to champion" in capsys.readouterr().out
-    assert str(client.get_model_version_by_alias("m1-hybrid", "champion").version) == "3"
-    assert client.get_model_version("m1-hybrid", "1").tags["gate.superseded_by"] == "3"
-    assert m1("promote", "--profile", "tiny", *sets) == 0  # re-gating the champion changes nothing
-    assert "already is the champion" in capsys.readouterr().out
-    assert m1("promote", "--profile", "tiny", *sets, "--version", "9") == 2
-    assert "has no version 9" in capsys.readouterr().err
+    assert alias(client, NAME, "champion") == "3" and alias(client, NAME, "candidate") == "3"
+    assert client.get_model_version(NAME, "1").tags["gate.superseded_by"] == "3"
+    promoted = client.get_model_version(NAME, "3").tags
+    assert promoted["gate.decision"] == "promoted" and promoted["gate.reason"] == "beats champion v1: pass@1 0.3 > 0.2"
 
-    mlflow.set_tracking_uri(tracking_uri(cfg.tracking))
-    model = mlflow.pyfunc.load_model("models:/m1-hybrid@champion")
+    # a bare m1 promote re-gates the candidate, which is the champion: nothing changes, its tags included
+    assert m1("promote", "--profile", "tiny", *sets) == 0
+    assert capsys.readouterr().out == f"{NAME} v3: not promoted: version 3 already is the champion\n"
+    assert client.get_model_version(NAME, "3").tags == promoted
+    assert alias(client, NAME, "champion") == "3"
+    assert m1("promote", "--profile", "tiny", *sets, "--version", "9") == 2
+    assert f"{NAME} has no version 9" in capsys.readouterr().err
+
+    use_store(tracking_uri(cfg.tracking), registry=True)  # mlflow.set_tracking_uri would also set the environment
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
     texts = model.predict(pd.DataFrame({"prompt": ["What is 2 + 3?", "Name a prime."]}),
                           params={"max_new_tokens": 5, "temperature": 1.0})
     assert len(texts) == 2 and all(isinstance(t, str) and t for t in texts)
+
+
+@pytest.mark.slow
+def test_bare_promote_keeps_the_champions_decision(models, tmp_path, capsys):
+    from components.pipeline import registry
+
+    cfg, over = store(tmp_path)
+    assert registry.run(cfg, {"model_dir": models[0], "metrics": {"pass@1": 0.2}}).promoted
+    client = client_of(cfg)
+    before = client.get_model_version(OWN, "1").tags
+    assert (before["gate.decision"], before["gate.reason"]) == ("promoted", "no champion yet")
+    sets = ["--set", f"tracking.uri={over['tracking']['uri']}", "--set", f"pipeline.promotion.model_name={OWN}"]
+    assert m1("promote", "--profile", "tiny", *sets) == 0  # the candidate is the champion
+    assert capsys.readouterr().out == f"{OWN} v1: not promoted: version 1 already is the champion\n"
+    assert client.get_model_version(OWN, "1").tags == before
+    assert alias(client, OWN, "champion") == "1"
+
+
+@pytest.mark.slow
+def test_identical_weights_reuse_their_version(models, tmp_path):
+    from components.pipeline import registry
+    from components.pipeline.hashing import dvc_md5
+
+    cfg, _ = store(tmp_path)
+    a, b, _ = models
+    client = client_of(cfg)
+    first = registry.run(cfg, {"model_dir": a, "metrics": {"pass@1": 0.20}})
+    assert (first.version, first.promoted) == ("1", True)
+    source_run = client.get_model_version(OWN, "1").tags["m1.source_run"]
+
+    again = registry.run(cfg, {"model_dir": a, "metrics": {"pass@1": 0.25}})  # re-evaluated, same weights
+    assert (again.version, again.promoted, again.champion_version) == ("1", False, "1")
+    assert again.decision == "version 1 already is the champion"
+    assert [str(v.version) for v in client.search_model_versions(f"name = '{OWN}'")] == ["1"]
+    tags = client.get_model_version(OWN, "1").tags
+    assert tags["m1.model_md5"] == dvc_md5(a) and tags["m1.source_run"] == source_run
+    assert tags["m1.reused_by_run"] != source_run and tags["metric.pass_1"] == "0.25"
+    assert tags["gate.decision"] == "promoted" and tags["gate.reason"] == "no champion yet"
+
+    other = registry.run(cfg, {"model_dir": b, "metrics": {"pass@1": 0.10}})
+    assert (other.version, other.promoted) == ("2", False)
+    assert registry.run(cfg, {"model_dir": b, "metrics": {"pass@1": 0.10}}).version == "2"
+    assert alias(client, OWN, "candidate") == "2" and alias(client, OWN, "champion") == "1"
+    assert registry.run(cfg, {"model_dir": a, "metrics": {"pass@1": 0.25}}).version == "1"
+    assert alias(client, OWN, "candidate") == "1"
+    assert sorted(str(v.version) for v in client.search_model_versions(f"name = '{OWN}'")) == ["1", "2"]
+
+
+@pytest.mark.slow
+def test_versions_carry_only_the_gate_metrics(models, tmp_path):
+    from components.pipeline import registry
+
+    cfg, _ = store(tmp_path)
+    metrics = {"pass@1": 0.2, **{f"hybrid/bench{i}/maj_at_{k}": i / 100 for i in range(20) for k in (1, 4, 8, 16)}}
+    assert len(metrics) == 81
+    registry.run(cfg, {"model_dir": models[0], "metrics": metrics})
+    client = client_of(cfg)
+    tags = client.get_model_version(OWN, "1").tags
+    assert {k: v for k, v in tags.items() if k.startswith("metric.")} == {"metric.pass_1": "0.2"}
+    assert json.loads(tags["m1.metrics"]) == {"pass@1": 0.2}
+    assert set(tags) == {"metric.pass_1", "m1.metrics", "m1.model_md5", "m1.model_dir", "m1.profile", "m1.source_run",
+                         "gate.decision", "gate.reason", "gate.compared_to", "gate.time", "gate.pass_1.candidate"}
+    run_metrics = client.get_run(tags["m1.source_run"]).data.metrics
+    assert len(run_metrics) == 81 and run_metrics["hybrid/bench19/maj_at_16"] == 0.19  # the rest stay on the run
+
+
+@pytest.mark.slow
+def test_a_model_solving_nothing_is_not_the_first_champion(models, tmp_path):
+    from components.pipeline import registry
+
+    cfg, _ = store(tmp_path, gate=None)  # the default gate: hybrid/all/pass_at_1 above 0
+    a, b, _ = models
+    zero = registry.run(cfg, {"model_dir": a, "metrics": {"hybrid/all/pass_at_1": 0.0}})
+    assert (zero.version, zero.promoted, zero.champion_version) == ("1", False, None)
+    assert zero.decision == "hybrid/all/pass_at_1 0 does not clear the floor 0"
+    client = client_of(cfg)
+    assert client.get_model_version(OWN, "1").tags["gate.decision"] == "rejected"
+    assert alias(client, OWN, "candidate") == "1" and "champion" not in client.get_registered_model(OWN).aliases
+    some = registry.run(cfg, {"model_dir": b, "metrics": {"hybrid/all/pass_at_1": 0.02}})
+    assert (some.version, some.promoted, some.champion_version) == ("2", True, "2")
+    assert alias(client, OWN, "champion") == "2"

@@ -170,13 +170,14 @@ def _promote(args) -> int:
             raise M1Error("give either --model-dir (register a new candidate) or --version, not both")
         out = registry.run(config, {"model_dir": args.model_dir, "metrics": metrics})
         champ = config.pipeline.promotion.champion_alias
-        verdict = f"promoted to {champ}" if out.promoted else f"{champ} stays v{out.champion_version}"
+        stays = f"{champ} stays v{out.champion_version}" if out.champion_version else f"no {champ} yet"
+        verdict = f"promoted to {champ}" if out.promoted else stays
         print(f"registered {out.model_uri} as {config.pipeline.promotion.candidate_alias}; {verdict}: {out.decision}")
         return 0
     if metrics:
         raise M1Error("--metric/--metrics-json describe a new model: pass --model-dir too")
     d = registry.promote(config, args.version)
-    name, champ = config.pipeline.promotion.model_name, config.pipeline.promotion.champion_alias
+    name, champ = registry.model_name(config), config.pipeline.promotion.champion_alias
     print(f"{name} v{d.version}: {'promoted to ' + champ if d.promoted else 'not promoted'}: {d.reason}")
     return 0
 

@@ -28,18 +28,27 @@ class GateMetric(Section):
     # The candidate must beat the champion by more than this (absolute, in the metric's units).
     min_improvement: float = Field(0.0, ge=0)
     higher_is_better: bool = True
-    # Floor every promotion must clear, including the first one (when there is no champion yet).
+    # Floor every promotion must clear, including the first one (when there is no champion yet): the metric
+    # must be strictly better than it (above it, or below when lower is better).
     min_value: float | None = None
 
 
 class PromotionConfig(Section):
-    model_name: str = Field("m1-hybrid", min_length=1)
+    # Registered model name; None = "m1-hybrid" for the default profile and "m1-hybrid-<profile>" for the
+    # others, so that a tiny or test run never competes with the default profile's champion.
+    model_name: str | None = Field(None, min_length=1)
     candidate_alias: str = Field("candidate", pattern=_ALIAS)
     champion_alias: str = Field("champion", pattern=_ALIAS)
-    # Every listed metric must pass for `champion` to move; an empty list promotes every candidate.
-    gate: list[GateMetric] = Field(default_factory=lambda: [GateMetric(metric="hybrid/all/pass_at_1")])
+    # Every listed metric must pass for `champion` to move; an empty list promotes every candidate. By default
+    # pass@1 must beat the champion's and be above 0: a model that solves nothing never becomes the first champion.
+    gate: list[GateMetric] = Field(default_factory=lambda: [GateMetric(metric="hybrid/all/pass_at_1", min_value=0.0)])
     # Tokens the pyfunc wrapper generates per prompt unless the caller passes max_new_tokens.
     max_new_tokens: int = Field(256, gt=0)
+
+    def registered_name(self, profile: str) -> str:
+        if self.model_name:
+            return self.model_name
+        return "m1-hybrid" if profile == "default" else f"m1-hybrid-{profile}"
 
     @model_validator(mode="after")
     def _aliases_differ(self):

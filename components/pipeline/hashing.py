@@ -7,12 +7,16 @@ defeat the cache, so each file's MD5 is remembered by (path, size, mtime_ns, ino
 file; a file whose stat changed is read again."""
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
 import threading
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import ClassVar
+
+from components.errors import M1Error
 
 _CHUNK = 1 << 20
 _lock = threading.Lock()
@@ -112,6 +116,79 @@ def code_version(paths: list[str | Path], root: Path) -> str:
         h.update(f.relative_to(root).as_posix().encode() + b"\0")
         h.update(hashlib.sha256(f.read_bytes()).digest())
     return h.hexdigest()
+
+
+def _module_file(module: str, root: Path) -> Path | None:
+    base = root.joinpath(*module.split("."))
+    for f in (base.with_suffix(".py"), base / "__init__.py"):
+        if f.is_file():
+            return f
+    return None
+
+
+_IMPORTS: dict[tuple, frozenset[str]] = {}  # (file, mtime_ns, size) -> names it imports
+
+
+def _imports(file: Path, module: str) -> frozenset[str]:
+    st = file.stat()
+    memo = (str(file), st.st_mtime_ns, st.st_size)
+    if memo not in _IMPORTS:
+        try:
+            tree = ast.parse(file.read_bytes(), str(file))
+        except SyntaxError as e:
+            raise M1Error(f"cannot parse {file}: {e}") from None
+        package = module if file.name == "__init__.py" else module.rpartition(".")[0]
+        names: set[str] = set()
+        for node in ast.walk(tree):  # imports inside functions count: they run when the stage does
+            if isinstance(node, ast.Import):
+                names.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(parent + ([node.module] if node.module else []))
+                # `from pkg import name`: name may be a submodule (then it is imported too) or an attribute
+                names.update([base, *(f"{base}.{a.name}" for a in node.names)])
+        _IMPORTS[memo] = frozenset(names)
+    return _IMPORTS[memo]
+
+
+def imported_files(module: str, root: Path) -> set[Path]:
+    """The source files under `root` that importing `module` runs: its own, those of every repo module it imports
+    (statically, transitively, imports inside functions included) and their parent packages' __init__.py.
+    Modules that do not resolve to a file under `root` (libraries, attributes) are not followed."""
+    found: dict[str, Path] = {}
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        if name in found or not name:
+            continue
+        file = _module_file(name, root)
+        if file is None:
+            continue
+        found[name] = file
+        parts = name.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts))]
+        todo += _imports(file, name)
+    if module not in found:
+        raise M1Error(f"module {module} has no source file under {root}")
+    return set(found.values())
+
+
+# Libraries whose version changes what a stage computes: numerics and kernels, tokenisation, answer checking.
+RESULT_LIBRARIES = ("torch", "transformers", "tokenizers", "math-verify", "mamba-ssm")
+
+
+def library_versions(names: tuple[str, ...] = RESULT_LIBRARIES) -> dict[str, str | None]:
+    """Public version of each library (None when not installed). The local build tag is dropped: a driver with
+    torch 2.9.0+cpu and GPU workers with 2.9.0+cu130 run one release and must agree on the keys."""
+    out: dict[str, str | None] = {}
+    for name in names:
+        try:
+            out[name] = version(name).split("+")[0]
+        except PackageNotFoundError:
+            out[name] = None
+    return out
 
 
 def canonical_sha256(obj) -> str:

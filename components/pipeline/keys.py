@@ -2,8 +2,10 @@
 
 key = sha256 of canonical JSON over: the stage's name and call kwargs, the values of its config sections, the
 absolute run_dir (outputs are written there, so another run_dir is another result), the code version (sources
-of the stage's package(s) and components/model) and the content hashes of its upstream stages' outputs. A
-stage whose inputs did not change therefore gets the same key and Prefect returns its persisted result."""
+of the stage's package and of every repo module it imports), the versions of the libraries that shape results,
+the stage's key_extra (register: the registry it writes to) and the content hashes of its upstream stages'
+outputs. A stage whose inputs did not change therefore gets the same key and Prefect returns its persisted
+result."""
 from __future__ import annotations
 
 import time
@@ -12,7 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from components.errors import M1Error
-from components.pipeline.hashing import canonical_sha256, code_version, dvc_md5
+from components.pipeline.hashing import (
+    canonical_sha256,
+    code_version,
+    dvc_md5,
+    library_versions,
+)
 from components.pipeline.stages import ROOT, Stage
 
 _MISSING = object()
@@ -35,14 +42,18 @@ def key_material(config, stage: Stage, upstream_hashes: dict[str, str]) -> dict:
     missing = [u for u in stage.upstream if u not in upstream_hashes]
     if missing:
         raise M1Error(f"stage {stage.name}: upstream results missing for {missing}")
-    return {
+    material = {
         "stage": stage.name,
         "kwargs": stage.kwargs,
         "config": config_material(config, stage),
         "run_dir": str(Path(config.run_dir).resolve()),
-        "code": code_version(stage.code_paths(), ROOT),
+        "code": code_version(stage.code_paths(ROOT), ROOT),
+        "libraries": library_versions(),
         "upstream": {u: upstream_hashes[u] for u in stage.upstream},
     }
+    if stage.key_extra is not None:
+        material["extra"] = stage.key_extra(config)
+    return material
 
 
 def cache_key(config, stage: Stage, upstream_hashes: dict[str, str]) -> str:

@@ -1,8 +1,10 @@
-"""The MLflow model registry: the final hybrid is registered as <promotion.model_name> (m1-hybrid) with the alias
-`candidate`; the promotion gate moves `champion` to it only when its evaluation metrics beat the current
-champion's by more than the thresholds in `pipeline.promotion.gate`. Every decision is written to the
-candidate version's tags (gate.decision, gate.reason, gate.<metric>.*), and each version carries its metrics
-as `metric.<name>` tags so later gates compare against them without looking up runs."""
+"""The MLflow model registry: the final hybrid is registered under model_name(config) (m1-hybrid for the default
+profile, m1-hybrid-<profile> for the others) with the alias `candidate`; the promotion gate moves `champion` to it
+only when its evaluation metrics beat the current champion's by more than the thresholds in
+`pipeline.promotion.gate`. Every decision is written to the candidate version's tags (gate.decision,
+gate.reason, gate.<metric>.*). A version carries the gate's metrics as `metric.<name>` tags (and as JSON in
+`m1.metrics`), so later gates compare against them without looking up runs; every metric stays on the run.
+Weights already registered (same content hash, tag `m1.model_md5`) reuse their version instead of adding one."""
 from __future__ import annotations
 
 import json
@@ -14,11 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from components.errors import M1Error
+from components.pipeline.hashing import dvc_md5
 from components.tracking import mlflow_key, tracking_uri, use_store
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 METRIC_TAG = "metric."  # one tag per metric, for reading in the UI (names made MLflow-safe)
-METRICS_TAG = "m1.metrics"  # all metrics as JSON under their own names: what the gate compares
+METRICS_TAG = "m1.metrics"  # the gate's metrics as JSON under their own names: what the gate compares
+CONTENT_TAG = "m1.model_md5"  # DVC hash of the model directory: identical weights reuse their version
 
 
 @dataclass
@@ -63,7 +67,7 @@ def decide(gate, candidate: dict[str, float], champion: dict[str, float] | None,
             failures.append(f"candidate has no {g.metric}")
             continue
         sign = 1.0 if g.higher_is_better else -1.0
-        if g.min_value is not None and sign * (c - g.min_value) < 0:
+        if g.min_value is not None and not sign * (c - g.min_value) > 0:
             failures.append(f"{g.metric} {c:g} does not clear the floor {g.min_value:g}")
         ch = champion.get(g.metric) if champion is not None else None
         if ch is None:
@@ -80,6 +84,10 @@ def decide(gate, candidate: dict[str, float], champion: dict[str, float] | None,
     beaten = ", ".join(f"{m} {d['candidate']:g} > {d['champion']:g}" for m, d in details.items() if "champion" in d)
     return GateDecision(True, f"beats champion v{champion_version}" + (f": {beaten}" if beaten else ""),
                         champion_version, details)
+
+
+def model_name(config) -> str:
+    return config.pipeline.promotion.registered_name(config.profile)
 
 
 def _client(config):
@@ -126,9 +134,17 @@ def _pip_requirements() -> list[str]:
     return reqs
 
 
+def _version_with_content(client, name: str, content: str):
+    """The newest version of `name` registered with these exact model files, or None."""
+    found = client.search_model_versions(f"name = '{name}' and tags.`{CONTENT_TAG}` = '{content}'",
+                                         order_by=["version_number DESC"], max_results=1)
+    return found[0] if found else None
+
+
 def register_model(config, model_dir: str | Path, metrics: dict[str, float], tags: dict | None = None) -> str:
-    """Log `model_dir` as a pyfunc model in the current stage run (MLFLOW_RUN_ID) or a new run, register it
-    and point the candidate alias at the new version; returns the version."""
+    """Log `model_dir` as a pyfunc model in the current stage run (MLFLOW_RUN_ID) or a new run and register it,
+    or reuse the version that holds the same files; tag the version with the gate's metrics and point the
+    candidate alias at it; returns the version. Every metric is logged to the run."""
     import mlflow
 
     from components.pipeline import pyfunc_entry_path
@@ -139,61 +155,74 @@ def register_model(config, model_dir: str | Path, metrics: dict[str, float], tag
     if not (model_dir / "config.json").is_file():
         raise M1Error(f"not a hybrid model directory (no config.json): {model_dir}")
     promo = config.pipeline.promotion
+    name = model_name(config)
     uri = tracking_uri(config.tracking)
     use_store(uri, registry=True)
+    client = _client(config)
+    content = dvc_md5(model_dir)
+    same = _version_with_content(client, name, content)
     run_id = os.environ.get("MLFLOW_RUN_ID")
     exp = experiment_id(config.tracking, uri)
     with mlflow.start_run(run_id=run_id, experiment_id=None if run_id else exp,
-                          run_name=None if run_id else "register") as run, warnings.catch_warnings():
-        # MLflow suggests an input example and type hints: both would make logging load and run the model.
-        warnings.filterwarnings("ignore", message=".*(input example|type hints).*", category=UserWarning)
-        info = mlflow.pyfunc.log_model(
-            name="model", python_model=pyfunc_entry_path(), artifacts={HYBRID_ARTIFACT: str(model_dir)},
-            code_paths=[str(ROOT / "components")], signature=signature(promo.max_new_tokens),
-            pip_requirements=_pip_requirements(), registered_model_name=promo.model_name,
-            await_registration_for=60)
+                          run_name=None if run_id else "register") as run:
+        if same is None:
+            with warnings.catch_warnings():
+                # MLflow suggests an input example and type hints: both would make logging load and run the model.
+                warnings.filterwarnings("ignore", message=".*(input example|type hints).*", category=UserWarning)
+                info = mlflow.pyfunc.log_model(
+                    name="model", python_model=pyfunc_entry_path(), artifacts={HYBRID_ARTIFACT: str(model_dir)},
+                    code_paths=[str(ROOT / "components")], signature=signature(promo.max_new_tokens),
+                    pip_requirements=_pip_requirements(), registered_model_name=name, await_registration_for=60)
+            version = str(info.registered_model_version)
+        else:
+            version = str(same.version)
         if metrics:
             mlflow.log_metrics({mlflow_key(k): float(v) for k, v in metrics.items()})
         source_run = run.info.run_id
-    version = str(info.registered_model_version)
-    client = _client(config)
-    for k, v in {**{mlflow_key(f"{METRIC_TAG}{k}"): v for k, v in metrics.items()}, METRICS_TAG: json.dumps(metrics),
-                 "m1.model_dir": str(model_dir.resolve()),
-                 "m1.profile": config.profile, "m1.source_run": source_run, **(tags or {})}.items():
-        client.set_model_version_tag(promo.model_name, version, k, str(v))
-    client.set_registered_model_alias(promo.model_name, promo.candidate_alias, version)
+    gated = {g.metric: metrics[g.metric] for g in promo.gate if g.metric in metrics}
+    version_tags = {mlflow_key(f"{METRIC_TAG}{k}"): v for k, v in gated.items()}
+    if same is not None:  # metric tags of an earlier evaluation that the gate no longer reads
+        for k in same.tags:
+            if k.startswith(METRIC_TAG) and k not in version_tags:
+                client.delete_model_version_tag(name, version, k)
+    version_tags.update({METRICS_TAG: json.dumps(gated), CONTENT_TAG: content, "m1.model_dir": str(model_dir.resolve()),
+                         "m1.profile": config.profile,
+                         "m1.source_run" if same is None else "m1.reused_by_run": source_run, **(tags or {})})
+    for k, v in version_tags.items():
+        client.set_model_version_tag(name, version, k, str(v))
+    client.set_registered_model_alias(name, promo.candidate_alias, version)
     return version
 
 
 def promote(config, version: str | None = None) -> GateDecision:
     """Gate `version` (default: the candidate) against the champion; move `champion` when it passes."""
     promo = config.pipeline.promotion
+    name = model_name(config)
     client = _client(config)
     if version is None:
-        mv = _version_by_alias(client, promo.model_name, promo.candidate_alias)
+        mv = _version_by_alias(client, name, promo.candidate_alias)
         if mv is None:
-            raise M1Error(f"no version of {promo.model_name} has the alias {promo.candidate_alias!r}; "
+            raise M1Error(f"no version of {name} has the alias {promo.candidate_alias!r}; "
                           f"register one first (the pipeline's register stage, or m1 promote --model-dir)")
     else:
         from mlflow.exceptions import MlflowException
 
         try:
-            mv = client.get_model_version(promo.model_name, str(version))
+            mv = client.get_model_version(name, str(version))
         except MlflowException:
-            raise M1Error(f"{promo.model_name} has no version {version}") from None
-    champ = _version_by_alias(client, promo.model_name, promo.champion_alias)
+            raise M1Error(f"{name} has no version {version}") from None
+    champ = _version_by_alias(client, name, promo.champion_alias)
     version = str(mv.version)
     champ_version = str(champ.version) if champ is not None else None
-    if champ_version == version:
-        decision = GateDecision(False, f"version {version} already is the champion", champ_version)
-    else:
-        decision = decide(promo.gate, version_metrics(mv), version_metrics(champ) if champ else None, champ_version)
+    if champ_version == version:  # nothing to decide: the tags of the decision that promoted it stay
+        return GateDecision(False, f"version {version} already is the champion", champ_version, version=version)
+    decision = decide(promo.gate, version_metrics(mv), version_metrics(champ) if champ else None, champ_version)
     for k, v in decision.tags().items():
-        client.set_model_version_tag(promo.model_name, version, k, v)
+        client.set_model_version_tag(name, version, k, v)
     if decision.promoted:
-        client.set_registered_model_alias(promo.model_name, promo.champion_alias, version)
+        client.set_registered_model_alias(name, promo.champion_alias, version)
         if champ_version is not None:
-            client.set_model_version_tag(promo.model_name, champ_version, "gate.superseded_by", version)
+            client.set_model_version_tag(name, champ_version, "gate.superseded_by", version)
     decision.version = version
     return decision
 
@@ -206,7 +235,7 @@ def run(config, inputs: dict | None = None) -> RegisterOutputs:
     metrics = {k: float(v) for k, v in (inputs.get("metrics") or {}).items()}
     version = register_model(config, inputs["model_dir"], metrics, tags=inputs.get("tags"))
     decision = promote(config, version)
-    promo = config.pipeline.promotion
-    champ = _version_by_alias(_client(config), promo.model_name, promo.champion_alias)
-    return RegisterOutputs(promo.model_name, version, f"models:/{promo.model_name}/{version}", decision.promoted,
-                           decision.reason, str(champ.version) if champ else None, metrics)
+    name = model_name(config)
+    champ = _version_by_alias(_client(config), name, config.pipeline.promotion.champion_alias)
+    return RegisterOutputs(name, version, f"models:/{name}/{version}", decision.promoted, decision.reason,
+                           str(champ.version) if champ else None, metrics)

@@ -11,12 +11,14 @@ Adding a stage is one `Stage(...)` entry in _DECLARED, in pipeline order (before
           config_keys=("distill", "teacher", "seed"), upstream=("curate", "convert"),
           inputs=lambda up, cfg: {"model_dir": up["convert"].model_dir, "data_dir": up["curate"].data_dir},
           standalone_inputs=lambda cfg: {"model_dir": f"{cfg.run_dir}/convert/model", "data_dir": f"{cfg.run_dir}/data"},
-          outputs=("model_dir",), model_output="model_dir", code=("components/train",), uses_ray=True,
+          outputs=("model_dir",), model_output="model_dir", uses_ray=True,
           dvc_outs=("distill/model",), dvc_plots=("distill/history.jsonl",), summary_metrics=("kl", "heldout/kl")),
 
 - target: "module:function"; called as function(config, inputs, **kwargs).
-- config_keys: dotted paths into M1Config whose values key the cache (with run_dir, the code version and
-  the content hashes of the upstream outputs).
+- config_keys: dotted paths into M1Config whose values key the cache (with run_dir, the code version, the
+  versions of the libraries that shape results and the content hashes of the upstream outputs).
+- key_extra(config): anything else that decides the result and must key the cache (register: the registry it
+  writes to and the model name).
 - upstream: names of earlier stages whose outputs this one reads; `inputs(finished, config)` turns
   {name: outputs dataclass} (every stage finished so far) into the `inputs` dict (default: {name: outputs} of
   the declared upstream). standalone_inputs(config): the inputs when the stage runs alone (`m1 stage`, what
@@ -24,8 +26,9 @@ Adding a stage is one `Stage(...)` entry in _DECLARED, in pipeline order (before
 - outputs: fields of the outputs dataclass holding files/directories whose content is hashed (default:
   every str/Path field that exists on disk). model_output: the field holding a model directory, for stages
   that produce a model (the last such model is what `register` registers).
-- code: extra paths (relative to the repo root) hashed into the code version; the target's own package (or
-  `package`) and components/model always are.
+- code version: the sources of the target's package and of every repo module the target imports, found by
+  parsing the import statements transitively (code_paths()); `code` adds paths the stage reads without
+  importing them (templates, data files elsewhere).
 - validate(config): cheap checks run before any stage starts (bad input fails the run up front).
 - resources(config): what the stage asks for (merged under `pipeline.resources.<name>`), for the dry run.
 - datasets(outputs): {name: path} of datasets the stage produces; logged to MLflow with their DVC hashes
@@ -47,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from components.errors import M1Error
+from components.pipeline.hashing import imported_files
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -63,7 +67,7 @@ class Stage:
     outputs: tuple[str, ...] = ()
     model_output: str | None = None
     code: tuple[str, ...] = ()
-    package: str | None = None  # the package versioning the stage's code (default: the target's package)
+    key_extra: Callable[[Any], dict] | None = None
     validate: Callable[[Any], None] | None = None
     resources: Callable[[Any], dict] | None = None
     datasets: Callable[[Any], dict[str, Path]] | None = None
@@ -81,9 +85,20 @@ class Stage:
         module, _, attr = self.target.partition(":")
         return getattr(importlib.import_module(module), attr)
 
-    def code_paths(self) -> list[str]:
-        pkg = self.package or self.target.partition(":")[0].rsplit(".", 1)[0].replace(".", "/")
-        return sorted({pkg, "components/model", *self.code})
+    def code_paths(self, root: Path = ROOT) -> list[str]:
+        """The paths whose sources version this stage: the target's own package whole (resource files beside
+        its modules count too), every other repo module the target imports (one file each, so that editing
+        an unrelated module of a shared package does not invalidate a stage) and `code`."""
+        module = self.target.partition(":")[0]
+        paths = set(self.code)
+        package = module.rpartition(".")[0]
+        own = root.joinpath(*package.split(".")) if "." in package else None  # never all of components/
+        if own is not None:
+            paths.add(own.relative_to(root).as_posix())
+        for f in imported_files(module, root):
+            if own is None or own not in f.parents:
+                paths.add(f.relative_to(root).as_posix())
+        return sorted(paths)
 
     def build_inputs(self, finished: dict[str, Any], config) -> dict:
         if self.inputs is not None:
@@ -174,8 +189,22 @@ def _register_inputs(finished: dict[str, Any], config=None) -> dict:
     return {"model_dir": model_dir, "metrics": dict(getattr(ev, "metrics", None) or {})}
 
 
+def _register_key(config) -> dict:
+    """The registry the stage writes to and the model name: either changed is another registration, not a
+    cached one."""
+    import re
+
+    from components.tracking import tracking_uri
+
+    # credentials never enter a key: user:password@ and the query string (tokens) are left out
+    uri = re.sub(r"^([A-Za-z][\w+.-]*://)[^/?#]*@", r"\1", tracking_uri(config.tracking))
+    return {"registry": re.split(r"[?#]", uri, maxsplit=1)[0],
+            "model_name": config.pipeline.promotion.registered_name(config.profile)}
+
+
 def _register_summary(out) -> str:
-    champ = "-> champion" if out.promoted else f"champion stays v{out.champion_version}"
+    stays = f"champion stays v{out.champion_version}" if out.champion_version else "no champion"
+    champ = "-> champion" if out.promoted else stays
     return f"v{out.version} candidate, {champ}: {out.decision}"
 
 
@@ -188,15 +217,14 @@ def _train_stage(name: str, prev: str, summary: tuple[str, ...], description: st
         upstream=("curate", prev),
         inputs=lambda up, cfg: {"model_dir": up[prev].model_dir, "data_dir": _data_dir(up)},
         standalone_inputs=lambda cfg: {"model_dir": f"{cfg.run_dir}/{prev}/model", "data_dir": f"{cfg.run_dir}/data"},
-        outputs=("model_dir",), model_output="model_dir", code=("components/train",), uses_ray=True,
+        outputs=("model_dir",), model_output="model_dir", uses_ray=True,
         dvc_outs=(f"{name}/model",), dvc_plots=(f"{name}/history.jsonl",), summary_metrics=summary,
         resources=lambda cfg: _train_resources(getattr(cfg, name)), description=description)
 
 
 _DECLARED: list[Stage] = [
     Stage("curate", "components.data.curate:run", config_keys=("data", "teacher.source", "seed"),
-          package="components/data", outputs=("data_dir",), code=("components/mathcheck.py",),
-          dvc_outs=("data",), dvc_metrics="metrics/curate.json", datasets=_curate_datasets,
+          outputs=("data_dir",), dvc_outs=("data",), dvc_metrics="metrics/curate.json", datasets=_curate_datasets,
           resources=_curate_resources, summary_metrics=("records.sft1", "records.sft2", "records.rl", "rejected"),
           description="sources -> checks -> dedup -> decontamination -> templating -> packing"),
     Stage("convert", "components.model.convert:run", config_keys=("convert", "teacher", "seed"),
@@ -210,8 +238,7 @@ _DECLARED: list[Stage] = [
     Stage("grpo", "components.grpo.stage:run", config_keys=("grpo", "teacher", "seed"), upstream=("curate", "sft2"),
           inputs=lambda up, cfg: {"model_dir": up["sft2"].model_dir, "data_dir": _data_dir(up)},
           standalone_inputs=lambda cfg: {"model_dir": f"{cfg.run_dir}/sft2/model", "data_dir": f"{cfg.run_dir}/data"},
-          outputs=("model_dir",), model_output="model_dir", code=("components/train", "components/mathcheck.py"),
-          uses_ray=True, dvc_outs=("grpo/model",),
+          outputs=("model_dir",), model_output="model_dir", uses_ray=True, dvc_outs=("grpo/model",),
           summary_metrics=("heldout/accuracy_before", "heldout/accuracy", "heldout/accuracy_se"),
           resources=_grpo_resources, description="GRPO: math-verified rewards, entropy bonus, no KL"),
     Stage("evaluate", "components.evaluate.run:run",
@@ -220,16 +247,17 @@ _DECLARED: list[Stage] = [
           inputs=lambda up, cfg: {"models": _eval_models(cfg, up["grpo"].model_dir), "data_dir": _data_dir(up)},
           standalone_inputs=lambda cfg: {"models": _eval_models(cfg, f"{cfg.run_dir}/grpo/model"),
                                          "data_dir": f"{cfg.run_dir}/data"},
-          outputs=("eval_dir",), code=("components/mathcheck.py",), dvc_outs=("eval",),
+          outputs=("eval_dir",), dvc_outs=("eval",),
           dvc_metrics="metrics/evaluate.json",
           dvc_plots=("plots/eval/time_budget.png", "plots/eval/speed.png", "plots/eval/time_budget.csv",
                      "plots/eval/speed.csv"),
           summary_metrics=("hybrid/all/pass_at_1", "teacher/all/pass_at_1"),
           description="pass@1 / pass@k / maj@k, accuracy under a time budget, generation speed"),
-    # Registers the final model as <promotion.model_name>@candidate and gates `champion`; joins the pipeline
-    # once an `evaluate` stage is registered above it.
+    # Registers the final model as <model name>@candidate and gates `champion`; joins the pipeline once an
+    # `evaluate` stage is registered above it. Another tracking server is another registry: keyed on it.
     Stage("register", "components.pipeline.registry:run", config_keys=("pipeline.promotion",),
           upstream=("evaluate",), inputs=_register_inputs, outputs=(), summary=_register_summary,
+          key_extra=_register_key,
           description="MLflow registry: candidate alias, promotion gate to champion"),
 ]
 
