@@ -9,7 +9,7 @@ import torch
 
 from components.pipeline import hashing
 from components.train import checkpoint as ck
-from components.train import stage as train_stage
+from components.train import harness as train_stage
 from components.train.loop import Context
 
 
