@@ -1,7 +1,7 @@
 """Pick the layers that keep attention for a teacher by greedy ablation (components/model/layer_choice.py).
 
     python bench/attn_layer_choice.py --teacher smollm2 --rows runs/gpu/data/sft1_heldout --k 6 \
-        --compare 4,9,14,19,24,29 --out docs/results/attn_layer_choice.json
+        --compare 4,9,14,19,24,29 --out docs/results/layer_choice/attn_layer_choice.json
 
 Scores on the first --n-rows packed rows (first --tokens tokens of each). Prints each round, writes the chosen
 layers with their KL, the KL of every --compare set, and a plot beside the JSON."""

@@ -4,7 +4,7 @@
 # than one, and a gain that holds across seeds is told apart from one run's luck. Seed N's run lives in
 # runs/gpu/seed<N>/ (its run_dir, with sft2/ and data/ linked to runs/gpu's), its log in grpo.log there.
 # At most $M1_PARALLEL (default 2) run at once: with the gpu profile's dynamic sampling a run holds ~31 GiB of
-# an H100's 79 (2048 sequences' caches in a refill round); a third ran out of memory (session 6).
+# an H100's 79 (2048 sequences' caches in a refill round), so a third does not fit beside them.
 # Usage: bench/gpu_grpo_seeds.sh SEED ...   (--set flags in $M1_SET apply to every seed; $M1_PROFILE, default gpu)
 set -euo pipefail
 cd "$(dirname "$0")/.."

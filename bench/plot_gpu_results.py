@@ -1,6 +1,6 @@
-"""Turn the GPU suite's JSON (docs/results/*_h100.json) into CSV tables and PNG plots beside them:
+"""Turn the GPU suite's JSON (docs/results/speed/*_h100.json) into CSV tables and PNG plots beside them:
 
-    python3 bench/plot_gpu_results.py docs/results
+    python3 bench/plot_gpu_results.py docs/results/speed
 
 speed_<shape>_h100.{csv,png}: tokens/s vs batch for prompt 256 + decode 4096 (m1 hybrid and all-attention);
 anchors_h100.{csv,png}: prompt 256 + decode 512, the m1 engine against HF static cache and mamba_ssm's engine."""
@@ -91,4 +91,4 @@ def main(d: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else "docs/results"))
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "docs/results/speed"))

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The whole GPU suite in one command on a bare lent H100/H200 (wheels carried in .whl/, see bench/gpu_setup.sh).
-# Results land in ${OUT:-docs/results}. Each part is bounded so one slow part cannot starve the others.
+# Results land in $OUT when it is set, else by topic: decode speed in docs/results/speed, training in
+# docs/results/train, the kernel check in docs/results/kernels. Each part is bounded so one slow part cannot
+# starve the others.
 set -u
 cd "$(dirname "$0")/.."
 source bench/gpu_setup.sh
-out=${OUT:-docs/results}
+out=${OUT:-docs/results/speed}
 timeout 400 python3 bench/gpu_suite.py anchors --batches 1,64,128,256 --out "$out"
 timeout 560 python3 bench/gpu_suite.py decode --batches 1,16,64,128,256 --out "$out"
 timeout 200 python3 bench/gpu_suite.py decode --models hybrid --batches 512 --tag _largest --out "$out"
-timeout 150 python3 bench/gpu_suite.py train --out "$out"
+timeout 150 python3 bench/gpu_suite.py train --out "${OUT:-docs/results/train}"
 timeout 150 python3 bench/gpu_suite.py smollm2 --batches 1,64,256 --decode 1024 --out "$out"
-M1_GPU_REPORT="$out/gpu_kernels.json" timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py
+M1_GPU_REPORT="${OUT:-docs/results/kernels}/gpu_kernels.json" timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py

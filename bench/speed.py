@@ -4,7 +4,7 @@ A thin entry point over components/evaluate/speed.py, runnable without installin
 transformers, safetensors, tqdm, numpy and matplotlib suffice), e.g. on a GPU machine:
 
     python3 bench/speed.py --device cuda --shape llama-3.2-3b --batch 1,16,64,128,256 \
-        --prompt-len 256 --decode-len 512,4096 --out docs/results/speed-llama-3.2-3b-h100
+        --prompt-len 256 --decode-len 512,4096 --out docs/results/speed/llama-3.2-3b-h100
 """
 import os
 import sys

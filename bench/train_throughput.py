@@ -6,7 +6,7 @@ vendor peak to divide by, so the peak is measured here: the best of several larg
 attention scores); the teacher's forward during distillation (2N_teacher more per token) is not counted, so the
 distill row understates the work done. The first step of each stage (allocations, warm caches) is left out.
 
-    python bench/train_throughput.py --run-dir runs/default --out docs/results/train_cpu.json
+    python bench/train_throughput.py --run-dir runs/default --out docs/results/train/train_cpu.json
 """
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def _seq_len(run_dir: Path, stage: str) -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run-dir", default="runs/default")
-    ap.add_argument("--out", default="docs/results/train_cpu.json")
+    ap.add_argument("--out", default="docs/results/train/train_cpu.json")
     ap.add_argument("--peak-tflops", type=float, default=None)
     args = ap.parse_args()
     peak = args.peak_tflops or gemm_peak_tflops()
