@@ -1,4 +1,4 @@
-"""Pick the layers that keep attention for a teacher by greedy ablation (components/model/layer_choice.py).
+"""Pick the layers that keep attention for a teacher by greedy ablation (components/train/layer_choice.py).
 
     python bench/attn_layer_choice.py --teacher smollm2 --rows runs/gpu/data/sft1_heldout --k 6 \
         --compare 4,9,14,19,24,29 --out docs/results/layer_choice/attn_layer_choice.json
@@ -18,9 +18,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from components.evaluate.report import save_figure  # noqa: E402
-from components.model.layer_choice import full_logits, greedy_attention_layers, kl_without_attention  # noqa: E402
+from components.figures import save_figure  # noqa: E402
 from components.train.data import PackedRows  # noqa: E402
+from components.train.layer_choice import (  # noqa: E402
+    full_logits,
+    greedy_attention_layers,
+    kl_without_attention,
+)
 from components.train.loop import load_teacher_engine  # noqa: E402
 from components.train.losses import target_mask  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Greedy choice of attention layers (components/model/layer_choice.py) on the tiny random teacher."""
+"""Greedy choice of attention layers (components/train/layer_choice.py) on the tiny random teacher."""
 import copy
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from components.model import convert
-from components.model.layer_choice import full_logits, greedy_attention_layers, kl_without_attention
+from components.train.layer_choice import full_logits, greedy_attention_layers, kl_without_attention
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from components.evaluate.report import save_figure
+from components.figures import save_figure
 
 ENGINES = ("hybrid", "attention", "hf_static")
 # Attention layers kept by the reference recipes for the named random shapes.

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from components.evaluate.metrics import ProblemScore
-from components.evaluate.report import save_figure
+from components.figures import save_figure
 
 FIELDS = ["model", "benchmark", "strategy", "budget_s", "tokens_allowed", "samples", "max_len", "accuracy", "capped",
           "tokens_per_s", "mean_tokens"]

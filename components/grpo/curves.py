@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from components.errors import M1Error
+from components.figures import figure_main, save_figure
 
 
 def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
@@ -35,8 +36,6 @@ def plot_curves(metrics_path: Path, png: Path, title: str = "") -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from components.evaluate.report import save_figure
 
     rows, evals = read_metrics(metrics_path)
     if not rows:
@@ -86,8 +85,6 @@ def plot_curves(metrics_path: Path, png: Path, title: str = "") -> Path:
 
 
 def main(argv: list[str]) -> int:
-    from components.evaluate.report import figure_main
-
     return figure_main(argv, "python -m components.grpo.curves METRICS_JSONL OUT_PNG [TITLE]", plot_curves)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from components.errors import M1Error
+from components.figures import figure_main, save_figure
 
 
 def _read(path: Path) -> list[dict]:
@@ -89,8 +90,6 @@ def plot_outcomes(run_dir: Path, png: Path, title: str = "") -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from components.evaluate.report import save_figure
-
     run_dir = Path(run_dir)
     fig, ax = plt.subplots(figsize=(7, 4))
     n_max = 0
@@ -111,8 +110,6 @@ def plot_outcomes(run_dir: Path, png: Path, title: str = "") -> Path:
 
 
 def main(argv: list[str]) -> int:
-    from components.evaluate.report import figure_main
-
     return figure_main(argv, "python -m components.grpo.outcomes GRPO_RUN_DIR OUT_PNG [TITLE]", plot_outcomes)
 
 
