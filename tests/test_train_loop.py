@@ -42,15 +42,20 @@ def test_micro_batching_does_not_change_the_loss_curve(train_setup):
     assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-5 for k in a)
 
 
-def test_killed_run_resumes_on_the_uninterrupted_curve(train_setup):
-    root, data = train_setup
-    cfg = _cfg(root, "killed")
+def _fail_after_step_3(cfg, root, data) -> None:
+    """A distill run killed by fault injection right after step 3 (its checkpoint at step 2 is kept)."""
     os.environ["M1_FAIL_AFTER_STEP"] = "3"
     try:
         with pytest.raises(RuntimeError, match="injected failure"):
             run(cfg, {"model_dir": root / "conv", "data_dir": data}, "distill")
     finally:
         del os.environ["M1_FAIL_AFTER_STEP"]
+
+
+def test_killed_run_resumes_on_the_uninterrupted_curve(train_setup):
+    root, data = train_setup
+    cfg = _cfg(root, "killed")
+    _fail_after_step_3(cfg, root, data)
     assert not (root / "killed" / "distill" / "model").exists()  # no final model from a failed run
     out = run(cfg, {"model_dir": root / "conv", "data_dir": data}, "distill")
     assert out.metrics["resumed_from"] == 2  # last checkpoint before the failure
@@ -88,12 +93,7 @@ def test_foreign_checkpoints_neither_hide_nor_prune_the_runs_own(train_setup):
     for meta in ckpts.glob("checkpoint_*/trainer_state.json"):
         meta.write_text(json.dumps({**json.loads(meta.read_text()), "fingerprint": "earlier-settings"}))
     cfg = _cfg(root, "mixed")
-    os.environ["M1_FAIL_AFTER_STEP"] = "3"
-    try:
-        with pytest.raises(RuntimeError, match="injected failure"):
-            run(cfg, {"model_dir": root / "conv", "data_dir": data}, "distill")
-    finally:
-        del os.environ["M1_FAIL_AFTER_STEP"]
+    _fail_after_step_3(cfg, root, data)
     assert sorted(p.name for p in ckpts.iterdir()) == ["checkpoint_000002", "checkpoint_000004", "checkpoint_000006"]
     out = run(cfg, {"model_dir": root / "conv", "data_dir": data}, "distill")
     assert out.metrics["resumed_from"] == 2
