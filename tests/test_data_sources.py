@@ -18,7 +18,7 @@ from components.data.config import (
 )
 from components.data.record import RowError
 from components.data.sources import champ_answer, make_adapter
-from components.data.sources.registry import REGISTRY, lookup
+from components.data.sources.hub_catalogue import CATALOGUE, lookup
 from components.data.sources.synthetic import TEMPLATES, generate
 from components.errors import M1Error
 
@@ -42,7 +42,7 @@ def hub(key, fixture, splits=("sft1",), **kw):
 
 
 def test_registry_knows_the_recipe_datasets():
-    ids = {d.hub_id for d in REGISTRY.values()}
+    ids = {d.hub_id for d in CATALOGUE.values()}
     for hub_id in ["nvidia/OpenMathInstruct-2", "open-r1/OpenR1-Math-220k", "open-r1/OpenThoughts-114k-math",
                    "ServiceNow-AI/R1-Distill-SFT", "agentica-org/DeepScaleR-Preview-Dataset",
                    "HuggingFaceH4/MATH-500", "HuggingFaceH4/aime_2024", "opencompass/AIME2025",

@@ -1,7 +1,7 @@
 """Settings of the curate stage (`data:` in params.yaml). The defaults are the embedded default: only
 offline sources (CHAMP, mathgenerator, the seeded synthetic generator), sized so that `m1 data curate`
 runs in about a minute on a 2-core CPU. Hub datasets and local files are added as further `sources`
-entries (see components/data/sources/registry.py for the known hub datasets)."""
+entries (see components/data/sources/hub_catalogue.py for the known hub datasets)."""
 from __future__ import annotations
 
 from typing import Annotated, Literal
@@ -43,11 +43,11 @@ class _Source(Section):
 
 class HubSource(_Source):
     kind: Literal["hub"] = "hub"
-    # A registry key (openmathinstruct2, openr1_math, openthoughts_math, r1_distill_sft, deepscaler,
+    # A catalogue key (openmathinstruct2, openr1_math, openthoughts_math, r1_distill_sft, deepscaler,
     # math500, aime24, aime25, amc23, olympiadbench) or the hub id of a registered dataset.
     dataset: str
-    config: str | None = None  # hub subset; default: the registry's
-    split: str | None = None  # hub split; default: the registry's
+    config: str | None = None  # hub subset; default: the catalogue's
+    split: str | None = None  # hub split; default: the catalogue's
     revision: str | None = None
     # Local files with the same column layout (offline mirrors, tests); read with datasets' json/parquet/csv
     # builder instead of the hub.
@@ -55,7 +55,7 @@ class HubSource(_Source):
     # sft2 sources with several traces per problem: how many correct traces to keep per problem (more
     # than one only survives deduplication with dedup.key = problem_solution).
     max_traces_per_problem: int = Field(1, gt=0)
-    # Column mapping for a hub dataset that is not in the registry (ignored for registered ones).
+    # Column mapping for a hub dataset that is not in the catalogue (ignored for catalogued ones).
     fields: FieldMap | None = None
 
 

@@ -24,7 +24,7 @@ class CuratedBenchmark(Section):
 
 
 class HubBenchmark(Section):
-    """A hub benchmark read through the data stage's registry (components/data/sources/registry.py)."""
+    """A hub benchmark read through the data stage's hub catalogue (components/data/sources/hub_catalogue.py)."""
     kind: Literal["hub"] = "hub"
     name: str = Field(pattern=_NAME)
     max_problems: int | None = Field(None, gt=0)  # None = evaluate.max_problems

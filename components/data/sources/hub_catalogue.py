@@ -192,7 +192,7 @@ def _amc_2023(row: dict) -> bool:
     return "2023" in str(row.get("url") or "")
 
 
-REGISTRY: dict[str, HubDataset] = {
+CATALOGUE: dict[str, HubDataset] = {
     d.key: d
     for d in [
         HubDataset("openmathinstruct2", "nvidia/OpenMathInstruct-2", (None,), "train", ("sft1",), openmathinstruct2,
@@ -226,9 +226,9 @@ REGISTRY: dict[str, HubDataset] = {
                             "subject", "language")),
     ]
 }
-_BY_HUB_ID = {d.hub_id.lower(): d for d in REGISTRY.values()}
+_BY_HUB_ID = {d.hub_id.lower(): d for d in CATALOGUE.values()}
 
 
 def lookup(name: str) -> HubDataset | None:
-    return REGISTRY.get(name) or _BY_HUB_ID.get(name.lower())
+    return CATALOGUE.get(name) or _BY_HUB_ID.get(name.lower())
 
