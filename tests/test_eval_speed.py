@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from components.evaluate import speed
+from components.evaluate import speed, speed_report
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,12 +29,12 @@ def test_tiny_grid_rows_and_outputs(tmp_path):
     # Mamba states do not grow with the sequence: at 4k tokens the hybrid's cache is a fraction of the KV cache
     assert speed.cache_bytes("hybrid", cfg, 1, 4096, 4) < 0.6 * speed.cache_bytes("attention", cfg, 1, 4096, 4)
     assert rows[2]["cache_gib"] == speed.cache_bytes("attention", cfg, 1, 11, 4) / 2**30
-    paths = speed.write_outputs(rows, tmp_path, {"shape": "tiny"})
+    paths = speed_report.write_outputs(rows, tmp_path, {"shape": "tiny"})
     with open(paths["csv"]) as f:
         got = list(csv.DictReader(f))
     assert len(got) == 6 and set(speed.CSV_FIELDS) == set(got[0])
     assert paths["png"].stat().st_size > 0
-    assert {(s["vs"], s["batch"]) for s in speed.speedups(rows)} == {
+    assert {(s["vs"], s["batch"]) for s in speed_report.speedups(rows)} == {
         ("attention", 1), ("attention", 2), ("hf_static", 1), ("hf_static", 2)}
 
 

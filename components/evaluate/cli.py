@@ -8,7 +8,7 @@ from pathlib import Path
 
 def register(sub) -> None:
     from components.cli import add_config_args
-    from components.evaluate import speed
+    from components.evaluate import speed_cli
 
     p = sub.add_parser("eval", help="score models on math benchmarks (pass@1, pass@k, maj@k), time budget, speed")
     add_config_args(p)
@@ -28,7 +28,7 @@ def register(sub) -> None:
 
     b = sub.add_parser("bench", help="generation-speed benchmark: hybrid vs same-shape attention vs HF static cache")
     add_config_args(b)
-    speed.add_arguments(b)
+    speed_cli.add_arguments(b)
     b.set_defaults(func=_bench)
 
 
@@ -79,15 +79,15 @@ def _eval(args) -> int:
 
 def _bench(args) -> int:
     from components.config import load_config
-    from components.evaluate import speed
+    from components.evaluate import speed_cli, speed_report
     from components.tracking import Tracker, standalone_run
 
     cfg = load_config(args.profile, args.params)
     command = "m1 bench " + " ".join(_argv_after("bench"))
     with standalone_run(cfg.tracking, "bench", tags={"stage": "bench", "shape": args.shape}):
-        rows, meta = speed.run_from_args(args, command)
+        rows, meta = speed_cli.run_from_args(args, command)
         out = Path(args.out or Path(cfg.run_dir) / "bench" / f"speed-{args.shape}-{meta['device'].replace(':', '')}")
-        paths = speed.write_outputs(rows, out, meta)
+        paths = speed_report.write_outputs(rows, out, meta)
         tracker = Tracker()
         tracker.log_params({"bench": {k: v for k, v in vars(args).items() if k != "func"}})
         tracker.log_metrics({f"speed/{r['engine']}/b{r['batch']}_d{r['decode_len']}/tokens_per_s": r["tokens_per_s"]
@@ -95,9 +95,9 @@ def _bench(args) -> int:
         for p in paths.values():
             if p is not None:
                 tracker.log_artifact(p, "bench")
-    print(speed.format_table(rows))
-    for s in speed.speedups(rows):
-        print(f"hybrid vs {s['vs']:<9} b={s['batch']:<4} D={s['decode_len']:<5} x{s['speedup']:.2f}")
+    print(speed_report.format_table(rows))
+    for line in speed_report.speedup_lines(rows):
+        print(line)
     print(f"wrote {', '.join(str(p) for p in paths.values() if p)}")
     return 0
 

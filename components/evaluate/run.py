@@ -291,7 +291,7 @@ def run(config, inputs: dict | None = None) -> EvalOutputs:
 def _speed(config, hybrid_cfg, out_dir: Path) -> dict[str, float]:
     import torch
 
-    from components.evaluate import speed
+    from components.evaluate import speed, speed_report
     from components.evaluate.models import resolve_device
 
     sc = config.evaluate.speed
@@ -319,13 +319,13 @@ def _speed(config, hybrid_cfg, out_dir: Path) -> dict[str, float]:
                            dev, dtype, seed=config.seed, command="m1 eval (evaluate.speed)")
     meta = {"shape": shape, "attn_layers": cfg.attn_layers, "mixer": cfg.mixer, "layers": cfg.num_hidden_layers,
             **speed.environment(dev, dtype, "m1 eval (evaluate.speed)")}
-    speed.write_outputs(rows, out_dir, meta)
+    speed_report.write_outputs(rows, out_dir, meta)
     from components.evaluate.report import key
 
     out = {}
     for r in rows:
         if r.get("status") == "ok":
             out[key("speed", r["engine"], f"b{r['batch']}_d{r['decode_len']}", "tokens_per_s")] = r["tokens_per_s"]
-    for s in speed.speedups(rows):
+    for s in speed_report.speedups(rows):
         out[key("speed", f"hybrid_vs_{s['vs']}", f"b{s['batch']}_d{s['decode_len']}")] = s["speedup"]
     return out

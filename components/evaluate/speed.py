@@ -19,24 +19,18 @@ skipped ("skipped_oom"); --time-limit-s stops starting new configurations once s
 Simplifications: greedy decoding (no sampling cost in either engine); one timed repetition per configuration after
 one short warm-up run of the same batch and prompt shape; prompts are unpadded (equal lengths).
 
-This module imports only torch, transformers, numpy, matplotlib, tqdm and components.model, so bench/speed.py
-runs on a bare GPU image (no pydantic, MLflow or Ray).
+Its CSV, JSON and figure are written by speed_report.py, its command line is speed_cli.py (bench/speed.py). These
+modules import only torch, transformers, numpy, matplotlib, tqdm and components.model, so bench/speed.py runs on a
+bare GPU image (no pydantic, MLflow or Ray).
 """
 from __future__ import annotations
 
-import argparse
-import csv
 import gc
-import json
-import os
 import platform
 import sys
 import time
-from pathlib import Path
 
 import torch
-
-from components.figures import save_figure
 
 ENGINES = ("hybrid", "attention", "hf_static")
 # Attention layers kept by the reference recipes for the named random shapes.
@@ -282,173 +276,3 @@ def run_speed(cfg, shape: str, engines: list[str], batch_sizes: list[int], promp
         _free(device)
     bar.close()
     return rows
-
-
-# ----------------------------------------------------------------------------- outputs
-
-
-def _fmt(v):
-    if isinstance(v, float):
-        return f"{v:.6g}"
-    return "" if v is None else v
-
-
-def write_csv(rows: list[dict], path: Path) -> Path:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: _fmt(r.get(k)) for k in CSV_FIELDS})
-    return path
-
-
-def speedups(rows: list[dict]) -> list[dict]:
-    """hybrid tokens/s divided by each other engine's, per (batch, decode_len) where both ran."""
-    ok = {(r["engine"], r["batch"], r["decode_len"]): r["tokens_per_s"] for r in rows if r.get("status") == "ok"}
-    out = []
-    for (engine, b, d), tps in sorted(ok.items()):
-        if engine != "hybrid":
-            continue
-        for other in ENGINES[1:]:
-            if (other, b, d) in ok:
-                out.append({"batch": b, "decode_len": d, "vs": other, "speedup": tps / ok[(other, b, d)]})
-    return out
-
-
-def plot_speed(rows: list[dict], path: Path, title: str = "") -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    decode_lens = sorted({r["decode_len"] for r in rows})
-    fig, axes = plt.subplots(2, len(decode_lens), figsize=(max(8.0, 5.2 * len(decode_lens)), 7.5), squeeze=False)
-    styles = {"hybrid": ("tab:red", "o"), "attention": ("tab:blue", "s"), "hf_static": ("tab:gray", "^")}
-    for col, d in enumerate(decode_lens):
-        for engine in ENGINES:
-            pts = sorted((r["batch"], r) for r in rows if r["engine"] == engine and r["decode_len"] == d)
-            ok = [(b, r) for b, r in pts if r.get("status") == "ok"]
-            oom = [b for b, r in pts if r.get("status") in ("oom", "skipped_oom")]
-            if not pts:
-                continue
-            c, m = styles[engine]
-            label = engine + (f" (OOM at b>={min(oom)})" if oom else "")
-            if ok:
-                axes[0][col].plot([b for b, _ in ok], [r["tokens_per_s"] for _, r in ok], marker=m, color=c, label=label)
-                axes[1][col].plot([b for b, _ in ok], [r["decode_ms_per_token"] for _, r in ok], marker=m, color=c,
-                                  label=engine)
-            elif oom:
-                axes[0][col].plot([], [], marker=m, color=c, label=label)
-        for row, ylabel in ((0, "generated tokens / s"), (1, "ms per decode step")):
-            ax = axes[row][col]
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xlabel("batch size")
-            ax.set_ylabel(ylabel)
-            ax.grid(True, which="both", alpha=0.3)
-            ax.set_title(f"decode {d} tokens")
-        axes[0][col].legend(fontsize=8)
-    return save_figure(fig, path, title)
-
-
-def write_outputs(rows: list[dict], out_dir: str | Path, meta: dict, prefix: str = "speed") -> dict[str, Path]:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"csv": write_csv(rows, out / f"{prefix}.csv")}
-    js = out / f"{prefix}.json"
-    js.write_text(json.dumps({**meta, "rows": rows, "speedups": speedups(rows)}, indent=2, default=str) + "\n")
-    paths["json"] = js
-    first = rows[0] if rows else {}
-    title = (f"{meta.get('shape', '')}  prompt {first.get('prompt_len', '')}  {first.get('device_name', '')}  "
-             f"{first.get('dtype', '')}  ssm={first.get('kernel_ssm', '')}")
-    paths["png"] = plot_speed(rows, out / f"{prefix}.png", title) if rows else None
-    return paths
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.replace(" ", "").split(",") if x]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def _engines(text: str) -> list[str]:
-    names = [x for x in text.replace(" ", "").split(",") if x]
-    bad = [x for x in names if x not in ENGINES]
-    if bad:
-        raise argparse.ArgumentTypeError(f"unknown engines {bad}; known: {', '.join(ENGINES)}")
-    return names
-
-
-def add_arguments(p: argparse.ArgumentParser, defaults: dict | None = None) -> None:
-    d = {"device": "auto", "shape": "tiny", "batch": [1, 4], "prompt_len": 256, "decode_len": [64, 512],
-         "engines": list(ENGINES), "dtype": "auto", **(defaults or {})}
-    p.add_argument("--device", default=d["device"], help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--shape", default=d["shape"], help=f"random Llama shape: {', '.join(SHAPE_ATTN)}")
-    p.add_argument("--attn-layers", type=_ints, default=None, help="hybrid's attention layers (default: the recipe's)")
-    p.add_argument("--mixer", choices=["mamba1", "mamba2"], default="mamba1")
-    p.add_argument("--batch", type=_ints, default=d["batch"], help="batch sizes, e.g. 1,16,64,128,256")
-    p.add_argument("--prompt-len", type=int, default=d["prompt_len"])
-    p.add_argument("--decode-len", type=_ints, default=d["decode_len"], help="decode lengths, e.g. 512,4096")
-    p.add_argument("--engines", type=_engines, default=d["engines"], help=f"subset of {','.join(ENGINES)}")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=d["dtype"],
-                   help="auto = bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-warmup", action="store_true")
-    p.add_argument("--hf-compile", action="store_true",
-                   help="let transformers compile its static-cache forward (off: disable_compile=True)")
-    p.add_argument("--decode-engine", choices=["auto", "eager", "static", "graph"], default="auto",
-                   help="our generate()'s decode engine (auto = CUDA graphs on CUDA, eager on CPU)")
-    p.add_argument("--time-limit-s", type=float, default=None, help="start no new configuration after this")
-    p.add_argument("--out", default=None, help="output directory for speed.csv / speed.json / speed.png")
-
-
-def resolve(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"device {device} requested but CUDA is not available")
-    if dtype == "auto":
-        return dev, torch.bfloat16 if dev.type == "cuda" else torch.float32
-    return dev, getattr(torch, dtype)
-
-
-def run_from_args(args, command: str | None = None) -> tuple[list[dict], dict]:
-    dev, dt = resolve(args.device, args.dtype)
-    cfg = hybrid_config(args.shape, args.attn_layers, args.mixer)
-    meta = {"shape": args.shape, "attn_layers": cfg.attn_layers, "mixer": cfg.mixer,
-            "layers": cfg.num_hidden_layers, **environment(dev, dt, command),
-            "python": platform.python_version(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    rows = run_speed(cfg, args.shape, args.engines, args.batch, args.prompt_len, args.decode_len, dev, dt,
-                     seed=args.seed, warmup=not args.no_warmup, hf_compile=args.hf_compile,
-                     time_limit_s=args.time_limit_s, command=meta["command"], decode_engine=args.decode_engine)
-    return rows, meta
-
-
-def format_table(rows: list[dict]) -> str:
-    lines = [f"{'engine':<10} {'batch':>5} {'decode':>6} {'status':<12} {'tok/s':>10} {'ms/step':>9} {'peak GiB':>8}"]
-    for r in rows:
-        ok = r.get("status") == "ok"
-        pm = r.get("peak_mem_gib")
-        tps = f"{r['tokens_per_s']:.1f}" if ok else "-"
-        ms = f"{r['decode_ms_per_token']:.2f}" if ok else "-"
-        mem = f"{pm:.2f}" if pm else "-"
-        lines.append(f"{r['engine']:<10} {r['batch']:>5} {r['decode_len']:>6} {r['status']:<12} {tps:>10} {ms:>9} {mem:>8}")
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="bench/speed.py", description=__doc__.split("\n\n")[0])
-    add_arguments(p)
-    args = p.parse_args(argv)
-    command = "python3 bench/speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    rows, meta = run_from_args(args, command)
-    out = Path(args.out or os.path.join("bench", "results", f"speed-{args.shape}-{meta['device'].replace(':', '')}"))
-    paths = write_outputs(rows, out, meta)
-    print(format_table(rows))
-    for s in speedups(rows):
-        print(f"hybrid vs {s['vs']:<9} b={s['batch']:<4} D={s['decode_len']:<5} x{s['speedup']:.2f}")
-    print(f"wrote {', '.join(str(p) for p in paths.values() if p)}")
-    return 0
