@@ -16,6 +16,10 @@ at `MAX_WORKERS` processes, further threads wait for a free one. On the main thr
 exception waits for the running bytecode: one long computation inside C (sympy on big integers)
 runs to its end first (`(x+1)^{3000}` against `(x+2)^{3000}` with a 0.5 s limit took 24 s once,
 on a loaded CI machine); only the worker processes, killed from outside, have a hard bound.
+
+Over 400 lines because the answer rules (normalisation, what counts as a final value, where a thinking
+completion's answer is) and the time bound they run under are one contract that curation, rewards and evaluation
+all rely on; split, the rules would drift apart.
 """
 from __future__ import annotations
 

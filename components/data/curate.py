@@ -11,6 +11,10 @@ Three streaming passes, so that no source is ever held in memory:
 
 Everything is written under a temporary directory next to <run_dir>/data and moved into place at the
 end, so a failed run leaves the previous output untouched and no partial output behind.
+
+One file of ~500 lines on purpose: the three passes share the staging files, the reject log and the stats, and
+read top to bottom they are the stage's description; the pieces each pass calls live in their own modules
+(sources/, checks, dedup, decontam, templating, packing, report).
 """
 from __future__ import annotations
 
