@@ -49,6 +49,10 @@ class HybridConfig:
     conv_bias: bool = True
     # Mamba-2 head size (defaults to head_dim, so B/C/x map onto k/q/v heads one to one).
     mamba2_headdim: int | None = None
+    # Run the Mamba-1 layers as MambaInLlama / M1 do, so their released checkpoints (components/model/reference.py)
+    # give their logits here: dt_proj's bias is added twice (inside dt_proj and again as the scan's delta bias),
+    # and x and B are repeated in d_state-wide slices instead of whole heads when n_kv < n_heads.
+    reference_compat: bool = False
     initializer_range: float = 0.02
     model_type: str = "m1_hybrid"
 
@@ -76,6 +80,11 @@ class HybridConfig:
                 f"num_attention_heads {self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads {self.num_key_value_heads}"
             )
+        if self.reference_compat and self.mixer != "mamba1":
+            raise M1Error("reference_compat reproduces the reference's Mamba-1 layer only; use mixer mamba1")
+        if self.reference_compat and self.d_xb % self.d_state:
+            raise M1Error(f"reference_compat repeats x and B in d_state slices: d_state {self.d_state} must divide "
+                          f"the key/value width {self.d_xb}")
         if self.mixer == "mamba2" and self.d_inner % self.mamba2_headdim:
             raise M1Error(f"d_inner {self.d_inner} is not a multiple of mamba2_headdim {self.mamba2_headdim}")
 

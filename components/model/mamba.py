@@ -5,9 +5,14 @@ and out_proj <- o_proj.
 GQA repeat: x and B come out at the key/value width (n_kv * head_dim) and are repeated head by head up to
 d_inner exactly as attention repeats k and v for its query heads (kv head j serves query heads j*r..j*r+r-1).
 Mamba-1 then reads B and C in groups of d_state channels, so channel c of query head h uses the d_state-slice
-of head h's q (as C) and of kv head h // r's k (as B) that lies at the same offset. Note: MambaInLlama's code
+of head h's q (as C) and of kv head h // r's k (as B) that lies at the same offset. MambaInLlama's code
 repeats in d_state-sized slices instead of whole heads, which pairs q slices with k slices of other heads;
 the head-wise repeat here keeps the attention pairing.
+
+HybridConfig.reference_compat runs Mamba-1 with the reference's semantics instead, so its checkpoints compute
+what they were trained to: the slice-wise repeat, and dt = softplus(dt_proj(dt_in) + dt_proj.bias), i.e. the
+bias counted twice (the reference's dt_proj is a Linear with bias whose output goes to a scan that adds the same
+bias again as delta_bias / dt_bias, in the prefill scan and in the decode step alike).
 
 Simplifications: Mamba-1 convolves x only (as the reference); Mamba-2 convolves x, B and C together and
 normalises with one gated RMSNorm over d_inner (no per-group norm)."""
@@ -80,6 +85,8 @@ class Mamba1Mixer(nn.Module):
         di, dxb, N, R = cfg.d_inner, cfg.d_xb, cfg.d_state, cfg.dt_rank
         if di % dxb or di % N:
             raise ValueError(f"d_inner {di} must be a multiple of d_xb {dxb} and of d_state {N}")
+        # width of the blocks of x and B that the GQA repeat copies
+        self.repeat_unit = N if cfg.reference_compat else cfg.head_dim
         self.splits = [di, dxb, dxb, di, R]
         self.in_proj = nn.Linear(cfg.hidden_size, sum(self.splits), bias=False)
         self.conv1d = nn.Conv1d(di, di, cfg.d_conv, groups=di, padding=cfg.d_conv - 1, bias=cfg.conv_bias)
@@ -100,17 +107,22 @@ class Mamba1Mixer(nn.Module):
         cfg = self.cfg
         b, L, _ = h.shape
         z, x, B, C, dt = torch.split(self.in_proj(h), self.splits, dim=-1)
-        x = repeat_heads(x, cfg.head_dim, cfg.d_inner)
-        B = repeat_heads(B, cfg.head_dim, cfg.d_inner).view(b, L, -1, cfg.d_state)
+        x = repeat_heads(x, self.repeat_unit, cfg.d_inner)
+        B = repeat_heads(B, self.repeat_unit, cfg.d_inner).view(b, L, -1, cfg.d_state)
         C = C.reshape(b, L, -1, cfg.d_state)
         state = cache.mamba_state(self.layer_idx) if cache is not None else None
         if state is not None and state.started and L == 1 and seq.pad_mask is None:
             y = kernels.fused_mamba1_step(state, x[:, 0], dt[:, 0], self.dt_proj.weight, self.dt_proj.bias,
                                           -torch.exp(self.A_log.float()), B[:, 0], C[:, 0], self.D, z[:, 0],
-                                          self.conv1d.weight[:, 0], self.conv1d.bias)
+                                          self.conv1d.weight[:, 0], self.conv1d.bias,
+                                          dt_bias_twice=cfg.reference_compat)
             if y is not None:
                 return self.out_proj(y[:, None])
-        dt = F.softplus(self.dt_proj(dt))
+        if cfg.reference_compat:
+            # the second bias is added in fp32 before the softplus, where the reference's kernels add delta_bias
+            dt = F.softplus(self.dt_proj(dt).float() + self.dt_proj.bias.float())
+        else:
+            dt = F.softplus(self.dt_proj(dt))
         if seq.pad_mask is not None:  # zero input and step size on padding: the state stays exactly 0
             keep = seq.pad_mask[..., None]
             x = torch.where(keep, x, torch.zeros_like(x))
