@@ -53,7 +53,7 @@ def test_dual_clip_caps_negative_advantage_tokens_by_hand():
 
 
 def test_rollout_logprob_gap_over_kept_tokens():
-    from components.grpo.loop import rollout_logprob_gap
+    from components.grpo.mismatch import rollout_logprob_gap
 
     rollout = [[-1.0, -2.0], [-0.5], [-3.0]]
     learner = [torch.tensor([-1.5, -2.0, 0.0]), torch.tensor([-0.25, 9.0]), torch.tensor([-100.0])]  # padded rows

@@ -38,15 +38,34 @@ class GRPOConfig(Section):
     refill_max_factor: int = Field(8, ge=1)
     # Completions cut off at max_new_tokens get no loss (their reward says nothing about the answer).
     mask_truncated: bool = False
+    # Overlong reward shaping (DAPO's soft overlong punishment): a completion of L tokens gets
+    # -overlong_penalty * (L - (max_new_tokens - overlong_window)) / overlong_window added to its reward when it
+    # runs into the last overlong_window tokens of the budget (linear from 0 to -overlong_penalty at
+    # max_new_tokens), before advantages and dynamic sampling's tie test, so that a group whose answers tie but
+    # whose lengths differ still teaches "finish earlier". 0 = off.
+    overlong_window: int = Field(0, ge=0)
+    overlong_penalty: float = Field(1.0, ge=0)
     # A step whose groups all have equal rewards has no policy gradient: only the entropy bonus (and KL) would act,
     # which just raises entropy (seen on a student that was never rewarded). True skips such steps' updates
     # (counted as skipped_update in the step metrics); False applies them, as the reference does.
     skip_no_signal: bool = False
     # Loss: clipped surrogate with ratio clipped to [1 - clip_low, 1 + clip_high] ("clip-higher" when high > low),
     # minus entropy_coef * token entropy, plus kl_coef * KL(policy || frozen reference) (k3 estimator; 0 = off,
-    # and then no reference model is loaded). Token mean over all completion tokens of the mini-batch.
+    # and then no reference model is loaded), each averaged over the mini-batch by loss_agg.
     clip_low: float = Field(0.2, ge=0)
     clip_high: float = Field(0.2, ge=0)
+    # How the per-token terms are averaged over the mini-batch (loss.token_weights). "token_mean": over all
+    # counted tokens (DAPO; a long completion weighs in proportion to its length, the reference's choice);
+    # "seq_mean_token_mean": each sequence's token mean, then the mean over sequences (original GRPO; tokens of
+    # short completions weigh more, which favours short right answers and long wrong ones);
+    # "seq_mean_token_sum_norm": each sequence's token sum / max_new_tokens, mean over sequences (Dr. GRPO; no
+    # length bias either way).
+    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "token_mean"
+    # Importance ratio: "token" (PPO/GRPO) or "sequence" (GSPO, Zheng et al. 2025: exp of the sequence's mean
+    # per-token log-ratio, clipped per sequence, matching a reward given per sequence). GSPO pairs it with
+    # seq_mean_token_mean and a much narrower clip (clip_low 3e-4, clip_high 4e-4): the sequence ratio moves
+    # far less than single tokens' ratios.
+    ratio_level: Literal["token", "sequence"] = "token"
     # Dual clip (off = None, as the reference): for negative advantages the loss of a token is capped at
     # dual_clip * |A| (> 1), so a few tokens whose probability rose many-fold cannot dominate a step.
     dual_clip: float | None = Field(None, gt=1)
@@ -74,6 +93,15 @@ class GRPOConfig(Section):
     # ~3 nats per token (converted SmolLM2 hybrid, measured on CPU autocast), noise that the importance ratios
     # read as policy change (metric rollout_logprob_gap).
     bf16: bool = False
+    # Sampler/learner mismatch (components/grpo/mismatch.py): the rollout's log-probabilities of its own tokens
+    # differ from the learner's (kernels, dtypes), so the rollouts are slightly off-policy. "none" only measures it
+    # (rollout_logprob_gap mean/p50/p90/p99/max, rollout_gap_seqs_max_over: the share of sequences with a token
+    # gap above mask_threshold); "tis": truncated importance sampling (TIS, Yao et al. 2025), each token's
+    # policy-gradient term times min(exp(log p_learner_old - log p_sampler), tis_cap); "mask": sequences with any
+    # token gap above mask_threshold (nats) are left out of the loss.
+    mismatch_correction: Literal["none", "tis", "mask"] = "none"
+    tis_cap: float = Field(2.0, ge=1)  # >= 1: a cap below 1 would shrink every token's weight, not just outliers'
+    mask_threshold: float = Field(1.0, gt=0)  # nats; also the threshold of the rollout_gap_seqs_*_over metrics
 
     @model_validator(mode="after")
     def _check(self):
@@ -84,4 +112,7 @@ class GRPOConfig(Section):
         if self.prompts_per_step % self.minibatch_prompts:
             raise ValueError(f"prompts_per_step {self.prompts_per_step} is not a multiple of minibatch_prompts "
                              f"{self.minibatch_prompts}")
+        if self.overlong_window >= self.max_new_tokens:
+            raise ValueError(f"overlong_window {self.overlong_window} must be below max_new_tokens "
+                             f"{self.max_new_tokens} (the penalty ramps over the last overlong_window tokens)")
         return self

@@ -28,6 +28,13 @@ from components.errors import M1Error
 from components.grpo import rewards as R
 from components.grpo.advantages import group_advantages, informative_groups
 from components.grpo.loss import policy_loss
+from components.grpo.mismatch import (
+    gap_stats,
+    over_threshold,
+    tis_stats,
+    tis_weights,
+    token_gaps,
+)
 from components.grpo.outcomes import outcome_stats, plot_outcomes, read_pair
 from components.grpo.rollout import RolloutPool
 from components.model import HybridForCausalLM
@@ -130,17 +137,6 @@ def sequence_stats(model, prompt_ids, comp_ids, temperature: float, device, micr
         yield slice(i, i + len(C)), logp, ent, mask
 
 
-def rollout_logprob_gap(rollout: list[list[float]], learner: list[torch.Tensor], keep: list[bool]) -> tuple[float, float]:
-    """(mean, max) |rollout log-prob - learner log-prob| over the kept completion tokens: how far the sampler's
-    numbers are from the learner's for the same tokens and weights (0 up to float noise when they agree)."""
-    diffs = [(torch.tensor(r, dtype=torch.float32) - lp[:len(r)].float().cpu()).abs()
-             for r, lp, k in zip(rollout, learner, keep) if k and r]
-    if not diffs:
-        return 0.0, 0.0
-    d = torch.cat(diffs)
-    return float(d.mean()), float(d.max())
-
-
 def grpo_loop(lc: dict) -> dict:
     from components.tracking import Tracker
 
@@ -209,7 +205,16 @@ def grpo_loop(lc: dict) -> dict:
                                            gc["micro_batch"], False, autocast):
             for r, k in enumerate(range(sl.start, sl.stop)):
                 old[k] = lp[r]
-        gap = rollout_logprob_gap(batch["logprobs"], old, batch["keep"])
+        # sampler/learner mismatch over the kept tokens, measured always, corrected per mismatch_correction
+        gaps = token_gaps(batch["logprobs"], old, batch["keep"])
+        mismatch = gap_stats(gaps, gc["mask_threshold"])
+        tis = tis_weights(old, batch["logprobs"], gc["tis_cap"])
+        mismatch.update(tis_stats(tis, batch["keep"], gc["tis_cap"]))
+        keep = batch["keep"]
+        if gc["mismatch_correction"] == "mask":
+            keep = [k and not d for k, d in zip(keep, over_threshold(gaps, gc["mask_threshold"]))]
+        mismatch["mismatch_masked_fraction"] = 1 - sum(keep) / max(sum(batch["keep"]), 1)
+        use_tis = gc["mismatch_correction"] == "tis"
         refs = [None] * n_seq
         if ref is not None:
             for sl, lp, _, _ in sequence_stats(ref, batch["prompt_ids"], batch["tokens"], gc["temperature"], dev,
@@ -217,7 +222,6 @@ def grpo_loop(lc: dict) -> dict:
                 for r, k in enumerate(range(sl.start, sl.stop)):
                     refs[k] = lp[r]
         adv = batch["adv"]
-        keep = batch["keep"]
         stats_acc: dict[str, float] = {}
         n_upd = 0
         mb = gc["minibatch_prompts"] * G
@@ -226,6 +230,7 @@ def grpo_loop(lc: dict) -> dict:
             for m0 in range(0, n_seq, mb):
                 idx = list(range(m0, min(n_seq, m0 + mb)))
                 n_tok = float(sum(len(batch["tokens"][k]) for k in idx if keep[k]))
+                n_kept = float(sum(keep[k] for k in idx))
                 mine = idx[ctx.rank::ctx.world]
                 sub_p = [batch["prompt_ids"][k] for k in mine]
                 sub_c = [batch["tokens"][k] for k in mine]
@@ -238,10 +243,13 @@ def grpo_loop(lc: dict) -> dict:
                     ref_lp = torch.stack([pad(refs[k]) for k in ks]) if ref is not None else None
                     m = mask & torch.tensor([keep[k] for k in ks], device=dev)[:, None]
                     a = torch.tensor([adv[k] for k in ks], device=dev, dtype=torch.float32)
+                    w_is = torch.stack([pad(tis[k]) for k in ks]).to(dev) if use_tis else None
                     loss, st = policy_loss(lp, old_lp, a, m, ent, ref_lp, clip_low=gc["clip_low"],
                                            clip_high=gc["clip_high"], entropy_coef=gc["entropy_coef"],
                                            kl_coef=gc["kl_coef"], n_tokens=max(n_tok, 1.0),
-                                           dual_clip=gc["dual_clip"])
+                                           dual_clip=gc["dual_clip"], loss_agg=gc["loss_agg"],
+                                           n_seqs=max(n_kept, 1.0), max_len=gc["max_new_tokens"],
+                                           ratio_level=gc["ratio_level"], is_weight=w_is)
                     (loss * ctx.world).backward()
                     for k, v in st.items():
                         stats_acc[k] = stats_acc.get(k, 0.0) + v
@@ -259,7 +267,7 @@ def grpo_loop(lc: dict) -> dict:
             n_upd = max(n_upd, 1)
             m = {**roll_stats, "pg_loss": totals[0] / n_upd, "clip_fraction": totals[1] / n_upd,
                  "approx_kl": totals[2] / n_upd, "entropy": totals[3] / n_upd, "skipped_update": float(no_signal),
-                 "rollout_logprob_gap": gap[0], "rollout_logprob_gap_max": gap[1],
+                 **mismatch,
                  "learner_tokens_per_s": sum(lens) * gc["ppo_epochs"] / max(learn_s, 1e-9), "sync_seconds": sync_s,
                  "learn_seconds": learn_s, "step_seconds": step_s, "sync_share": sync_s / max(step_s, 1e-9),
                  "prompt_cursor": cursor}
@@ -332,7 +340,7 @@ def _collect(pool, rows, cursor, gc, seed):
     G, want = gc["group_size"], gc["prompts_per_step"]
     groups: list[dict] = []
     gen_tokens, gen_s, rounds = 0, 0.0, 0
-    all_rewards, reasons, lens, trunc, zero_var = [], [], [], 0, 0
+    all_rewards, all_shaping, reasons, lens, trunc, zero_var = [], [], [], [], 0, 0
     while True:
         need = refill_count(want - len(groups), len(groups), len(all_rewards) // G, gc["refill_max_factor"] * want) \
             if gc["dynamic_sampling"] and rounds else want
@@ -343,12 +351,15 @@ def _collect(pool, rows, cursor, gc, seed):
                            seed * 1000 + rounds)
         answers = [p["answer"] for p in prompts for _ in range(G)]
         rew, res = score_rollouts(ro, answers, gc)
+        shaping = [R.overlong_penalty(len(t), gc["max_new_tokens"], gc["overlong_window"], gc["overlong_penalty"])
+                   for t in ro["tokens"]]
         gen_tokens += sum(len(t) for t in ro["tokens"])
         gen_s += ro["seconds"]
-        rg = rew.view(len(prompts), G)
+        rg = (rew + torch.tensor(shaping, dtype=torch.float32)).view(len(prompts), G)  # shaped: what advantages see
         info = informative_groups(rg)
         zero_var += int((~info).sum())
         all_rewards += rew.tolist()
+        all_shaping += shaping
         reasons += [r.reason for r in res]
         lens += [len(t) for t in ro["tokens"]]
         trunc += sum(f == "length" for f in ro["finish"])
@@ -374,7 +385,9 @@ def _collect(pool, rows, cursor, gc, seed):
              "problems": [g["prompt"]["problem"] for g in groups for _ in range(G)],
              "rewards": rewards.flatten().tolist()}
     n = len(all_rewards)
+    # reward_mean is the reward before overlong shaping (comparable across settings); the shaping's mean beside it
     stats = {"reward_mean": float(np.mean(all_rewards)), "accuracy": reasons.count("correct") / n,
+             "overlong_penalty_mean": float(np.mean(all_shaping)),
              "response_length_mean": float(np.mean(lens)), "response_length_max": float(max(lens)),
              "truncated_fraction": trunc / n, "zero_variance_groups": zero_var / max(1, n // G),
              "no_think_fraction": reasons.count("no_think") / n, "reward_errors": float(reasons.count("error")),

@@ -59,3 +59,13 @@ def score(name: str, completion: str, answer: str, format_weight: float = 0.0, t
         return fn(completion, answer, format_weight, timeout_s)
     except Exception:  # a broken reward must not kill the step: 0, counted as an error
         return RewardResult(0.0, False, "error")
+
+
+def overlong_penalty(length: int, max_new_tokens: int, window: int, penalty: float) -> float:
+    """DAPO's soft overlong punishment, added to the reward of a completion of `length` tokens: 0 up to
+    max_new_tokens - window tokens, then linear down to -penalty at max_new_tokens (a length-based signal that
+    is gentler than scoring every truncated completion as wrong, and starts before the cut-off). window 0: off."""
+    if window <= 0:
+        return 0.0
+    over = min(max(length - (max_new_tokens - window), 0), window)
+    return -penalty * over / window
