@@ -28,7 +28,7 @@ def main() -> int:
     a = ap.parse_args()
     from transformers import AutoTokenizer
 
-    from components.grpo.loop import load_prompts
+    from components.grpo.batch import load_prompts
     from components.model import HybridForCausalLM, generate
 
     tok = AutoTokenizer.from_pretrained(a.model)

@@ -24,7 +24,7 @@ def main() -> int:
     a = ap.parse_args()
     from components.evaluate.models import load_eval_model
     from components.grpo import rewards as R
-    from components.grpo.loop import load_prompts
+    from components.grpo.batch import load_prompts
     from components.model import generate
 
     t0 = time.time()

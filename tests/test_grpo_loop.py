@@ -8,7 +8,7 @@ import torch
 
 from components.config import load_config
 from components.errors import M1Error
-from components.grpo.loop import split_prompts
+from components.grpo.batch import split_prompts
 from components.grpo.rollout import RolloutPool
 from components.grpo.stage import run
 from components.model import HybridForCausalLM

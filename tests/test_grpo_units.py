@@ -189,7 +189,7 @@ def test_curves_read_the_last_copy_of_a_resumed_step(tmp_path):
 
 
 def test_refill_draws_for_the_missing_groups_at_the_observed_rate():
-    from components.grpo.loop import refill_count
+    from components.grpo.batch import refill_count
 
     assert refill_count(28, 4, 32, 256) == 224  # 4 of 32 informative: 28 more need 8x as many prompts
     assert refill_count(5, 30, 32, 256) == 6  # ceil(5 * 32 / 30)

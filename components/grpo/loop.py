@@ -10,7 +10,6 @@ rollout logprobs come from."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 
 from components.errors import M1Error
 from components.grpo import rewards as R
-from components.grpo.advantages import group_advantages, informative_groups
+from components.grpo.batch import collect, load_prompts, split_prompts
 from components.grpo.loss import policy_loss
 from components.grpo.mismatch import (
     gap_stats,
@@ -41,38 +40,6 @@ from components.model import HybridForCausalLM
 from components.train import checkpoint as ck
 from components.train import parallel
 from components.train.loop import Context, param_groups
-
-
-def load_prompts(directory: str) -> list[dict]:
-    import pyarrow.parquet as pq
-
-    files = sorted(Path(directory).glob("*.parquet"))
-    if not files:
-        raise M1Error(f"no RL prompt shards in {directory} (run the curate stage first)")
-    rows = [r for f in files for r in pq.read_table(f).to_pylist()]
-    return rows
-
-
-def split_prompts(rows: list[dict], n_heldout: int, seed: int) -> tuple[list[dict], list[dict], int]:
-    """Rejects rows without a reference answer (returns their count); held-out = the n rows of smallest hash."""
-    good = [r for r in rows if isinstance(r.get("answer"), str) and r["answer"].strip() and r.get("prompt")]
-    key = lambda r: hashlib.sha256(f"{seed}:{r['id']}".encode()).hexdigest()  # noqa: E731
-    ordered = sorted(good, key=key)
-    return ordered[n_heldout:], ordered[:n_heldout], len(rows) - len(good)
-
-
-def prompt_order(cursor: int, n: int, count: int, seed: int) -> list[int]:
-    out = []
-    while len(out) < count:
-        epoch, off = divmod(cursor + len(out), n)
-        perm = np.random.default_rng([seed, 7, epoch]).permutation(n)
-        out.extend(perm[off:off + min(count - len(out), n - off)].tolist())
-    return out
-
-
-def score_rollouts(ro: dict, answers: list[str], gc: dict) -> tuple[torch.Tensor, list[R.RewardResult]]:
-    res = [R.score(gc["reward"], t, a, gc["format_weight"], gc["verify_timeout_s"]) for t, a in zip(ro["texts"], answers)]
-    return torch.tensor([r.reward for r in res], dtype=torch.float32), res
 
 
 @torch.no_grad()
@@ -192,7 +159,7 @@ def grpo_loop(lc: dict) -> dict:
         batch = None
         t_step = time.time()
         if ctx.rank == 0:
-            batch, cursor, roll_stats = _collect(pool, train_rows, cursor, gc, lc["seed"] + step)
+            batch, cursor, roll_stats = collect(pool, train_rows, cursor, gc, lc["seed"] + step)
         if ctx.world > 1:
             obj = [batch, cursor]
             dist.broadcast_object_list(obj, src=0)
@@ -322,80 +289,6 @@ def grpo_loop(lc: dict) -> dict:
             tracker.log_artifact(png, "plots")
     print(f"[grpo] after: {final}", flush=True)
     return summary
-
-
-_PER_SEQUENCE = ("prompt_ids", "tokens", "logprobs", "texts", "finish", "correct")
-
-
-def refill_count(missing: int, informative: int, drawn: int, cap: int) -> int:
-    """Prompts to draw for `missing` informative groups when `informative` of the `drawn` groups so far were
-    (at least `missing`; with none informative yet, `cap`)."""
-    if informative == 0:
-        return cap
-    return max(missing, min(cap, math.ceil(missing * drawn / informative)))
-
-
-def _collect(pool, rows, cursor, gc, seed):
-    """Generate, score and (with dynamic sampling) refill until prompts_per_step groups carry signal."""
-    G, want = gc["group_size"], gc["prompts_per_step"]
-    groups: list[dict] = []
-    gen_tokens, gen_s, rounds = 0, 0.0, 0
-    all_rewards, all_shaping, reasons, lens, trunc, zero_var = [], [], [], [], 0, 0
-    while True:
-        need = refill_count(want - len(groups), len(groups), len(all_rewards) // G, gc["refill_max_factor"] * want) \
-            if gc["dynamic_sampling"] and rounds else want
-        picks = prompt_order(cursor, len(rows), need, seed)
-        cursor += need
-        prompts = [rows[i] for i in picks]
-        ro = pool.generate([p["prompt"] for p in prompts], G, gc["max_new_tokens"], gc["temperature"], gc["top_p"],
-                           seed * 1000 + rounds)
-        answers = [p["answer"] for p in prompts for _ in range(G)]
-        rew, res = score_rollouts(ro, answers, gc)
-        shaping = [R.overlong_penalty(len(t), gc["max_new_tokens"], gc["overlong_window"], gc["overlong_penalty"])
-                   for t in ro["tokens"]]
-        gen_tokens += sum(len(t) for t in ro["tokens"])
-        gen_s += ro["seconds"]
-        rg = (rew + torch.tensor(shaping, dtype=torch.float32)).view(len(prompts), G)  # shaped: what advantages see
-        info = informative_groups(rg)
-        zero_var += int((~info).sum())
-        all_rewards += rew.tolist()
-        all_shaping += shaping
-        reasons += [r.reason for r in res]
-        lens += [len(t) for t in ro["tokens"]]
-        trunc += sum(f == "length" for f in ro["finish"])
-        for i, p in enumerate(prompts):
-            if gc["dynamic_sampling"] and not bool(info[i]):
-                continue
-            sl = slice(i * G, (i + 1) * G)
-            groups.append({"prompt": p, "rewards": rg[i], **{k: ro[k][sl] for k in _PER_SEQUENCE if k != "correct"},
-                           "correct": [r.correct for r in res[sl]]})
-        rounds += 1
-        if not gc["dynamic_sampling"] or len(groups) >= want or rounds > gc["max_refill_rounds"]:
-            break
-    if not groups:
-        raise M1Error(f"dynamic sampling left an empty batch: all {len(all_rewards) // G} groups had equal rewards "
-                      f"after {rounds} rounds (raise max_refill_rounds or lower the difficulty)")
-    groups = groups[:want]
-    rewards = torch.stack([g["rewards"] for g in groups])
-    adv = group_advantages(rewards, gc["advantage"], gc["adv_eps"]).flatten().tolist()
-    flat = {k: [x for g in groups for x in g[k]] for k in _PER_SEQUENCE}
-    keep = [not (gc["mask_truncated"] and f == "length") for f in flat["finish"]]
-    keep = [k and len(t) > 0 for k, t in zip(keep, flat["tokens"])]
-    batch = {**flat, "adv": adv, "keep": keep, "answers": [g["prompt"]["answer"] for g in groups for _ in range(G)],
-             "problems": [g["prompt"]["problem"] for g in groups for _ in range(G)],
-             "rewards": rewards.flatten().tolist()}
-    n = len(all_rewards)
-    # reward_mean is the reward before overlong shaping (comparable across settings); the shaping's mean beside it
-    stats = {"reward_mean": float(np.mean(all_rewards)), "accuracy": reasons.count("correct") / n,
-             "overlong_penalty_mean": float(np.mean(all_shaping)),
-             "response_length_mean": float(np.mean(lens)), "response_length_max": float(max(lens)),
-             "truncated_fraction": trunc / n, "zero_variance_groups": zero_var / max(1, n // G),
-             "no_think_fraction": reasons.count("no_think") / n, "reward_errors": float(reasons.count("error")),
-             "unevaluated_fraction": reasons.count("unevaluated") / n,
-             "rollout_tokens_per_s": gen_tokens / max(gen_s, 1e-9), "rollout_seconds": gen_s,
-             "rollout_rounds": float(rounds),
-             "batch_prompts": float(len(groups))}
-    return batch, cursor, stats
 
 
 def _log_samples(tracker, out_dir, step, batch, k: int = 8):
