@@ -147,6 +147,17 @@ class Tracker:
             else:
                 self.client.log_artifact(self.run_id, str(p), artifact_path)
 
+    def log_checkpoint(self, stage: str, step: int, path: str) -> None:
+        """A checkpoint was written: printed, and on the run as metric checkpoint_step (its step, at that step) and
+        tag m1.checkpoint (where the newest is), so the run shows the steps a resume can start from."""
+        print(f"[{stage}] checkpoint step {step} written: {path}", flush=True)
+        if self.client:
+            from mlflow.entities import Metric
+
+            self.client.log_batch(self.run_id, metrics=[Metric("checkpoint_step", float(step),
+                                                               int(time.time() * 1000), step)])
+            self.set_tags({"m1.checkpoint": path})
+
     def set_tags(self, tags: dict[str, Any]) -> None:
         if self.client:
             for k, v in tags.items():

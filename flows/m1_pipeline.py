@@ -6,6 +6,9 @@ not change is not run again, and a run started again after a failure skips the f
 failed one (training stages resume from their own checkpoints). A failed task raises, so Prefect stores
 nothing for it. Transient failures retry with exponential backoff; bad input (M1Error) does not, and ends the run
 as a Failed state whose message is the one line `m1: error: ...` (the traceback goes to <run_dir>/logs/last_error.log).
+Interrupted (Ctrl-C, a termination signal) the run ends Crashed with its MLflow runs KILLED, and the exception
+names the stage it stopped (`m1_stage`); a run whose process was killed outright is marked so by the profile's next
+run (components/pipeline/mlflow_runs.py, prefect_local.claim_flow_run).
 
     m1 pipeline --profile tiny                                  # in-process, no server needed
     prefect deployment run m1-pipeline/local -p profile=tiny    # through a server + worker (infra/)
@@ -27,7 +30,8 @@ from prefect.states import Failed
 from components.errors import M1Error
 from components.pipeline import runner
 from components.pipeline.keys import StageResult, cache_key
-from components.pipeline.mlflow_runs import PipelineRuns
+from components.pipeline.mlflow_runs import PipelineRuns, owner_alive, process_owner
+from components.pipeline.prefect_local import claim_flow_run
 from components.pipeline.storage import export_s3_env, result_storage
 
 
@@ -99,42 +103,57 @@ def _run(config, stages: list[str] | None) -> dict:
     export_s3_env(config)
     storage = result_storage(config)
     flow_run = get_run_context().flow_run
+    try:  # bookkeeping of earlier crashed runs must not stop this one
+        crashed = claim_flow_run(flow_run.id, config.profile, process_owner(), owner_alive)
+        if crashed:
+            logger.warning(f"marked {len(crashed)} earlier flow run(s) of profile {config.profile} whose process "
+                           f"is gone as Crashed: {', '.join(crashed)}")
+    except Exception as e:  # noqa: BLE001
+        logger.warning(f"could not check for crashed earlier flow runs: {e}")
     runs = PipelineRuns(config, f"{config.profile}-{flow_run.name}", {"prefect.flow_run_id": str(flow_run.id)})
     runs.start()
+    if runs.killed:
+        logger.warning(f"marked {len(runs.killed)} MLflow run(s) whose process is gone as KILLED")
     finished: dict[str, StageResult] = {}
     datasets: dict[str, dict] = {}
     rows: list[dict] = []
-    ok = False
+    status = "FAILED"
     try:
         for i, stage in enumerate(plan):
             later = [s.name for s in plan[i + 1:]]
             key = cache_key(config, stage, {u: finished[u].output_hash for u in stage.upstream})
             inputs = stage.build_inputs({n: r.outputs for n, r in finished.items()}, config)
-            run_id = runs.start_stage(stage.name)
+            run_id = runs.start_stage(stage.name, key)
             for u in stage.upstream:
                 if u in datasets:
                     runs.log_datasets([run_id], datasets[u], context=stage.name)
             t0 = time.time()
             try:
-                state = _stage_task(stage, config, storage)(stage.name, config, inputs, key, run_id, runs.uri,
-                                                           later, return_state=True)
-                result: StageResult = state.result()
-                cached = state.name == "Cached"
-                if cached and not result.outputs_intact(stage):
-                    logger.warning(f"{stage.name}: cached outputs are missing or changed on disk; running it again")
-                    state = _stage_task(stage, config, storage, refresh=True)(
-                        stage.name, config, inputs, key, run_id, runs.uri, later, return_state=True)
-                    result, cached = state.result(), False
+                with runs.watch_checkpoints(run_id, stage.name):
+                    state = _stage_task(stage, config, storage)(stage.name, config, inputs, key, run_id, runs.uri,
+                                                               later, return_state=True)
+                    result: StageResult = state.result()
+                    cached = state.name == "Cached"
+                    if cached and not result.outputs_intact(stage):
+                        logger.warning(f"{stage.name}: cached outputs are missing or changed on disk; "
+                                       "running it again")
+                        state = _stage_task(stage, config, storage, refresh=True)(
+                            stage.name, config, inputs, key, run_id, runs.uri, later, return_state=True)
+                        result, cached = state.result(), False
                 runner.check_splits(config, result.outputs, later)  # also a result cached by a run of fewer stages
-            except BaseException:
-                runs.end_stage(run_id, ok=False)
+            except BaseException as e:
+                # KeyboardInterrupt or a termination signal: KILLED (the next run of this key continues this run)
+                interrupted = not isinstance(e, Exception)
+                runs.end_stage(run_id, "KILLED" if interrupted else "FAILED")
+                if interrupted:
+                    e.m1_stage = stage.name  # for the CLI's one line `m1: interrupted at <stage> ...`
                 raise
             seconds = time.time() - t0
             runs.log_stage(run_id, runner.config_material(config, stage), result, cached)
             if stage.datasets:
                 datasets[stage.name] = stage.datasets(result.outputs)
                 runs.log_datasets([runs.parent_id, run_id], datasets[stage.name], context=stage.name)
-            runs.end_stage(run_id, ok=True)
+            runs.end_stage(run_id, "FINISHED")
             link = runs.link(run_id)
             create_markdown_artifact(key=f"m1-{stage.name}", markdown=runner.stage_markdown(stage, result, cached, link),
                                      description=f"{stage.name}: metrics and outputs")
@@ -145,10 +164,14 @@ def _run(config, stages: list[str] | None) -> dict:
                          "seconds": seconds, "metrics": runner.key_metrics(stage, result),
                          "where": runner.where(stage, result), "cached": cached, "mlflow_run_id": run_id,
                          "cache_key": result.cache_key, "all_metrics": result.metrics})
-        ok = True
+        status = "FINISHED"
+    except BaseException as e:
+        if not isinstance(e, Exception):
+            status = "KILLED"
+        raise
     finally:
         # the parent run carries every stage's metrics (<stage>/<metric>) to compare pipeline runs side by side
-        runs.end(ok, {**{f"{r['stage']}/{k}": v for r in rows for k, v in r["all_metrics"].items()},
+        runs.end(status, {**{f"{r['stage']}/{k}": v for r in rows for k, v in r["all_metrics"].items()},
                       **{f"{r['stage']}/seconds": r["seconds"] for r in rows}})
     table = runner.summary_rows(rows)
     create_markdown_artifact(key="m1-pipeline-summary", markdown=runner.summary_markdown(rows),

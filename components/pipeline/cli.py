@@ -101,15 +101,29 @@ def _pipeline(args) -> int:
 
         print(dry_run(config, stages))
         return 0
-    from components.pipeline.prefect_local import stop_ephemeral_server
+    from components.pipeline.mlflow_runs import newest_checkpoint_step
+    from components.pipeline.prefect_local import start_ephemeral_server, stop_ephemeral_server
     from flows.m1_pipeline import m1_pipeline
 
     t0 = time.time()
     try:
-        summary = m1_pipeline(profile=args.profile, params=args.params, stages=args.stages,
-                              overrides=overrides_from(args.overrides) or None)
-    finally:
-        stop_ephemeral_server()
+        try:
+            # started here, in its own session: the terminal's Ctrl-C must not kill the server the interrupted
+            # run reports its end to (prefect_local)
+            start_ephemeral_server()
+            summary = m1_pipeline(profile=args.profile, params=args.params, stages=args.stages,
+                                  overrides=overrides_from(args.overrides) or None)
+        finally:
+            stop_ephemeral_server()
+    except KeyboardInterrupt as e:
+        # one line, printed last (after the server's own log lines); the flow ended the runs as Crashed/KILLED
+        stage = getattr(e, "m1_stage", None)
+        line = f"m1: interrupted at {stage}" if stage else "m1: interrupted"
+        step = newest_checkpoint_step(config, stage) if stage else None
+        if step is not None:
+            line += f" (checkpoint step {step} kept)"
+        print(line, file=sys.stderr, flush=True)
+        return 130
     print()
     print(f"m1 pipeline, profile {summary['profile']}, run_dir {summary['run_dir']}: "
           f"{time.time() - t0:.1f} s (flow {summary['seconds']:.1f} s)")
