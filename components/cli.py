@@ -1,4 +1,4 @@
-"""`m1`, the project's command line. Each stage registers its own subcommands from its own module;
+"""`m1`, the project's command line. Each group of commands registers itself from components/commands/;
 bad input (M1Error) is printed as one line and exits 2, never as a traceback."""
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ from components.errors import M1Error
 
 # Modules that expose register(subparsers); each adds its subcommands with a `func(args)` default.
 COMMAND_MODULES = [
-    "components.model.cli",
-    "components.data.cli",
-    "components.train.cli",
-    "components.evaluate.cli",
-    "components.pipeline.cli",
+    "components.commands.model",
+    "components.commands.data",
+    "components.commands.train",
+    "components.commands.grpo",
+    "components.commands.evaluate",
+    "components.commands.pipeline",
 ]
 
 

@@ -102,7 +102,10 @@ def _pipeline(args) -> int:
         print(dry_run(config, stages))
         return 0
     from components.pipeline.mlflow_runs import newest_checkpoint_step
-    from components.pipeline.prefect_local import start_ephemeral_server, stop_ephemeral_server
+    from components.pipeline.prefect_local import (
+        start_ephemeral_server,
+        stop_ephemeral_server,
+    )
     from flows.m1_pipeline import m1_pipeline
 
     t0 = time.time()
