@@ -246,7 +246,7 @@ def test_convert_clears_a_crashed_runs_partial_folder_first(tmp_path):
     the model equals a clean convert's, file for file."""
     from components.config import load_config
     from components.model.convert import run
-    from components.pipeline.hashing import dvc_md5
+    from components.hashing import dvc_md5
 
     clean = run(load_config("tiny", overrides={"run_dir": str(tmp_path / "clean")})).model_dir
     partial = tmp_path / "crashed" / "convert" / "model.partial"

@@ -72,7 +72,7 @@ def test_cache_key_follows_upstream_content(tmp_path, monkeypatch):
 
 
 def test_dvc_style_hashes_are_cached_by_stat(tmp_path):
-    from components.pipeline.hashing import StatCache, dvc_md5
+    from components.hashing import StatCache, dvc_md5
 
     d = tmp_path / "d"
     (d / "sub").mkdir(parents=True)

@@ -12,7 +12,7 @@ import yaml
 
 from components.config import ROOT, load_config
 from components.pipeline.dvc_stages import dvc_yaml_text
-from components.pipeline.hashing import dvc_md5
+from components.hashing import dvc_md5
 from components.pipeline.stages import registered_stages
 
 pytestmark = pytest.mark.slow

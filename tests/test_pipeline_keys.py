@@ -8,8 +8,9 @@ from importlib.metadata import PackageNotFoundError
 
 import pytest
 
+from components import hashing
 from components.config import load_config
-from components.pipeline import hashing, keys
+from components.pipeline import keys
 from components.pipeline.keys import cache_key, key_material
 from components.pipeline.stages import ROOT, get_stage
 

@@ -144,7 +144,7 @@ def test_prefect_cache_and_output_mirror_on_s3(s3, tmp_path):
 
 @pytest.mark.slow
 def test_dvc_push_pull_with_s3_remote(s3, tmp_path):
-    from components.pipeline.hashing import dvc_md5
+    from components.hashing import dvc_md5
 
     endpoint, client = s3
     repo = tmp_path / "repo"

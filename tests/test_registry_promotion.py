@@ -165,7 +165,7 @@ def test_bare_promote_keeps_the_champions_decision(models, tmp_path, capsys):
 @pytest.mark.slow
 def test_identical_weights_reuse_their_version(models, tmp_path):
     from components.pipeline import registry
-    from components.pipeline.hashing import dvc_md5
+    from components.hashing import dvc_md5
 
     cfg, _ = store(tmp_path)
     a, b, _ = models

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from components.pipeline import hashing
+from components import hashing
 from components.train import checkpoint as ck
 from components.train import harness as train_stage
 from components.train.loop import Context

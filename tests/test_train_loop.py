@@ -72,7 +72,7 @@ def test_changed_settings_do_not_resume_foreign_checkpoints(train_setup):
 
 def test_code_change_retrains_instead_of_resuming_the_finished_run(train_setup, monkeypatch):
     """A finished run's checkpoint at max_steps, after a code change: training starts over."""
-    from components.pipeline import hashing
+    from components import hashing
 
     root, data = train_setup
     shutil.copytree(root / "straight" / "distill" / "checkpoints", root / "recoded" / "distill" / "checkpoints")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from components.errors import M1Error
-from components.pipeline.hashing import (
+from components.hashing import (
     canonical_sha256,
     code_version,
     dvc_md5,

@@ -15,7 +15,7 @@ import threading
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from components.pipeline.hashing import dvc_md5
+from components.hashing import dvc_md5
 from components.tracking import Tracker, ensure_experiment, run_link, tracking_uri
 
 

@@ -89,9 +89,17 @@ def claim_flow_run(flow_run_id, profile: str, owner: str, alive) -> list[str]:
     with their running task runs; returns their ids. Only flow runs labelled by this function are touched: Prefect
     cannot tell that a run's process died when that process was the only one reporting on it."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterId,
-                                                FlowRunFilterState, FlowRunFilterStateType, TaskRunFilter,
-                                                TaskRunFilterState, TaskRunFilterStateType)
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterId,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+        TaskRunFilter,
+        TaskRunFilterState,
+        TaskRunFilterStateType,
+    )
     from prefect.client.schemas.objects import StateType
     from prefect.context import get_run_context
     from prefect.states import Crashed

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from components.errors import M1Error
-from components.pipeline.hashing import dvc_md5
+from components.hashing import dvc_md5
 from components.tracking import mlflow_key, tracking_uri, use_store
 
 ROOT = Path(__file__).resolve().parent.parent.parent

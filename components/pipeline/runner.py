@@ -28,7 +28,7 @@ def quiet_env() -> None:
 
 def preflight(config, stages: list[Stage]) -> None:
     """Everything that can be checked without running a stage: config keys, code paths, stage validators."""
-    from components.pipeline.hashing import code_version
+    from components.hashing import code_version
 
     for s in stages:
         config_material(config, s)

@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from components.errors import M1Error
-from components.pipeline.hashing import imported_files
+from components.hashing import imported_files
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 

@@ -15,17 +15,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Callable
 
 import torch
 
+from components import hashing
 from components.errors import M1Error
-from components.pipeline import hashing
-from components.pipeline.stages import ROOT, get_stage
 from components.train import checkpoint as ck
+
+ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 @dataclass
@@ -47,13 +48,24 @@ def _library_version(name: str) -> str:
         return "-"
 
 
+def code_paths(loop_module: str) -> list[str]:
+    """The loop's own package whole and every other repo module it imports: the code a resumed run must share."""
+    package = loop_module.rpartition(".")[0]
+    own = ROOT.joinpath(*package.split("."))
+    paths = {own.relative_to(ROOT).as_posix()}
+    paths |= {f.relative_to(ROOT).as_posix() for f in hashing.imported_files(loop_module, ROOT) if own not in f.parents}
+    return sorted(paths)
+
+
 def fingerprint(stage: str, train_cfg: dict, model_dir: Path, data_dir: Path, seed: int, teacher: str,
-                libraries: tuple[str, ...] = ("torch", "transformers")) -> str:
-    """What a checkpoint must match to be resumed: the settings, the stage's code (the paths that key its cache),
-    the versions of `libraries`, every file of the input model and the data manifest. Computed once by the driver
-    and handed to the workers; it holds no absolute path, so the same code and inputs give the same value."""
+                libraries: tuple[str, ...] = ("torch", "transformers"), loop_module: str | None = None) -> str:
+    """What a checkpoint must match to be resumed: the settings, the code of the stage's loop (its package and every
+    repo module it imports), the versions of `libraries`, every file of the input model and the data manifest.
+    Computed once by the driver and handed to the workers; it holds no absolute path, so the same code and inputs
+    give the same value."""
+    loop_module = loop_module or ("components.grpo.loop" if stage == "grpo" else "components.train.loop")
     h = hashlib.sha256(json.dumps({"stage": stage, "train": train_cfg, "seed": seed, "teacher": teacher,
-                                   "code": hashing.code_version(get_stage(stage).code_paths(), ROOT),
+                                   "code": hashing.code_version(code_paths(loop_module), ROOT),
                                    "libraries": {n: _library_version(n) for n in libraries}},
                                   sort_keys=True, default=str).encode())
     h.update(hashing.dvc_md5(model_dir).encode())  # every shard and file; remembered by stat, not re-read
