@@ -22,6 +22,9 @@ MLFLOW_PORT=${MLFLOW_PORT:-5000}
 S3_PORT=${S3_PORT:-9000}
 S3_BUCKET=${S3_BUCKET:-m1-stack}
 PIDS=$STACK_DIR/pids
+# MLflow's database holds artifact locations relative to the server's --artifacts-destination
+# (mlflow-artifacts:/...), so one database must always be served with the same destination: it is recorded here.
+ARTIFACTS_OF_DB=$STACK_DIR/mlflow.db.artifacts
 HOST=127.0.0.1
 
 export MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=true DVC_NO_ANALYTICS=1 PREFECT_SERVER_ANALYTICS_ENABLED=false \
@@ -79,10 +82,14 @@ start() {
   done
   [ -x "$BIN/prefect" ] || die "no $BIN/prefect: create the venv first (make env)"
   running && die "already running (see $0 status; stop it with $0 stop)"
+  local artifacts="$STACK_DIR/mlartifacts" env_s3=""
+  [ "$with_s3" = 1 ] && artifacts="s3://$S3_BUCKET/mlflow"
+  if [ -f "$STACK_DIR/mlflow.db" ] && [ -f "$ARTIFACTS_OF_DB" ] && [ "$(cat "$ARTIFACTS_OF_DB")" != "$artifacts" ]; then
+    die "$STACK_DIR/mlflow.db keeps its artifacts in $(cat "$ARTIFACTS_OF_DB"), not $artifacts (its runs and models would lose them): start as before (with or without --s3, the same S3_BUCKET) or set another M1_STACK_DIR"
+  fi
   mkdir -p "$STACK_DIR"
   : >"$PIDS"
 
-  local artifacts="$STACK_DIR/mlartifacts" env_s3=""
   if [ "$with_s3" = 1 ]; then
     export AWS_ACCESS_KEY_ID=${AWS_ACCESS_KEY_ID:-testing} AWS_SECRET_ACCESS_KEY=${AWS_SECRET_ACCESS_KEY:-testing}
     export AWS_DEFAULT_REGION=${AWS_DEFAULT_REGION:-us-east-1}
@@ -91,13 +98,13 @@ start() {
     start_bg s3 "$BIN/python" -m moto.server -H "$HOST" -p "$S3_PORT"
     wait_http "http://$HOST:$S3_PORT/" 60 s3
     "$BIN/python" -c "import boto3; boto3.client('s3').create_bucket(Bucket='$S3_BUCKET')"
-    artifacts="s3://$S3_BUCKET/mlflow"
     env_s3="export AWS_ACCESS_KEY_ID=$AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY=$AWS_SECRET_ACCESS_KEY AWS_DEFAULT_REGION=$AWS_DEFAULT_REGION
 export AWS_ENDPOINT_URL=$AWS_ENDPOINT_URL MLFLOW_S3_ENDPOINT_URL=$MLFLOW_S3_ENDPOINT_URL
 export M1_RESULT_STORAGE=$M1_RESULT_STORAGE M1_CHECKPOINT_URI=$M1_CHECKPOINT_URI"
   fi
 
   start_bg prefect-server "$BIN/prefect" server start --host "$HOST" --port "$PREFECT_PORT"
+  echo "$artifacts" >"$ARTIFACTS_OF_DB"
   start_bg mlflow "$BIN/mlflow" server --backend-store-uri "sqlite:///$STACK_DIR/mlflow.db" \
     --artifacts-destination "$artifacts" --host "$HOST" --port "$MLFLOW_PORT" --workers 1
   wait_http "http://$HOST:$PREFECT_PORT/api/health" 180 prefect-server
@@ -119,7 +126,7 @@ EOF
   echo "local stack up (PIDs in $PIDS, logs in $STACK_DIR):"
   echo "  Prefect UI  http://$HOST:$PREFECT_PORT   (work pool m1-process, worker m1-local-worker)"
   echo "  MLflow UI   $MLFLOW_TRACKING_URI   (artifacts: $artifacts)"
-  [ "$with_s3" = 1 ] && echo "  S3 (moto)   http://$HOST:$S3_PORT   bucket $S3_BUCKET"
+  [ "$with_s3" = 1 ] && echo "  S3 (moto)   http://$HOST:$S3_PORT   bucket $S3_BUCKET   (in memory: stop empties it)"
   echo "run the pipeline through it:"
   echo "  source $STACK_DIR/env.sh && $BIN/prefect deployment run m1-pipeline/local -p profile=tiny --watch"
 }

@@ -1,7 +1,7 @@
 """The local stack end to end: `infra/local-stack.sh start --s3` on free ports, a run of the deployment
 m1-pipeline/local (tiny profile) through the Prefect server and the process worker, its MLflow runs on the
 MLflow server, its cached results and stage outputs in the moto S3 server; `stop` ends exactly the recorded
-processes."""
+processes. Started again with another artifact destination for the same MLflow database, it refuses."""
 import json
 import os
 import socket
@@ -31,16 +31,24 @@ def alive(pid: int) -> bool:
         return False
 
 
-def test_stack_runs_a_deployment_with_s3(tmp_path):
-    stack = tmp_path / "stack"
+SCRIPT = str(ROOT / "infra" / "local-stack.sh")
+
+
+def script_env(tmp_path, stack) -> tuple[dict, dict]:
+    """(environment for the script on free ports with its folders under tmp_path, the ports)."""
     ports = {"PREFECT_PORT": free_port(), "MLFLOW_PORT": free_port(), "S3_PORT": free_port()}
     env = {**os.environ, **{k: str(v) for k, v in ports.items()}, "M1_STACK_DIR": str(stack),
            "PREFECT_HOME": str(tmp_path / "prefect-home"), "S3_BUCKET": "m1-stack-test", "M1_VENV": str(BIN.parent)}
     for k in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL",
               "M1_RESULT_STORAGE", "M1_CHECKPOINT_URI", "AWS_PROFILE"):
         env.pop(k, None)
-    script = str(ROOT / "infra" / "local-stack.sh")
-    started = subprocess.run(["bash", script, "start", "--s3"], env=env, capture_output=True, text=True,
+    return env, ports
+
+
+def test_stack_runs_a_deployment_with_s3(tmp_path):
+    stack = tmp_path / "stack"
+    env, ports = script_env(tmp_path, stack)
+    started = subprocess.run(["bash", SCRIPT, "start", "--s3"], env=env, capture_output=True, text=True,
                              timeout=400, check=False)
     pids = []
     try:
@@ -74,8 +82,38 @@ def test_stack_runs_a_deployment_with_s3(tmp_path):
         assert any(k.startswith("prefect-results/m1-convert-") for k in keys), keys
         assert any(k.startswith("checkpoints/run/convert/model_dir/") for k in keys), keys
     finally:
-        stopped = subprocess.run(["bash", script, "stop"], env=env, capture_output=True, text=True, timeout=120,
+        stopped = subprocess.run(["bash", SCRIPT, "stop"], env=env, capture_output=True, text=True, timeout=120,
                                  check=False)
     assert stopped.returncode == 0, stopped.stderr
     assert not any(alive(p) for p in pids)
     assert not (stack / "pids").exists()
+
+
+def test_restart_with_another_artifact_destination_is_refused(tmp_path):
+    """Started without --s3 (artifacts in <stack>/mlartifacts) and stopped, the stack refuses `start --s3` for the
+    same MLflow database in one line, before starting anything: its runs would point at artifacts elsewhere."""
+    stack = tmp_path / "stack"
+    env, ports = script_env(tmp_path, stack)
+
+    def sh(*args, timeout=400):
+        return subprocess.run(["bash", SCRIPT, *args], env=env, capture_output=True, text=True, timeout=timeout,
+                              check=False)
+
+    started = sh("start")
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+    finally:
+        assert sh("stop", timeout=120).returncode == 0
+    assert (stack / "mlflow.db").is_file()
+
+    refused = sh("start", "--s3")
+    if refused.returncode == 0:
+        sh("stop", timeout=120)
+    assert refused.returncode != 0, refused.stdout
+    assert refused.stderr.startswith(f"local-stack: {stack}/mlflow.db keeps its artifacts in {stack}/mlartifacts, "
+                                     "not s3://m1-stack-test/mlflow"), refused.stderr
+    assert refused.stderr.count("\n") == 1, refused.stderr
+    assert not (stack / "pids").exists()  # nothing was started
+    assert (stack / "mlflow.db.artifacts").read_text().strip() == str(stack / "mlartifacts")
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", ports["S3_PORT"]), timeout=1).close()

@@ -27,8 +27,10 @@ def quiet_env() -> None:
 
 
 def preflight(config, stages: list[Stage]) -> None:
-    """Everything that can be checked without running a stage: config keys, code paths, stage validators."""
+    """Everything that can be checked without running a stage: config keys, code paths, stage validators, and
+    that the S3 endpoint the run would use accepts connections."""
     from components.hashing import code_version
+    from components.pipeline.storage import check_reachable
 
     for s in stages:
         config_material(config, s)
@@ -36,11 +38,17 @@ def preflight(config, stages: list[Stage]) -> None:
         s.function()  # the stage's module imports
         if s.validate:
             s.validate(config)
-    if (config.pipeline.storage_location() or "").startswith("s3://") or config.pipeline.mirror_location():
+    p = config.pipeline
+    uses = {"pipeline.result_storage": p.storage_location(), "pipeline.checkpoint_uri": p.mirror_location()}
+    uses.update({f"{s.name}.checkpoint_storage": getattr(getattr(config, s.name, None), "checkpoint_storage", None)
+                 for s in stages})
+    uses = {k: v for k, v in uses.items() if isinstance(v, str) and v.startswith("s3://")}
+    if uses:
         try:
             import s3fs  # noqa: F401
         except ImportError as e:  # pragma: no cover - installed with dvc[s3]
             raise M1Error("S3 result storage needs s3fs (pip install s3fs)") from e
+        check_reachable(config, uses)
 
 
 def selected_stages(config, stages: list[str] | None = None) -> list[Stage]:

@@ -1,6 +1,7 @@
 """Where results, artifacts and checkpoints go: local folders by default, S3 (AWS, MinIO, a moto server)
-when configured. One code path for every S3 endpoint: boto3 for checkpoints, s3fs (fsspec) for Prefect
-results, MLflow's own boto3 client for artifacts, dvc-s3 for the DVC remote; all read the endpoint from
+when configured. One code path for every S3 endpoint: boto3 for the stage-output mirror, pyarrow for training
+checkpoints (components/train/checkpoint.py, as Ray Train), s3fs (fsspec) for Prefect results, MLflow's own boto3
+client for artifacts, dvc-s3 for the DVC remote; all read the endpoint from
 `pipeline.s3.endpoint_url` or AWS_ENDPOINT_URL / MLFLOW_S3_ENDPOINT_URL and credentials from the usual AWS
 environment/profile chain."""
 from __future__ import annotations
@@ -12,7 +13,10 @@ from components.errors import M1Error
 
 
 def export_s3_env(config) -> None:
-    """Make the configured endpoint visible to every library (and to stage subprocesses / Ray workers)."""
+    """Make the configured endpoint and checkpoint mirror visible to every library (and to stage subprocesses /
+    Ray workers)."""
+    from components.train.checkpoint import MIRROR_ENV
+
     s3 = config.pipeline.s3
     endpoint = s3.resolved_endpoint()
     if endpoint:
@@ -20,6 +24,27 @@ def export_s3_env(config) -> None:
         os.environ.setdefault("MLFLOW_S3_ENDPOINT_URL", endpoint)
     if s3.region:
         os.environ.setdefault("AWS_DEFAULT_REGION", s3.region)
+    os.environ[MIRROR_ENV] = config.pipeline.mirror_location() or ""  # set every run: never the previous run's
+
+
+def check_reachable(config, uses: dict[str, str]) -> None:
+    """Refuse to start when the S3 endpoint that `uses` ({setting: s3:// URI}) need does not accept connections:
+    later, Prefect would only log a failed result write and finish "Completed", and boto3 would bury the cause
+    under a page of retries. AWS itself (no endpoint set) is not contacted: a dry run stays offline."""
+    import socket
+    from urllib.parse import urlsplit
+
+    endpoint = config.pipeline.s3.resolved_endpoint()
+    if not uses or not endpoint:
+        return
+    url = urlsplit(endpoint)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise M1Error(f"S3 endpoint {endpoint!r} is not an http(s)://host[:port] URL")
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=5).close()
+    except OSError as e:
+        raise M1Error(f"S3 endpoint {endpoint} unreachable ({e.strerror or e}); needed by "
+                      + ", ".join(f"{k} {v}" for k, v in uses.items())) from e
 
 
 def split_s3(uri: str) -> tuple[str, str]:
@@ -73,6 +98,9 @@ def download_dir(uri: str, local: str | Path, client=None) -> int:
 
 def mirror_outputs(config, stage: str, paths: dict[str, Path]) -> list[str]:
     """Upload a finished stage's outputs to <pipeline.checkpoint_uri>/<run_dir name>/<stage>/<field>/."""
+    from boto3.exceptions import S3UploadFailedError
+    from botocore.exceptions import BotoCoreError, ClientError, ConnectTimeoutError, EndpointConnectionError
+
     base = config.pipeline.mirror_location()
     if not base:
         return []
@@ -81,17 +109,23 @@ def mirror_outputs(config, stage: str, paths: dict[str, Path]) -> list[str]:
     uris = []
     for name, p in paths.items():
         uri = f"{base.rstrip('/')}/{run}/{stage}/{name}"
-        upload_dir(p, uri, client)
+        try:
+            upload_dir(p, uri, client)
+        except (EndpointConnectionError, ConnectTimeoutError) as e:
+            endpoint = config.pipeline.s3.resolved_endpoint() or "of AWS"
+            raise M1Error(f"S3 endpoint {endpoint} unreachable ({e}) while mirroring {stage} outputs to {uri}") from e
+        except (BotoCoreError, ClientError, S3UploadFailedError) as e:
+            raise M1Error(f"mirroring {stage} outputs to {uri} failed: {e}") from e
         uris.append(uri)
     return uris
 
 
 def checkpoint_uri(config, stage: str) -> str | None:
     """Where a training stage mirrors its checkpoints (<checkpoint_uri>/<run_dir name>/<stage>/checkpoints)."""
+    from components.train.checkpoint import mirror_of
+
     base = config.pipeline.mirror_location()
-    if not base:
-        return None
-    return f"{base.rstrip('/')}/{Path(config.run_dir).resolve().name}/{stage}/checkpoints"
+    return mirror_of(base, Path(config.run_dir).resolve() / stage / "checkpoints") if base else None
 
 
 def result_storage(config):

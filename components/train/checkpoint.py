@@ -5,7 +5,11 @@ plus trainer_state.pt (optimizer, scheduler, RNG states: tensors and plain data 
 weights_only=True) and trainer_state.json (step, data position, fingerprint). A run's latest checkpoint is the one
 with the highest step among the `<root>/checkpoint_*` of its fingerprint: checkpoints of other settings in the same
 root are neither resumed nor pruned. Ray Train writes its own checkpoint_<timestamp> folders into the same root, so
-the scan works for both paths."""
+the scan works for both paths.
+
+A local root <run_dir>/<stage>/checkpoints is mirrored to S3 when the pipeline has a checkpoint_uri
+(checkpoint_mirror): the loop copies every checkpoint there too, and a root that lost its checkpoints (a new
+machine, a wiped disk) gets the mirror's newest one back before a run resumes."""
 from __future__ import annotations
 
 import json
@@ -23,6 +27,9 @@ from components.errors import M1Error
 
 STATE_JSON = "trainer_state.json"
 STATE_PT = "trainer_state.pt"
+# The run's pipeline.checkpoint_uri ("" for none), exported by the pipeline (components.pipeline.storage): the loops
+# see no pipeline config, and on Ray run in workers that inherit the environment.
+MIRROR_ENV = "M1_CHECKPOINT_MIRROR"
 
 
 def filesystem(uri: str):
@@ -37,6 +44,20 @@ def filesystem(uri: str):
         fs = pafs.S3FileSystem(region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"), **kw)
         return fs, uri[len("s3://"):].rstrip("/")
     return pafs.LocalFileSystem(), str(Path(uri).resolve())
+
+
+def checkpoint_mirror(root: str) -> str | None:
+    """The S3 mirror of a local checkpoint root <run_dir>/<stage>/checkpoints:
+    <checkpoint_uri>/<run_dir name>/<stage>/checkpoints, checkpoint_uri being the pipeline run's (MIRROR_ENV), else
+    $M1_CHECKPOINT_URI. None for a root on S3 already (a stage's checkpoint_storage)."""
+    base = os.environ.get(MIRROR_ENV, os.environ.get("M1_CHECKPOINT_URI"))
+    if not base or "://" in root:
+        return None
+    return mirror_of(base, Path(root))
+
+
+def mirror_of(base: str, root: Path) -> str:
+    return f"{base.rstrip('/')}/{root.parent.parent.name}/{root.parent.name}/{root.name}"
 
 
 def rng_state() -> dict:
@@ -95,17 +116,39 @@ def write_local(directory: Path, model, optimizer, scheduler, step: int, samples
 def upload(local_dir: Path, root_uri: str, name: str) -> str:
     import pyarrow.fs as pafs
 
+    return _copy_checkpoint(str(local_dir), pafs.LocalFileSystem(), root_uri, name)
+
+
+def _copy_checkpoint(src: str, src_fs, root_uri: str, name: str) -> str:
+    """Copy the checkpoint directory `src` to <root>/<name>, never seen half-written under a checkpoint_* name: a
+    local copy is written beside and renamed; object stores have no rename, so there trainer_state.json, without
+    which list_checkpoints skips a directory, is written last."""
+    import pyarrow.fs as pafs
+
     fs, root = filesystem(root_uri)
     dest = f"{root}/{name}"
-    tmp = f"{root}/.{name}.partial"
-    fs.create_dir(tmp, recursive=True)
-    pafs.copy_files(str(local_dir), tmp, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    if isinstance(fs, pafs.LocalFileSystem):
+        tmp = f"{root}/.{name}.partial"
+        _delete_dir(fs, tmp)
+        fs.create_dir(tmp, recursive=True)
+        pafs.copy_files(src, tmp, source_filesystem=src_fs, destination_filesystem=fs)
+        _delete_dir(fs, dest)
+        fs.move(tmp, dest)
+        return dest
+    _delete_dir(fs, dest)
+    src = src.rstrip("/")
+    files = sorted((i.path for i in src_fs.get_file_info(pafs.FileSelector(src, recursive=True))
+                    if i.type == pafs.FileType.File), key=lambda f: f == f"{src}/{STATE_JSON}")
+    for f in files:
+        pafs.copy_files(f, f"{dest}/{f[len(src) + 1:]}", source_filesystem=src_fs, destination_filesystem=fs)
+    return dest
+
+
+def _delete_dir(fs, path: str) -> None:
     try:
-        fs.delete_dir(dest)
+        fs.delete_dir(path)
     except (FileNotFoundError, OSError):
         pass
-    fs.move(tmp, dest)  # a half-written checkpoint is never named checkpoint_*
-    return dest
 
 
 def list_checkpoints(root_uri: str, fingerprint: str | None = None) -> list[tuple[int, str]]:
@@ -133,10 +176,26 @@ def list_checkpoints(root_uri: str, fingerprint: str | None = None) -> list[tupl
     return sorted(out)
 
 
-def latest_checkpoint(root_uri: str, fingerprint: str) -> str | None:
-    """The newest checkpoint of this fingerprint: a newer one of other settings must not hide it."""
+def newest_checkpoint(root_uri: str, fingerprint: str) -> tuple[str, str] | None:
+    """(root or its S3 mirror, path) of the newest checkpoint of this fingerprint in either: a newer one of other
+    settings must not hide it, and the mirror's counts only when newer than every one in the root."""
     cks = list_checkpoints(root_uri, fingerprint)
-    return cks[-1][1] if cks else None
+    mirror = checkpoint_mirror(root_uri)
+    mirrored = list_checkpoints(mirror, fingerprint) if mirror else []
+    if mirrored and (not cks or mirrored[-1][0] > cks[-1][0]):
+        return mirror, mirrored[-1][1]
+    return (root_uri, cks[-1][1]) if cks else None
+
+
+def latest_checkpoint(root_uri: str, fingerprint: str) -> str | None:
+    """The path of newest_checkpoint in the root: one found only in the mirror is copied into the root first."""
+    found = newest_checkpoint(root_uri, fingerprint)
+    if found is None:
+        return None
+    where, path = found
+    if where == root_uri:
+        return path
+    return _copy_checkpoint(path, filesystem(where)[0], root_uri, path.rstrip("/").rsplit("/", 1)[-1])
 
 
 def download(root_uri: str, path: str) -> Path:

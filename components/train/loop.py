@@ -56,31 +56,31 @@ class Context:
         return t.tolist()
 
     def resume_dir(self, root: str, fingerprint: str) -> Path | None:
+        """The newest checkpoint of this fingerprint in the root or its S3 mirror as a local directory; None: start
+        afresh. Ray workers look it up themselves, not through ray.train.get_checkpoint(): Ray Train v2 takes no
+        resume_from_checkpoint. They read it where it is (ranks copying it into the root would race); in-process,
+        one found only in the mirror is copied into the root first."""
         if self.ray:
-            import ray.train
-
-            c = ray.train.get_checkpoint()
-            if c is None:
-                return None
-            d = Path(tempfile.mkdtemp(prefix="m1-resume-"))
-            c.to_directory(str(d))
-        else:
-            path = ck.latest_checkpoint(root, fingerprint)
-            if path is None:
-                return None
-            d = ck.download(root, path)
-        meta = json.loads((d / ck.STATE_JSON).read_text())
-        return d if meta.get("fingerprint") == fingerprint else None
+            found = ck.newest_checkpoint(root, fingerprint)
+            return ck.download(*found) if found else None
+        path = ck.latest_checkpoint(root, fingerprint)
+        return ck.download(root, path) if path else None
 
     def report(self, metrics: dict, local_ckpt: Path | None, root: str, step: int, keep: int) -> None:
+        """local_ckpt: rank 0's new checkpoint (None elsewhere and between checkpoints). On Ray, Ray Train persists
+        it to the root; in-process it is copied there here. Either way rank 0 also copies it to the root's S3
+        mirror, if any, so that a run whose disk is lost resumes from S3 (ck.latest_checkpoint)."""
+        if local_ckpt is not None:
+            mirror = ck.checkpoint_mirror(root)
+            fingerprint = json.loads((local_ckpt / ck.STATE_JSON).read_text())["fingerprint"]
+            for dest in ([] if self.ray else [root]) + ([mirror] if mirror else []):
+                ck.upload(local_ckpt, dest, f"checkpoint_{step:06d}")
+                ck.prune(dest, keep, fingerprint)
         if self.ray:
             import ray.train
 
             ckpt = ray.train.Checkpoint.from_directory(str(local_ckpt)) if local_ckpt else None
             ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, checkpoint=ckpt)
-        elif local_ckpt is not None:
-            ck.upload(local_ckpt, root, f"checkpoint_{step:06d}")
-            ck.prune(root, keep, json.loads((local_ckpt / ck.STATE_JSON).read_text())["fingerprint"])
 
 
 def lr_lambda(tc: dict):
