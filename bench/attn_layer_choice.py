@@ -25,8 +25,8 @@ from components.train.layer_choice import (  # noqa: E402
     greedy_attention_layers,
     kl_without_attention,
 )
-from components.train.loop import load_teacher_engine  # noqa: E402
 from components.train.losses import target_mask  # noqa: E402
+from components.train.teacher_engine import load_teacher_engine  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -126,11 +126,7 @@ def _losses(root, name):
     return {h["step"]: h["loss"] for h in map(json.loads, lines)}
 
 
-# Ray Train v2 (the default of the Ray installed here) raises DeprecationWarning for resume_from_checkpoint, which the
-# stage harness still passes whenever a checkpoint exists; the workers find their checkpoint without it
-# (Context.resume_dir). With that argument dropped, both cases pass.
-RAY = [pytest.mark.slow, pytest.mark.xfail(raises=DeprecationWarning, strict=True,
-                                           reason="harness passes resume_from_checkpoint to Ray Train v2")]
+RAY = [pytest.mark.slow]
 
 
 @pytest.mark.parametrize("where,workers", [("checkpoint_uri", 0), ("checkpoint_storage", 0),

@@ -127,7 +127,9 @@ class RunContext:
         ensure_ray()  # RAY_ADDRESS (set from pipeline.ray_address by the pipeline) or a local instance
         fs, path = ck.filesystem(self.checkpoint_root)
         storage, name = path.rsplit("/", 1)
-        latest = ck.latest_checkpoint(self.checkpoint_root, self.lc["fingerprint"])
+        # Ray Train v2 takes no resume_from_checkpoint: the workers find their checkpoint (Context.resume_dir). Here
+        # the driver only brings a newer one back from the S3 mirror into the root first.
+        ck.latest_checkpoint(self.checkpoint_root, self.lc["fingerprint"])
         TorchTrainer(
             loop, train_loop_config=self.lc,
             torch_config=TorchConfig(backend="nccl" if self.use_gpu else "gloo"),
@@ -135,7 +137,6 @@ class RunContext:
                                                    resources_per_worker=None if self.use_gpu else {"CPU": 1}),
             run_config=ray.train.RunConfig(name=name, storage_path=storage, storage_filesystem=fs,
                                            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints)),
-            resume_from_checkpoint=ray.train.Checkpoint(path=latest, filesystem=fs) if latest else None,
         ).fit()
         summary = self.out_dir / summary_file
         return json.loads(summary.read_text()) if summary.is_file() else {}

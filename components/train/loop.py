@@ -22,11 +22,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from components.model import HybridForCausalLM, convert
+from components.model import HybridForCausalLM
 from components.train import checkpoint as ck
 from components.train import parallel
 from components.train.data import PackedRows, rows_for_step
 from components.train.losses import distill_loss_sums, target_mask
+from components.train.teacher_engine import load_teacher_engine
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
 
@@ -122,20 +123,6 @@ def flops_per_token(model, seq_len: int) -> float:
     cfg = model.config
     n = sum(p.numel() for p in model.parameters())
     return 6.0 * n + 6.0 * len(cfg.attn_layers) * cfg.q_dim * seq_len
-
-
-def load_teacher_engine(source: str, device, dtype):
-    """The teacher in our own engine (all layers attention: logits equal the transformers model's), so packed
-    documents are masked exactly as for the student."""
-    from components.model.teacher import load_any_teacher
-
-    t = load_any_teacher(source)
-    engine = convert(t, list(range(t.config.num_hidden_layers)))
-    del t
-    engine.to(device=device, dtype=dtype).eval()
-    for p in engine.parameters():
-        p.requires_grad_(False)
-    return engine
 
 
 @torch.no_grad()

@@ -89,7 +89,7 @@ def precompute(teacher_source: str, data, data_dir: Path, rows, k: int, store_di
     {"rows": stored rows, "computed": rows computed now}. `data` is the PackedRows of data_dir."""
     from tqdm.auto import tqdm
 
-    from components.train.loop import load_teacher_engine
+    from components.train.teacher_engine import load_teacher_engine
 
     store_dir = Path(store_dir)
     want = np.unique(np.asarray(rows, dtype=np.int64))
