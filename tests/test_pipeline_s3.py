@@ -224,7 +224,7 @@ def test_mlflow_artifacts_and_registry_on_s3(s3, tmp_path):
     import pandas as pd
 
     from components.model.convert import run as convert
-    from components.pipeline import registry
+    from components.pipeline import promotion
     from components.tracking import Tracker, standalone_run
 
     _, client = s3
@@ -240,7 +240,7 @@ def test_mlflow_artifacts_and_registry_on_s3(s3, tmp_path):
     assert f"mlflow/{run_id}/artifacts/note.txt" in keys(client, "mlflow/")
 
     model_dir = convert(cfg).model_dir
-    out = registry.run(cfg, {"model_dir": model_dir, "metrics": {"pass@1": 0.1}})
+    out = promotion.run(cfg, {"model_dir": model_dir, "metrics": {"pass@1": 0.1}})
     assert out.promoted
     stored = keys(client, "mlflow/")
     assert any(k.endswith("model.safetensors") for k in stored), stored

@@ -10,7 +10,7 @@ import pytest
 
 from components.config import load_config
 from components.pipeline.config import GateMetric
-from components.pipeline.registry import decide
+from components.pipeline.promotion import decide
 
 GATE = [GateMetric(metric="pass@1", min_improvement=0.01), GateMetric(metric="latency_s", higher_is_better=False)]
 NAME = "m1-hybrid-tiny"  # the tiny profile's registered model
@@ -45,7 +45,7 @@ def test_default_gate_wants_pass_at_1_above_zero():
 
 
 def test_registered_name_per_profile():
-    from components.pipeline.registry import model_name
+    from components.pipeline.promotion import model_name
 
     assert model_name(load_config("default")) == "m1-hybrid"
     assert model_name(load_config("tiny")) == NAME
@@ -104,14 +104,14 @@ def test_register_gate_and_load_champion(models, tmp_path, capsys):
     import mlflow
     import pandas as pd
 
-    from components.pipeline import registry
+    from components.pipeline import promotion
     from components.tracking import tracking_uri, use_store
 
     cfg, over = store(tmp_path, name=None)
     a, b, c = models
-    first = registry.run(cfg, {"model_dir": a, "metrics": {"pass@1": 0.20}})
+    first = promotion.run(cfg, {"model_dir": a, "metrics": {"pass@1": 0.20}})
     assert first.promoted and first.champion_version == first.version == "1" and first.model_name == NAME
-    worse = registry.run(cfg, {"model_dir": b, "metrics": {"pass@1": 0.205}})
+    worse = promotion.run(cfg, {"model_dir": b, "metrics": {"pass@1": 0.205}})
     assert not worse.promoted and worse.version == "2" and worse.champion_version == "1"
 
     client = client_of(cfg)
@@ -148,10 +148,10 @@ def test_register_gate_and_load_champion(models, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_bare_promote_keeps_the_champions_decision(models, tmp_path, capsys):
-    from components.pipeline import registry
+    from components.pipeline import promotion
 
     cfg, over = store(tmp_path)
-    assert registry.run(cfg, {"model_dir": models[0], "metrics": {"pass@1": 0.2}}).promoted
+    assert promotion.run(cfg, {"model_dir": models[0], "metrics": {"pass@1": 0.2}}).promoted
     client = client_of(cfg)
     before = client.get_model_version(OWN, "1").tags
     assert (before["gate.decision"], before["gate.reason"]) == ("promoted", "no champion yet")
@@ -164,17 +164,17 @@ def test_bare_promote_keeps_the_champions_decision(models, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_identical_weights_reuse_their_version(models, tmp_path):
-    from components.pipeline import registry
+    from components.pipeline import promotion
     from components.hashing import dvc_md5
 
     cfg, _ = store(tmp_path)
     a, b, _ = models
     client = client_of(cfg)
-    first = registry.run(cfg, {"model_dir": a, "metrics": {"pass@1": 0.20}})
+    first = promotion.run(cfg, {"model_dir": a, "metrics": {"pass@1": 0.20}})
     assert (first.version, first.promoted) == ("1", True)
     source_run = client.get_model_version(OWN, "1").tags["m1.source_run"]
 
-    again = registry.run(cfg, {"model_dir": a, "metrics": {"pass@1": 0.25}})  # re-evaluated, same weights
+    again = promotion.run(cfg, {"model_dir": a, "metrics": {"pass@1": 0.25}})  # re-evaluated, same weights
     assert (again.version, again.promoted, again.champion_version) == ("1", False, "1")
     assert again.decision == "version 1 already is the champion"
     assert [str(v.version) for v in client.search_model_versions(f"name = '{OWN}'")] == ["1"]
@@ -183,23 +183,23 @@ def test_identical_weights_reuse_their_version(models, tmp_path):
     assert tags["m1.reused_by_run"] != source_run and tags["metric.pass_1"] == "0.25"
     assert tags["gate.decision"] == "promoted" and tags["gate.reason"] == "no champion yet"
 
-    other = registry.run(cfg, {"model_dir": b, "metrics": {"pass@1": 0.10}})
+    other = promotion.run(cfg, {"model_dir": b, "metrics": {"pass@1": 0.10}})
     assert (other.version, other.promoted) == ("2", False)
-    assert registry.run(cfg, {"model_dir": b, "metrics": {"pass@1": 0.10}}).version == "2"
+    assert promotion.run(cfg, {"model_dir": b, "metrics": {"pass@1": 0.10}}).version == "2"
     assert alias(client, OWN, "candidate") == "2" and alias(client, OWN, "champion") == "1"
-    assert registry.run(cfg, {"model_dir": a, "metrics": {"pass@1": 0.25}}).version == "1"
+    assert promotion.run(cfg, {"model_dir": a, "metrics": {"pass@1": 0.25}}).version == "1"
     assert alias(client, OWN, "candidate") == "1"
     assert sorted(str(v.version) for v in client.search_model_versions(f"name = '{OWN}'")) == ["1", "2"]
 
 
 @pytest.mark.slow
 def test_versions_carry_only_the_gate_metrics(models, tmp_path):
-    from components.pipeline import registry
+    from components.pipeline import promotion
 
     cfg, _ = store(tmp_path)
     metrics = {"pass@1": 0.2, **{f"hybrid/bench{i}/maj_at_{k}": i / 100 for i in range(20) for k in (1, 4, 8, 16)}}
     assert len(metrics) == 81
-    registry.run(cfg, {"model_dir": models[0], "metrics": metrics})
+    promotion.run(cfg, {"model_dir": models[0], "metrics": metrics})
     client = client_of(cfg)
     tags = client.get_model_version(OWN, "1").tags
     assert {k: v for k, v in tags.items() if k.startswith("metric.")} == {"metric.pass_1": "0.2"}
@@ -212,16 +212,16 @@ def test_versions_carry_only_the_gate_metrics(models, tmp_path):
 
 @pytest.mark.slow
 def test_a_model_solving_nothing_is_not_the_first_champion(models, tmp_path):
-    from components.pipeline import registry
+    from components.pipeline import promotion
 
     cfg, _ = store(tmp_path, gate=None)  # the default gate: hybrid/all/pass_at_1 above 0
     a, b, _ = models
-    zero = registry.run(cfg, {"model_dir": a, "metrics": {"hybrid/all/pass_at_1": 0.0}})
+    zero = promotion.run(cfg, {"model_dir": a, "metrics": {"hybrid/all/pass_at_1": 0.0}})
     assert (zero.version, zero.promoted, zero.champion_version) == ("1", False, None)
     assert zero.decision == "hybrid/all/pass_at_1 0 does not clear the floor 0"
     client = client_of(cfg)
     assert client.get_model_version(OWN, "1").tags["gate.decision"] == "rejected"
     assert alias(client, OWN, "candidate") == "1" and "champion" not in client.get_registered_model(OWN).aliases
-    some = registry.run(cfg, {"model_dir": b, "metrics": {"hybrid/all/pass_at_1": 0.02}})
+    some = promotion.run(cfg, {"model_dir": b, "metrics": {"hybrid/all/pass_at_1": 0.02}})
     assert (some.version, some.promoted, some.champion_version) == ("2", True, "2")
     assert alias(client, OWN, "champion") == "2"

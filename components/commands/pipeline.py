@@ -171,7 +171,7 @@ def _stage(args) -> int:
 
 def _promote(args) -> int:
     from components.errors import M1Error
-    from components.pipeline import registry
+    from components.pipeline import promotion
     from components.pipeline.runner import quiet_env
 
     quiet_env()
@@ -185,7 +185,7 @@ def _promote(args) -> int:
     if args.model_dir:
         if args.version:
             raise M1Error("give either --model-dir (register a new candidate) or --version, not both")
-        out = registry.run(config, {"model_dir": args.model_dir, "metrics": metrics})
+        out = promotion.run(config, {"model_dir": args.model_dir, "metrics": metrics})
         champ = config.pipeline.promotion.champion_alias
         stays = f"{champ} stays v{out.champion_version}" if out.champion_version else f"no {champ} yet"
         verdict = f"promoted to {champ}" if out.promoted else stays
@@ -193,8 +193,8 @@ def _promote(args) -> int:
         return 0
     if metrics:
         raise M1Error("--metric/--metrics-json describe a new model: pass --model-dir too")
-    d = registry.promote(config, args.version)
-    name, champ = registry.model_name(config), config.pipeline.promotion.champion_alias
+    d = promotion.promote(config, args.version)
+    name, champ = promotion.model_name(config), config.pipeline.promotion.champion_alias
     print(f"{name} v{d.version}: {'promoted to ' + champ if d.promoted else 'not promoted'}: {d.reason}")
     return 0
 

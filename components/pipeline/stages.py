@@ -255,7 +255,7 @@ _DECLARED: list[Stage] = [
           description="pass@1 / pass@k / maj@k, accuracy under a time budget, generation speed"),
     # Registers the final model as <model name>@candidate and gates `champion`; joins the pipeline once an
     # `evaluate` stage is registered above it. Another tracking server is another registry: keyed on it.
-    Stage("register", "components.pipeline.registry:run", config_keys=("pipeline.promotion",),
+    Stage("register", "components.pipeline.promotion:run", config_keys=("pipeline.promotion",),
           upstream=("evaluate",), inputs=_register_inputs, outputs=(), summary=_register_summary,
           key_extra=_register_key,
           description="MLflow registry: candidate alias, promotion gate to champion"),
