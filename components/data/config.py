@@ -10,6 +10,8 @@ from pydantic import Field, model_validator
 
 from components.config_base import Section
 
+# datasketch is imported in the one check that needs it (_check_lsh): every command reads this config at start-up.
+
 Split = Literal["sft1", "sft2", "rl", "eval"]
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 

@@ -18,7 +18,9 @@ read top to bottom they are the stage's description; the pieces each pass calls 
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import multiprocessing as mp
 import os
 import random
 import shutil
@@ -30,7 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
+from tqdm import tqdm
 
+from components import mathcheck
 from components.data import dedup as dd
 from components.data.checks import route_row, row_error_reject
 from components.data.config import DataConfig
@@ -52,7 +56,9 @@ from components.data.report import (
 )
 from components.data.sources import make_adapter
 from components.data.templating import Formatter
+from components.data.tokenizer_cache import cached_tokenizer
 from components.errors import M1Error
+from components.model.teacher import resolve_source, tokenizer_source
 
 TRAIN_SPLITS = ("sft1", "sft2", "rl")
 PACKED_OUTPUTS = ("sft1", "sft1_heldout", "sft2")
@@ -166,8 +172,6 @@ class _Staging:
 
 
 def _progress(iterable, **kw):
-    from tqdm import tqdm
-
     return tqdm(iterable, disable=None, leave=False, dynamic_ncols=True, **kw)
 
 
@@ -198,14 +202,9 @@ def _results(pool, jobs: Iterator, num_proc: int) -> Iterator:
 def _pass1(config, cfg: DataConfig, staging: _Staging, rejects, stats: Stats) -> None:
     deduper = dd.Deduper(cfg.dedup)
     eval_seen: dict[str, set] = {}
-    import multiprocessing as mp
-
     pool = None
     # A daemonic process (a multiprocessing pool worker) may not start children: check in-process there.
     if cfg.num_proc > 1 and not mp.current_process().daemon:
-
-        from components import mathcheck
-
         mathcheck.preload()  # imported once here and inherited by the forked workers
         pool = mp.get_context("fork").Pool(cfg.num_proc, initializer=_init_worker, initargs=(cfg, config.seed))
     else:
@@ -426,17 +425,12 @@ def _eval_output(name, fmt, staging, out_path, stats) -> dict:
 def _tokenizer(config, inputs):
     if inputs and inputs.get("tokenizer") is not None:
         return inputs["tokenizer"]
-    from components.data.tokenizer_cache import cached_tokenizer
-    from components.model.teacher import tokenizer_source
-
     return cached_tokenizer(tokenizer_source(config.teacher.source))
 
 
 def run(config, inputs: dict | None = None) -> CurateOutputs:
     """Curate the data described by config.data into <run_dir>/data. `inputs` may hold an already loaded
     tokenizer under "tokenizer" (saves the load when the caller has one)."""
-    from components.model.teacher import resolve_source, tokenizer_source
-
     started = time.time()
     cfg: DataConfig = config.data
     resolve_source(tokenizer_source(config.teacher.source))  # a bad teacher path fails now, not after pass 1
@@ -527,8 +521,6 @@ def run(config, inputs: dict | None = None) -> CurateOutputs:
 
 
 def _sha(s: str) -> str:
-    import hashlib
-
     return hashlib.sha256(s.encode()).hexdigest()
 
 

@@ -13,6 +13,7 @@ import hashlib
 import re
 
 import numpy as np
+from datasketch import MinHash, MinHashLSH
 
 from components.data.config import DedupConfig
 
@@ -44,8 +45,6 @@ _PERMUTATIONS: dict[int, object] = {}
 
 def _minhash(num_perm: int, hashvalues=None):
     """A MinHash with permutations generated once per process (generating them dominates the cost)."""
-    from datasketch import MinHash
-
     perm = _PERMUTATIONS.get(num_perm)
     if perm is None:
         perm = _PERMUTATIONS[num_perm] = MinHash(num_perm=num_perm, seed=1, scheme=SCHEME).permutations
@@ -68,8 +67,6 @@ class Deduper:
 
     def _lsh(self, split: str):
         if split not in self.lsh:
-            from datasketch import MinHashLSH
-
             self.lsh[split] = MinHashLSH(threshold=self.cfg.threshold, num_perm=self.cfg.num_perm)
         return self.lsh[split]
 

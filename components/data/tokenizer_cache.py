@@ -14,6 +14,8 @@ import tempfile
 
 from components.model.teacher import load_tokenizer, resolve_source
 
+# transformers is imported where a tokenizer is loaded: seconds of start-up otherwise.
+
 
 def cache_root() -> str:
     return os.path.join(os.environ.get("M1_CACHE_DIR") or os.path.expanduser("~/.cache/m1"), "tokenizers")

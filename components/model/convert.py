@@ -19,6 +19,12 @@ import torch
 from components.errors import M1Error
 from components.model.config import HybridConfig
 from components.model.hybrid import HybridForCausalLM
+from components.model.teacher import (
+    load_any_teacher,
+    load_any_tokenizer,
+    load_teacher_config,
+    random_llama_config,
+)
 
 
 def _llama_config_of(teacher):
@@ -35,8 +41,6 @@ def convert(teacher: Any, attn_layers: list[int] | tuple[int, ...], mixer: str =
             seed: int = 0, dtype: torch.dtype | None = None) -> HybridForCausalLM:
     """Build a HybridForCausalLM from a transformers Llama model (or a source `load_teacher` accepts)."""
     if isinstance(teacher, (str, Path)):
-        from components.model.teacher import load_any_teacher
-
         teacher = load_any_teacher(str(teacher))
     lcfg = _llama_config_of(teacher)
     cfg = HybridConfig.from_llama(
@@ -103,8 +107,6 @@ def init_from_teacher(cfg: HybridConfig, src: dict, dst: dict) -> dict[str, str]
 
 def check_attn_layers(source: str, attn_layers: list[int]) -> int:
     """Validate layer indices against the teacher's config alone; returns its layer count."""
-    from components.model.teacher import load_teacher_config, random_llama_config
-
     src = str(source)
     lcfg = random_llama_config(src.split(":", 1)[1]) if src.startswith("random:") else load_teacher_config(src)
     n = lcfg.num_hidden_layers
@@ -124,8 +126,6 @@ class ConvertOutputs:
 
 def run(config, inputs: dict | None = None) -> ConvertOutputs:
     """Stage entry point: convert config.teacher into <run_dir>/convert/model (model + tokenizer)."""
-    from components.model.teacher import load_any_teacher, load_any_tokenizer
-
     c = config.convert
     out = Path((inputs or {}).get("out_dir") or Path(config.run_dir) / "convert" / "model")
     check_attn_layers(config.teacher.source, c.attn_layers)  # fail before loading any weights

@@ -5,6 +5,7 @@ temperature-scaled distribution before top-k/top-p truncation (the policy's own 
 On CUDA the end-of-batch check syncs with the host only every `sync_every` tokens."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -140,8 +141,6 @@ class _Clock:
     """Wall-clock laps; on CUDA each lap waits for the device (three syncs per generate call, none per token)."""
 
     def __init__(self, dev):
-        import time
-
         self.dev, self.time, self.laps = dev, time.perf_counter, {}
         self.t = self.time()
 

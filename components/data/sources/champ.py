@@ -10,6 +10,9 @@ from components.data.record import SourceRow, answer_text, check_text
 from components.data.sources.base import Adapter, first_line, raise_if_error
 from components.errors import M1Error
 
+# champ_dataset is imported where the source is read (raw_rows): a missing or broken package fails this source alone,
+# by name.
+
 _SQRT_RE = re.compile(r"(?<!\\)sqrt\(")
 _CHAMP_PATTERNS = [
     (re.compile(r"^(.+?),? or equivalently (.+)$", re.IGNORECASE), 2),  # "C(10, 5), or equivalently 252"

@@ -13,6 +13,9 @@ from components.data.sources import hub_catalogue
 from components.data.sources.base import Adapter, first_line, map_fields, raise_if_error
 from components.errors import M1Error
 
+# datasets is imported where a hub source is streamed (_streams): seconds of start-up, and offline sources never need
+# it.
+
 
 def _builder_for(files: list[str]) -> str:
     ext = {os.path.splitext(f.removesuffix(".gz"))[1].lower() for f in files}

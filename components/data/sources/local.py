@@ -8,6 +8,8 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+import pyarrow.parquet as pq
+
 from components.data.record import SourceRow
 from components.data.sources.base import (
     Adapter,
@@ -17,6 +19,8 @@ from components.data.sources.base import (
     raise_if_error,
 )
 from components.errors import M1Error
+
+# pandas is imported where a CSV is read (_csv_rows): only CSV sources need it, and it costs a second of start-up.
 
 
 def _jsonl_rows(path: str) -> Iterator[Any]:
@@ -39,8 +43,6 @@ def _jsonl_rows(path: str) -> Iterator[Any]:
 
 
 def _parquet_rows(path: str) -> Iterator[Any]:
-    import pyarrow.parquet as pq
-
     for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
         yield from batch.to_pylist()
 

@@ -16,6 +16,9 @@ from components.data.sources.base import (
 )
 from components.errors import M1Error
 
+# mathgenerator is imported where the source is read (raw_rows): a missing or broken package fails this source alone,
+# by name.
+
 
 class MathgenAdapter(Adapter):
     """mathgenerator problems (answers only, no worked solutions); seeded per row, global random restored."""
