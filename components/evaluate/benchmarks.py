@@ -12,11 +12,13 @@ stable when a set grows), after the bad rows are excluded; the exclusion count c
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from components.data.config import FieldMap, HubSource, LocalSource
 from components.data.record import RowError
+from components.data.sources import HubAdapter, LocalAdapter
 from components.errors import M1Error
 from components.evaluate.config import (
     CuratedBenchmark,
@@ -60,7 +62,6 @@ CURATED_FIELDS = EvalFieldMap(problem="problem", answer="answer", id="id", promp
 def _local_rows(name: str, path: str, fmt: str | None, fields: EvalFieldMap):
     """(index, id, problem, answer, prompt, source) per row via the data stage's local reader; RowError rows
     come back as exceptions to record."""
-    from components.data.sources import LocalAdapter
 
     fmap = FieldMap(problem=fields.problem, solution=None, answer=fields.answer, id=fields.id)
     adapter = LocalAdapter(LocalSource(name=name, splits=["eval"], path=path, format=fmt, fields=fmap), 0)
@@ -75,8 +76,6 @@ def _local_rows(name: str, path: str, fmt: str | None, fields: EvalFieldMap):
 
 
 def _hub_rows(spec: HubBenchmark):
-    from components.data.sources import HubAdapter
-
     src = HubSource(name=spec.name, splits=["eval"], dataset=spec.dataset or spec.name, config=spec.config,
                     split=spec.split, revision=spec.revision, data_files=spec.data_files)
     for i, _, row in _adapter_rows(HubAdapter(src, 0)):
@@ -171,8 +170,6 @@ def load_benchmarks(cfg: EvalConfig, data_dir: str | Path | None, seed: int) -> 
         raise M1Error(f"no benchmark to evaluate: none of {[b.name for b in cfg.benchmarks]} exists "
                       f"(curated sets in {data_dir}: {have})")
     if not any(b.problems for b in out):
-        from collections import Counter
-
         reasons = Counter(e.reason for b in out for e in b.excluded)
         why = ", ".join(f"{r} x{c}" for r, c in reasons.most_common()) or "no rows"
         raise M1Error(f"no scorable problems in {', '.join(b.name for b in out)} ({why})")

@@ -11,7 +11,12 @@ from pathlib import Path
 
 import torch
 
+from components.data.tokenizer_cache import cached_tokenizer
 from components.errors import M1Error
+from components.model import HybridForCausalLM, convert
+from components.model.teacher import EMBEDDED_TEACHER, load_any_teacher
+
+# transformers is imported where a tokenizer directory is read (_tokenizer_for_dir): seconds of start-up otherwise.
 
 
 @dataclass
@@ -77,18 +82,12 @@ def _tokenizer_for_dir(d: str):
 
 
 def _teacher_tokenizer(source: str):
-    from components.data.tokenizer_cache import cached_tokenizer
-    from components.model.teacher import EMBEDDED_TEACHER
-
     # random teachers share the embedded teacher's vocabulary (components.model.teacher.load_any_tokenizer)
     return cached_tokenizer(EMBEDDED_TEACHER if source.startswith("random:") else source)
 
 
 def load_eval_model(name: str, source: str, device: str | torch.device = "cpu", dtype: str = "float32",
                     seed: int = 0) -> EvalModel:
-    from components.model import HybridForCausalLM, convert
-    from components.model.teacher import load_any_teacher
-
     t0 = time.time()
     source = str(source)
     dev = device if isinstance(device, torch.device) else resolve_device(device)

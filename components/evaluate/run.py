@@ -33,7 +33,27 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from components.errors import M1Error
+from components.evaluate import report, speed, speed_report, timebudget
+from components.evaluate.benchmarks import load_benchmarks
+from components.evaluate.models import is_hybrid_dir, load_eval_model, resolve_device
+from components.evaluate.report import key
+from components.evaluate.sampling import (
+    prompt_texts,
+    sample_completions,
+    tokenize_prompts,
+)
+from components.evaluate.scoring import score_problem
+from components.model.config import HybridConfig
+from components.model.convert import check_attn_layers
+from components.model.teacher import (
+    load_teacher_config,
+    random_llama_config,
+    resolve_source,
+)
+from components.tracking import Tracker
 
 
 @dataclass
@@ -109,9 +129,6 @@ def _model_name(path: str, taken: dict) -> str:
 
 def _check_sources(models: dict[str, str]) -> None:
     """Fail in one line before any weights load: a missing path or an unusable teacher source."""
-    from components.evaluate.models import is_hybrid_dir
-    from components.model.config import HybridConfig
-    from components.model.teacher import random_llama_config, resolve_source
 
     for name, src in models.items():
         try:
@@ -126,17 +143,6 @@ def _check_sources(models: dict[str, str]) -> None:
 
 
 def run(config, inputs: dict | None = None) -> EvalOutputs:
-    from components.evaluate import report, timebudget
-    from components.evaluate.benchmarks import load_benchmarks
-    from components.evaluate.models import load_eval_model, resolve_device
-    from components.evaluate.sampling import (
-        prompt_texts,
-        sample_completions,
-        tokenize_prompts,
-    )
-    from components.evaluate.scoring import score_problem
-    from components.tracking import Tracker
-
     started = time.time()
     inputs = inputs or {}
     cfg = config.evaluate
@@ -198,8 +204,6 @@ def run(config, inputs: dict | None = None) -> EvalOutputs:
             del em
             gc.collect()
             if device.type == "cuda":
-                import torch
-
                 torch.cuda.empty_cache()
 
         metrics: dict[str, float] = {}
@@ -289,23 +293,11 @@ def run(config, inputs: dict | None = None) -> EvalOutputs:
 
 
 def _speed(config, hybrid_cfg, out_dir: Path) -> dict[str, float]:
-    import torch
-
-    from components.evaluate import speed, speed_report
-    from components.evaluate.models import resolve_device
-
     sc = config.evaluate.speed
     if sc.shape == "auto":
         if hybrid_cfg is not None:
             cfg, shape = hybrid_cfg, "evaluated-hybrid"
         else:
-            from components.model.config import HybridConfig
-            from components.model.convert import check_attn_layers
-            from components.model.teacher import (
-                load_teacher_config,
-                random_llama_config,
-            )
-
             src = config.teacher.source
             check_attn_layers(src, config.convert.attn_layers)
             lcfg = random_llama_config(src.split(":", 1)[1]) if src.startswith("random:") else load_teacher_config(src)
@@ -320,7 +312,6 @@ def _speed(config, hybrid_cfg, out_dir: Path) -> dict[str, float]:
     meta = {"shape": shape, "attn_layers": cfg.attn_layers, "mixer": cfg.mixer, "layers": cfg.num_hidden_layers,
             **speed.environment(dev, dtype, "m1 eval (evaluate.speed)")}
     speed_report.write_outputs(rows, out_dir, meta)
-    from components.evaluate.report import key
 
     out = {}
     for r in rows:

@@ -17,10 +17,13 @@ import hashlib
 import time
 from dataclasses import dataclass
 
+import torch
 from tqdm.auto import tqdm
 
+from components.data.templating import Formatter
 from components.evaluate.benchmarks import Problem
 from components.evaluate.config import EvalConfig
+from components.model import generate
 
 
 @dataclass
@@ -38,7 +41,6 @@ def derived_seed(seed: int, *parts) -> int:
 def prompt_texts(problems: list[Problem], tokenizer, cfg: EvalConfig, instruction: str,
                  system_prompt: str | None) -> tuple[list[str], list[bool]]:
     """Prompt text per problem and whether it is chat-templated."""
-    from components.data.templating import Formatter
 
     pc = cfg.prompt
     fmt = Formatter(tokenizer, instruction, system_prompt) if pc.chat_template else None
@@ -64,9 +66,7 @@ def tokenize_prompts(texts: list[str], tokenizer, templated: list[bool]) -> list
 def sample_completions(em, prompt_ids: list[list[int]], cfg: EvalConfig, seed: int, desc: str = "",
                        batch_size: int | None = None) -> tuple[list[list[Completion]], dict]:
     """n_samples completions per prompt (in sample order) and generation statistics."""
-    import torch
 
-    from components.model import generate
 
     batch_size = batch_size or cfg.batch_size
 

@@ -31,6 +31,13 @@ import sys
 import time
 
 import torch
+from tqdm.auto import tqdm
+
+from components.model import HybridConfig, HybridForCausalLM, generate
+from components.model.kernels import active_backend
+from components.model.teacher import random_llama_config
+
+# transformers is imported where its model or version is needed: seconds of start-up otherwise.
 
 ENGINES = ("hybrid", "attention", "hf_static")
 # Attention layers kept by the reference recipes for the named random shapes.
@@ -46,8 +53,6 @@ CSV_FIELDS = ["shape", "engine", "decode_engine", "mixer", "attn_layers", "batch
 
 def hybrid_config(shape: str, attn_layers: list[int] | None = None, mixer: str = "mamba1"):
     """HybridConfig of a named random Llama shape with the given (or the recipe's) attention layers."""
-    from components.model import HybridConfig
-    from components.model.teacher import random_llama_config
 
     lcfg = random_llama_config(shape)
     layers = SHAPE_ATTN.get(shape, []) if attn_layers is None else attn_layers
@@ -55,8 +60,6 @@ def hybrid_config(shape: str, attn_layers: list[int] | None = None, mixer: str =
 
 
 def with_attn_layers(cfg, attn_layers: list[int]):
-    from components.model import HybridConfig
-
     d = cfg.to_dict()
     d.pop("architectures", None)
     d["attn_layers"] = list(attn_layers)
@@ -84,7 +87,6 @@ def llama_config(cfg):
 
 def build_model(engine: str, cfg, device: torch.device, dtype: torch.dtype, seed: int = 0):
     """A randomly initialised model for `engine`, built directly on `device` (a 3B model never touches the host)."""
-    from components.model import HybridForCausalLM
 
     torch.manual_seed(seed)
     with torch.device(device):
@@ -127,7 +129,6 @@ def _sync(device: torch.device) -> None:
 def _run_once(engine: str, model, ids: torch.Tensor, decode_len: int, device: torch.device,
               decode_engine: str = "auto", hf_compile: bool = False) -> dict:
     """Seconds of one generation: {"wall": ..., and for our engine generate()'s own prefill/capture/decode laps}."""
-    from components.model import generate
 
     _sync(device)
     t0 = time.perf_counter()
@@ -210,7 +211,6 @@ def _cpu_name() -> str:
 def environment(device: torch.device, dtype: torch.dtype, command: str | None = None) -> dict:
     import transformers
 
-    from components.model.kernels import active_backend
 
     kernels = active_backend(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
@@ -225,7 +225,6 @@ def run_speed(cfg, shape: str, engines: list[str], batch_sizes: list[int], promp
               time_limit_s: float | None = None, command: str | None = None, progress: bool = True,
               decode_engine: str = "auto") -> list[dict]:
     """Rows of the speed grid (one per engine x decode length x batch size), out-of-memory configurations included."""
-    from tqdm.auto import tqdm
 
     env = environment(device, dtype, command)
     elt = torch.tensor([], dtype=dtype).element_size()

@@ -9,6 +9,8 @@ from pathlib import Path
 from components.evaluate.speed import CSV_FIELDS, ENGINES
 from components.figures import save_figure
 
+# matplotlib is imported where the figure is drawn: seconds of start-up otherwise.
+
 
 def _fmt(v):
     if isinstance(v, float):

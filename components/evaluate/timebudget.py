@@ -27,15 +27,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from components.evaluate.metrics import ProblemScore
+from components.evaluate.speed import time_generation
 from components.figures import save_figure
+
+# matplotlib is imported where the figure is drawn: seconds of start-up otherwise.
 
 FIELDS = ["model", "benchmark", "strategy", "budget_s", "tokens_allowed", "samples", "max_len", "accuracy", "capped",
           "tokens_per_s", "mean_tokens"]
 
 
 def measure_throughput(model, batch: int, prompt_len: int, decode_tokens: int, device, seed: int = 0) -> dict:
-    from components.evaluate.speed import time_generation
-
     r = time_generation("hybrid", model, batch, max(1, prompt_len), decode_tokens, device, seed, warmup=True)
     return {"tokens_per_s": r["decode_tokens_per_s"], "batch": batch, "prompt_len": prompt_len,
             "decode_tokens": decode_tokens, "prefill_s": r["ttft_s"], "seconds": r["total_s"],
