@@ -62,7 +62,6 @@ CURATED_FIELDS = EvalFieldMap(problem="problem", answer="answer", id="id", promp
 def _local_rows(name: str, path: str, fmt: str | None, fields: EvalFieldMap):
     """(index, id, problem, answer, prompt, source) per row via the data stage's local reader; RowError rows
     come back as exceptions to record."""
-
     fmap = FieldMap(problem=fields.problem, solution=None, answer=fields.answer, id=fields.id)
     adapter = LocalAdapter(LocalSource(name=name, splits=["eval"], path=path, format=fmt, fields=fmap), 0)
     for i, raw, row in _adapter_rows(adapter):

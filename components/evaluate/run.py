@@ -129,7 +129,6 @@ def _model_name(path: str, taken: dict) -> str:
 
 def _check_sources(models: dict[str, str]) -> None:
     """Fail in one line before any weights load: a missing path or an unusable teacher source."""
-
     for name, src in models.items():
         try:
             if is_hybrid_dir(src):

@@ -41,7 +41,6 @@ def derived_seed(seed: int, *parts) -> int:
 def prompt_texts(problems: list[Problem], tokenizer, cfg: EvalConfig, instruction: str,
                  system_prompt: str | None) -> tuple[list[str], list[bool]]:
     """Prompt text per problem and whether it is chat-templated."""
-
     pc = cfg.prompt
     fmt = Formatter(tokenizer, instruction, system_prompt) if pc.chat_template else None
     texts, templated = [], []
@@ -66,7 +65,6 @@ def tokenize_prompts(texts: list[str], tokenizer, templated: list[bool]) -> list
 def sample_completions(em, prompt_ids: list[list[int]], cfg: EvalConfig, seed: int, desc: str = "",
                        batch_size: int | None = None) -> tuple[list[list[Completion]], dict]:
     """n_samples completions per prompt (in sample order) and generation statistics."""
-
 
     batch_size = batch_size or cfg.batch_size
 

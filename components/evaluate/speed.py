@@ -53,7 +53,6 @@ CSV_FIELDS = ["shape", "engine", "decode_engine", "mixer", "attn_layers", "batch
 
 def hybrid_config(shape: str, attn_layers: list[int] | None = None, mixer: str = "mamba1"):
     """HybridConfig of a named random Llama shape with the given (or the recipe's) attention layers."""
-
     lcfg = random_llama_config(shape)
     layers = SHAPE_ATTN.get(shape, []) if attn_layers is None else attn_layers
     return HybridConfig.from_llama(lcfg, attn_layers=list(layers), mixer=mixer)
@@ -87,7 +86,6 @@ def llama_config(cfg):
 
 def build_model(engine: str, cfg, device: torch.device, dtype: torch.dtype, seed: int = 0):
     """A randomly initialised model for `engine`, built directly on `device` (a 3B model never touches the host)."""
-
     torch.manual_seed(seed)
     with torch.device(device):
         if engine == "hybrid":
@@ -129,7 +127,6 @@ def _sync(device: torch.device) -> None:
 def _run_once(engine: str, model, ids: torch.Tensor, decode_len: int, device: torch.device,
               decode_engine: str = "auto", hf_compile: bool = False) -> dict:
     """Seconds of one generation: {"wall": ..., and for our engine generate()'s own prefill/capture/decode laps}."""
-
     _sync(device)
     t0 = time.perf_counter()
     laps: dict = {}
@@ -225,7 +222,6 @@ def run_speed(cfg, shape: str, engines: list[str], batch_sizes: list[int], promp
               time_limit_s: float | None = None, command: str | None = None, progress: bool = True,
               decode_engine: str = "auto") -> list[dict]:
     """Rows of the speed grid (one per engine x decode length x batch size), out-of-memory configurations included."""
-
     env = environment(device, dtype, command)
     elt = torch.tensor([], dtype=dtype).element_size()
     started = time.time()
