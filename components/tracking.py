@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +25,15 @@ class TrackingConfig(Section):
     # Where new experiments keep artifacts: a local folder or s3://bucket/prefix (MLFLOW_S3_ENDPOINT_URL for MinIO).
     artifact_location: str | None = None
     enabled: bool = True
+
+
+# MLflow 3 UIs show an experiment as model training or as a GenAI app. Experiments made here are tagged as model
+# training (the value the UI's own "Machine learning" choice writes). MLflow 3.17's UI decides by a switch of its
+# own instead, remembered per browser and GenAI by default, which the URL parameter below sets: every link made
+# here carries it.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_KIND = "custom_model_development"
+TRAINING_VIEW = "workflowType=machine_learning"
 
 
 def tracking_uri(cfg: TrackingConfig) -> str:
@@ -56,15 +66,23 @@ def absolute_uri(uri: str) -> str:
 
 
 def ui_command(uri: str) -> str:
-    """The command that opens the MLflow UI on this store."""
+    """The command that opens the MLflow UI on this store; it names this environment's mlflow by its path, so it
+    works pasted into a shell without the virtual environment activated."""
     if uri.startswith(("http://", "https://")):
         return f"open {uri}"
-    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+    exe = Path(sys.executable).parent / "mlflow"
+    return f"{exe if exe.exists() else 'mlflow'} ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+
+
+def experiment_link(uri: str, experiment_id: str, run_id: str | None = None) -> str:
+    """The UI address of an experiment (or one of its runs) in the model-training view: the server at `uri`, or
+    the `mlflow ui` of ui_command for a local store."""
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "") + f"?{TRAINING_VIEW}"
 
 
 def run_link(uri: str, experiment_id: str, run_id: str) -> str:
-    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+    return experiment_link(uri, experiment_id, run_id)
 
 
 def setup_mlflow(cfg: TrackingConfig) -> str:
@@ -79,24 +97,27 @@ def setup_mlflow(cfg: TrackingConfig) -> str:
 
 
 def ensure_experiment(cfg: TrackingConfig, uri: str) -> str:
-    """The id of cfg.experiment in the store at `uri`, created when missing. Without an explicit
-    artifact_location, a sqlite store keeps artifacts in mlruns/<experiment> beside the database file."""
+    """The id of cfg.experiment in the store at `uri`, created when missing, tagged as model training
+    (EXPERIMENT_KIND_TAG) unless it already has a kind. Without an explicit artifact_location, a sqlite store
+    keeps artifacts in mlruns/<experiment> beside the database file."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(cfg.experiment)
-    if exp is not None:
-        return exp.experiment_id
-    location = cfg.artifact_location
-    if location is None and uri.startswith("sqlite:///"):
-        location = str(Path(uri[len("sqlite:///"):]).parent / "mlruns" / cfg.experiment)
-    try:
-        return client.create_experiment(cfg.experiment, artifact_location=location)
-    except Exception:  # created by another process meanwhile
-        exp = client.get_experiment_by_name(cfg.experiment)
-        if exp is None:
-            raise
-        return exp.experiment_id
+    if exp is None:
+        location = cfg.artifact_location
+        if location is None and uri.startswith("sqlite:///"):
+            location = str(Path(uri[len("sqlite:///"):]).parent / "mlruns" / cfg.experiment)
+        try:
+            return client.create_experiment(cfg.experiment, artifact_location=location,
+                                            tags={EXPERIMENT_KIND_TAG: TRAINING_KIND})
+        except Exception:  # created by another process meanwhile
+            exp = client.get_experiment_by_name(cfg.experiment)
+            if exp is None:
+                raise
+    if EXPERIMENT_KIND_TAG not in exp.tags:  # made before this tag, or by another tool: a kind the user chose stays
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
+    return exp.experiment_id
 
 
 class Tracker:

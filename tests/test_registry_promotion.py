@@ -1,14 +1,16 @@
 """MLflow registry: the gate's decision rule and its default floor (pass@1 above 0); the registered name per
 profile (m1-hybrid, m1-hybrid-<profile>); registering a tiny converted hybrid as m1-hybrid-tiny@candidate, the
 gate moving `champion` only for a better candidate (decisions in version tags, left alone by a bare
-`m1 promote`), identical weights reusing their version, versions tagged with the gate's metrics only, and
+`m1 promote`), identical weights reusing their version, versions tagged with the gate's metrics and lineage only, and
 `mlflow.pyfunc.load_model("models:/m1-hybrid-tiny@champion")` generating text."""
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
 from components.config import load_config
+from components.hashing import dvc_md5
 from components.pipeline.config import GateMetric
 from components.pipeline.promotion import decide
 
@@ -165,7 +167,6 @@ def test_bare_promote_keeps_the_champions_decision(models, tmp_path, capsys):
 @pytest.mark.slow
 def test_identical_weights_reuse_their_version(models, tmp_path):
     from components.pipeline import promotion
-    from components.hashing import dvc_md5
 
     cfg, _ = store(tmp_path)
     a, b, _ = models
@@ -193,21 +194,46 @@ def test_identical_weights_reuse_their_version(models, tmp_path):
 
 
 @pytest.mark.slow
-def test_versions_carry_only_the_gate_metrics(models, tmp_path):
+def test_versions_carry_only_the_gate_metrics_and_lineage(models, tmp_path, monkeypatch):
+    """Registered from a pipeline's register stage run: the version's tags are the gate's metric, its decision and
+    the lineage (flow run id from the parent run, data hash from the curate stage run, git commit), nothing else;
+    all 81 metrics stay on the run."""
     from components.pipeline import promotion
+    from components.tracking import ensure_experiment, tracking_uri
 
     cfg, _ = store(tmp_path)
+    client = client_of(cfg)
+    exp = ensure_experiment(cfg.tracking, tracking_uri(cfg.tracking))
+    parent = client.create_run(exp, run_name="tiny-flow", tags={"prefect.flow_run_id": "f-123"}).info.run_id
+    client.create_run(exp, run_name="curate", tags={"mlflow.parentRunId": parent, "m1.stage": "curate",
+                                                   "m1.output_md5.data_dir": "0123abcd.dir"})
+    stage = client.create_run(exp, run_name="register", tags={"mlflow.parentRunId": parent, "m1.stage": "register"})
+    monkeypatch.setenv("MLFLOW_RUN_ID", stage.info.run_id)
+    monkeypatch.setattr(promotion, "git_commit", lambda: "c0ffee")
     metrics = {"pass@1": 0.2, **{f"hybrid/bench{i}/maj_at_{k}": i / 100 for i in range(20) for k in (1, 4, 8, 16)}}
     assert len(metrics) == 81
     promotion.run(cfg, {"model_dir": models[0], "metrics": metrics})
-    client = client_of(cfg)
     tags = client.get_model_version(OWN, "1").tags
-    assert {k: v for k, v in tags.items() if k.startswith("metric.")} == {"metric.pass_1": "0.2"}
-    assert json.loads(tags["m1.metrics"]) == {"pass@1": 0.2}
-    assert set(tags) == {"metric.pass_1", "m1.metrics", "m1.model_md5", "m1.model_dir", "m1.profile", "m1.source_run",
-                         "gate.decision", "gate.reason", "gate.compared_to", "gate.time", "gate.pass_1.candidate"}
-    run_metrics = client.get_run(tags["m1.source_run"]).data.metrics
+    assert {k: v for k, v in tags.items() if not k.startswith("gate.")} == {
+        "metric.pass_1": "0.2", "m1.metrics": json.dumps({"pass@1": 0.2}), "m1.model_md5": dvc_md5(models[0]),
+        "m1.model_dir": str(Path(models[0]).resolve()), "m1.profile": "tiny", "m1.source_run": stage.info.run_id,
+        "prefect.flow_run_id": "f-123", "m1.data_md5": "0123abcd.dir", "m1.git_commit": "c0ffee"}
+    assert sorted(k for k in tags if k.startswith("gate.")) == [
+        "gate.compared_to", "gate.decision", "gate.pass_1.candidate", "gate.reason", "gate.time"]
+    assert (tags["gate.decision"], tags["gate.pass_1.candidate"]) == ("promoted", "0.2")
+    run_metrics = client.get_run(stage.info.run_id).data.metrics
     assert len(run_metrics) == 81 and run_metrics["hybrid/bench19/maj_at_16"] == 0.19  # the rest stay on the run
+
+    # outside a pipeline (m1 promote): the data hash of <run_dir>/data, and the real git commit
+    monkeypatch.undo()
+    data = Path(cfg.run_dir) / "data"
+    data.mkdir(parents=True)
+    (data / "rows.jsonl").write_text("{}\n")
+    promotion.run(cfg, {"model_dir": models[1], "metrics": {"pass@1": 0.5}})
+    tags = client.get_model_version(OWN, "2").tags
+    assert "prefect.flow_run_id" not in tags and tags["m1.data_md5"] == dvc_md5(data)
+    assert tags["m1.git_commit"].removesuffix("-dirty") == promotion.git_commit().removesuffix("-dirty")
+    assert len(tags["m1.git_commit"].removesuffix("-dirty")) == 40
 
 
 @pytest.mark.slow

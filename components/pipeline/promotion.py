@@ -2,14 +2,17 @@
 profile, m1-hybrid-<profile> for the others) with the alias `candidate`; the promotion gate moves `champion` to it
 only when its evaluation metrics beat the current champion's by more than the thresholds in
 `pipeline.promotion.gate`. Every decision is written to the candidate version's tags (gate.decision,
-gate.reason, gate.<metric>.*). A version carries the gate's metrics as `metric.<name>` tags (and as JSON in
-`m1.metrics`), so later gates compare against them without looking up runs; every metric stays on the run.
-Weights already registered (same content hash, tag `m1.model_md5`) reuse their version instead of adding one."""
+gate.reason, gate.<metric>.*). Besides the gate's metrics (`metric.<name>` tags, and JSON in `m1.metrics`, which
+later gates compare against without looking up runs) a version carries only its lineage (LINEAGE): the run that
+logged it, the Prefect flow run, the DVC hash of the curated data, the git commit, the model's own DVC hash;
+every metric stays on the run. Weights already registered (same content hash, tag `m1.model_md5`) reuse their
+version instead of adding one."""
 from __future__ import annotations
 
 import json
 import math
 import os
+import subprocess
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -23,6 +26,13 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 METRIC_TAG = "metric."  # one tag per metric, for reading in the UI (names made MLflow-safe)
 METRICS_TAG = "m1.metrics"  # the gate's metrics as JSON under their own names: what the gate compares
 CONTENT_TAG = "m1.model_md5"  # DVC hash of the model directory: identical weights reuse their version
+FLOW_RUN_TAG = "prefect.flow_run_id"  # the pipeline's parent MLflow run carries it too
+DATA_TAG = "m1.data_md5"  # DVC hash of the curated data directory (curate's output `data_dir`)
+GIT_TAG = "m1.git_commit"  # HEAD of the code that registered the version, "-dirty" when tracked files differ
+# The tags of a version besides the gate's: where it comes from. The source run tag is m1.source_run for the
+# run that logged the model, m1.reused_by_run for a later run that found the same weights registered.
+LINEAGE = (CONTENT_TAG, "m1.model_dir", "m1.profile", "m1.source_run", "m1.reused_by_run", FLOW_RUN_TAG, DATA_TAG,
+           GIT_TAG)
 
 
 @dataclass
@@ -141,10 +151,46 @@ def _version_with_content(client, name: str, content: str):
     return found[0] if found else None
 
 
+def git_commit() -> str | None:
+    """HEAD of the repository the code runs from, "-dirty" appended when tracked files differ; None outside git."""
+    def git(*args: str):
+        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=30)
+
+    try:
+        head = git("rev-parse", "HEAD")
+        if head.returncode != 0:
+            return None
+        return head.stdout.strip() + ("-dirty" if git("diff", "--quiet", "HEAD", "--").returncode == 1 else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def lineage(config, client, run_id: str) -> dict[str, str]:
+    """The lineage tags a version gets from the run that registers it (LINEAGE): inside a pipeline run, the
+    Prefect flow run id of the parent MLflow run and the data hash its curate stage run recorded; outside one
+    (`m1 stage register` under DVC, `m1 promote`), PREFECT__FLOW_RUN_ID and the hash of <run_dir>/data when
+    present. The git commit always, when the code runs from a git checkout."""
+    run = client.get_run(run_id)
+    tags: dict[str, str | None] = {FLOW_RUN_TAG: os.environ.get("PREFECT__FLOW_RUN_ID"), DATA_TAG: None,
+                                   GIT_TAG: git_commit() or run.data.tags.get("mlflow.source.git.commit")}
+    parent = run.data.tags.get("mlflow.parentRunId")
+    if parent:
+        tags[FLOW_RUN_TAG] = client.get_run(parent).data.tags.get(FLOW_RUN_TAG) or tags[FLOW_RUN_TAG]
+        curate = client.search_runs([run.info.experiment_id], max_results=1, filter_string=(
+            f"tags.`mlflow.parentRunId` = '{parent}' and tags.`m1.stage` = 'curate'"))
+        if curate:
+            tags[DATA_TAG] = curate[0].data.tags.get("m1.output_md5.data_dir")
+    data = Path(config.run_dir) / "data"
+    if tags[DATA_TAG] is None and not parent and data.is_dir():
+        tags[DATA_TAG] = dvc_md5(data)
+    return {k: v for k, v in tags.items() if v}
+
+
 def register_model(config, model_dir: str | Path, metrics: dict[str, float], tags: dict | None = None) -> str:
     """Log `model_dir` as a pyfunc model in the current stage run (MLFLOW_RUN_ID) or a new run and register it,
     or reuse the version that holds the same files; tag the version with the gate's metrics and point the
-    candidate alias at it; returns the version. Every metric is logged to the run."""
+    candidate alias at it; returns the version. Every metric is logged to the run; the version keeps the gate's
+    metrics and its lineage, and loses tags of an earlier registration that are neither."""
     import mlflow
 
     from components.pipeline import pyfunc_entry_path
@@ -181,13 +227,13 @@ def register_model(config, model_dir: str | Path, metrics: dict[str, float], tag
         source_run = run.info.run_id
     gated = {g.metric: metrics[g.metric] for g in promo.gate if g.metric in metrics}
     version_tags = {mlflow_key(f"{METRIC_TAG}{k}"): v for k, v in gated.items()}
-    if same is not None:  # metric tags of an earlier evaluation that the gate no longer reads
-        for k in same.tags:
-            if k.startswith(METRIC_TAG) and k not in version_tags:
-                client.delete_model_version_tag(name, version, k)
     version_tags.update({METRICS_TAG: json.dumps(gated), CONTENT_TAG: content, "m1.model_dir": str(model_dir.resolve()),
-                         "m1.profile": config.profile,
-                         "m1.source_run" if same is None else "m1.reused_by_run": source_run, **(tags or {})})
+                         "m1.profile": config.profile, "m1.source_run" if same is None else "m1.reused_by_run": source_run,
+                         **lineage(config, client, source_run), **(tags or {})})
+    if same is not None:  # metric tags of an earlier evaluation that the gate no longer reads, stale lineage
+        for k in same.tags:
+            if (k.startswith(METRIC_TAG) or k in LINEAGE) and k not in version_tags and k != "m1.source_run":
+                client.delete_model_version_tag(name, version, k)
     for k, v in version_tags.items():
         client.set_model_version_tag(name, version, k, str(v))
     client.set_registered_model_alias(name, promo.candidate_alias, version)
