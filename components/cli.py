@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "components.commands.grpo",
     "components.commands.evaluate",
     "components.commands.pipeline",
+    "components.commands.serve",
 ]
 
 
