@@ -8,6 +8,7 @@
 #   infra/local-stack.sh stop           # stops exactly the processes it started (by their recorded PIDs)
 #
 # Then:  source runs/stack/env.sh && prefect deployment run m1-pipeline/local -p profile=tiny --watch
+# (env.sh also puts the venv's bin first on PATH: prefect, mlflow and m1 work in a shell without the venv activated)
 #
 # Ports and folders: PREFECT_PORT (4200), MLFLOW_PORT (5000), S3_PORT (9000), M1_STACK_DIR (runs/stack),
 # M1_VENV (.venv). PREFECT_HOME is left as it is (default ~/.prefect), so runs made without the stack
@@ -114,9 +115,18 @@ export M1_RESULT_STORAGE=$M1_RESULT_STORAGE M1_CHECKPOINT_URI=$M1_CHECKPOINT_URI
     { tail -n 30 "$STACK_DIR/deploy.log" >&2; die "prefect deploy failed (log: $STACK_DIR/deploy.log)"; }
   (cd "$ROOT" && start_bg worker "$BIN/prefect" worker start --pool m1-process --type process --name m1-local-worker)
   wait_http "http://$HOST:$MLFLOW_PORT/health" 120 mlflow
+  # The pipeline's experiment, made now (tagged as model training) so that its address can be printed below.
+  local exp_id
+  exp_id=$(cd "$ROOT" && "$BIN/python" -c "from components.config import load_config
+from components.tracking import ensure_experiment, tracking_uri
+t = load_config().tracking
+print(ensure_experiment(t, tracking_uri(t)))" 2>"$STACK_DIR/experiment.log" | tail -n 1) ||
+    { tail -n 20 "$STACK_DIR/experiment.log" >&2; die "could not create the MLflow experiment (log: $STACK_DIR/experiment.log)"; }
 
   cat >"$STACK_DIR/env.sh" <<EOF
-# source this to point the prefect/mlflow/m1 commands at the local stack
+# source this to point the prefect/mlflow/m1 commands at the local stack; the venv's bin comes first on PATH
+case ":\$PATH:" in *":$BIN:"*) ;; *) PATH="$BIN:\$PATH" ;; esac
+export PATH
 export PREFECT_API_URL=$PREFECT_API_URL
 export MLFLOW_TRACKING_URI=$MLFLOW_TRACKING_URI
 export MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=true DVC_NO_ANALYTICS=1 PREFECT_SERVER_ANALYTICS_ENABLED=false
@@ -125,10 +135,12 @@ $env_s3
 EOF
   echo "local stack up (PIDs in $PIDS, logs in $STACK_DIR):"
   echo "  Prefect UI  http://$HOST:$PREFECT_PORT   (work pool m1-process, worker m1-local-worker)"
-  echo "  MLflow UI   $MLFLOW_TRACKING_URI   (artifacts: $artifacts)"
-  [ "$with_s3" = 1 ] && echo "  S3 (moto)   http://$HOST:$S3_PORT   bucket $S3_BUCKET   (in memory: stop empties it)"
-  echo "run the pipeline through it:"
-  echo "  source $STACK_DIR/env.sh && $BIN/prefect deployment run m1-pipeline/local -p profile=tiny --watch"
+  echo "  MLflow UI   $MLFLOW_TRACKING_URI/#/experiments/$exp_id?workflowType=machine_learning   (artifacts: $artifacts)"
+  if [ "$with_s3" = 1 ]; then
+    echo "  S3 (moto)   http://$HOST:$S3_PORT   bucket $S3_BUCKET   (in memory: stop empties it)"
+  fi
+  echo "next, run the pipeline through it:"
+  echo "  source $STACK_DIR/env.sh && prefect deployment run m1-pipeline/local -p profile=tiny --watch"
 }
 
 stop() {

@@ -45,6 +45,13 @@ def script_env(tmp_path, stack) -> tuple[dict, dict]:
     return env, ports
 
 
+def sourced(stack: Path, env: dict) -> dict:
+    """The environment after `source <stack>/env.sh` in a shell started with `env`."""
+    out = subprocess.run(["bash", "-c", f"source {stack}/env.sh && env -0"], env=env, capture_output=True,
+                         check=True).stdout.decode()
+    return dict(item.partition("=")[::2] for item in out.split("\0") if item)
+
+
 def test_stack_runs_a_deployment_with_s3(tmp_path):
     stack = tmp_path / "stack"
     env, ports = script_env(tmp_path, stack)
@@ -56,15 +63,11 @@ def test_stack_runs_a_deployment_with_s3(tmp_path):
         pids = [int(line.split()[1]) for line in (stack / "pids").read_text().splitlines()]
         assert len(pids) == 4 and all(alive(p) for p in pids)
 
-        stack_env = dict(env)
-        for line in (stack / "env.sh").read_text().splitlines():
-            if line.startswith("export "):
-                for assignment in line[len("export "):].split():
-                    k, _, v = assignment.partition("=")
-                    stack_env[k] = v
+        stack_env = sourced(stack, {**env, "PATH": "/usr/bin:/bin"})  # a fresh shell: the venv not activated
         assert stack_env["PREFECT_API_URL"] == f"http://127.0.0.1:{ports['PREFECT_PORT']}/api"
+        assert stack_env["PATH"] == f"{BIN}:/usr/bin:/bin"
         params = {"profile": "tiny", "stages": ["convert"], "overrides": {"run_dir": str(tmp_path / "run")}}
-        run = subprocess.run([str(BIN / "prefect"), "deployment", "run", "m1-pipeline/local", "--params",
+        run = subprocess.run(["prefect", "deployment", "run", "m1-pipeline/local", "--params",  # as printed by start
                               json.dumps(params), "--watch", "--watch-timeout", "400"],
                              env=stack_env, capture_output=True, text=True, timeout=450, check=False)
         assert run.returncode == 0 and "Completed" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
@@ -102,6 +105,22 @@ def test_restart_with_another_artifact_destination_is_refused(tmp_path):
     started = sh("start")
     try:
         assert started.returncode == 0, started.stdout + started.stderr
+        # it ends with the UI addresses (MLflow's opens the pipeline's experiment as model training) and the
+        # next command, which works in a fresh shell once env.sh is sourced
+        from mlflow.tracking import MlflowClient
+
+        from components.tracking import EXPERIMENT_KIND_TAG
+
+        exp = MlflowClient(f"http://127.0.0.1:{ports['MLFLOW_PORT']}").get_experiment_by_name("m1")
+        assert exp.tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+        lines = started.stdout.splitlines()
+        assert lines[1].split()[:3] == ["Prefect", "UI", f"http://127.0.0.1:{ports['PREFECT_PORT']}"]
+        assert lines[2].split()[:3] == ["MLflow", "UI", f"http://127.0.0.1:{ports['MLFLOW_PORT']}/#/experiments/"
+                                        f"{exp.experiment_id}?workflowType=machine_learning"]
+        assert lines[-1].strip() == (f"source {stack}/env.sh && prefect deployment run m1-pipeline/local "
+                                     "-p profile=tiny --watch")
+        fresh = sourced(stack, {**env, "PATH": "/usr/bin:/bin"})
+        assert subprocess.run(["prefect", "--version"], env=fresh, capture_output=True).returncode == 0
     finally:
         assert sh("stop", timeout=120).returncode == 0
     assert (stack / "mlflow.db").is_file()
