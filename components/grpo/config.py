@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from components.config_base import Section
+from components.grpo.rewards import REWARDS
 
 
 class GRPOConfig(Section):
@@ -105,8 +106,6 @@ class GRPOConfig(Section):
 
     @model_validator(mode="after")
     def _check(self):
-        from components.grpo.rewards import REWARDS
-
         if self.reward not in REWARDS:  # else every completion would score 0 as a reward "error"
             raise ValueError(f"unknown reward {self.reward!r} (known: {', '.join(sorted(REWARDS))})")
         if self.prompts_per_step % self.minibatch_prompts:

@@ -15,6 +15,8 @@ from pathlib import Path
 from components.errors import M1Error
 from components.figures import figure_main, save_figure
 
+# matplotlib is imported where the figure is drawn: seconds of start-up otherwise.
+
 
 def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
     """(per-step rows, held-out evaluations) of a metrics.jsonl; a resumed run's repeated steps keep the last."""

@@ -17,6 +17,8 @@ import numpy as np
 from components.errors import M1Error
 from components.figures import figure_main, save_figure
 
+# matplotlib is imported where the figure is drawn: seconds of start-up otherwise.
+
 
 def _read(path: Path) -> list[dict]:
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

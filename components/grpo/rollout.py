@@ -9,6 +9,9 @@ import torch
 
 from components.model import HybridForCausalLM, generate
 
+# Imported where used: transformers (the tokenizer; seconds of start-up) and ray (rollout actors only; a heavy
+# optional dependency).
+
 
 class RolloutWorker:
     def __init__(self, model_dir: str, device: str = "cpu", dtype: str = "float32", threads: int | None = None):

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 
 from components.errors import M1Error
@@ -19,8 +20,6 @@ COLUMNS = ("input_ids", "position_ids", "doc_ids", "loss_mask")
 
 class PackedRows:
     def __init__(self, directory: str | Path):
-        import pyarrow.parquet as pq
-
         d = Path(directory)
         files = sorted(d.glob("*.parquet")) if d.is_dir() else []
         if not files:

@@ -9,6 +9,15 @@ any world size, loads anywhere: gathering the full state is a collective every r
 from __future__ import annotations
 
 import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+
+# fully_shard is imported in wrap, for fsdp2 only: torch.distributed.fsdp has it from torch 2.6, and DDP runs on older
+# torch need none of it.
 
 
 def wrap(model, strategy: str, world: int, device):
@@ -33,10 +42,6 @@ def full_model_state(model, strategy: str, world: int) -> dict | None:
     """The unsharded state dict on CPU (every rank must call this; ranks > 0 of a sharded model get it too)."""
     if not _sharded(strategy, world):
         return None  # the model's own state_dict() is already full
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-    )
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
@@ -44,10 +49,6 @@ def full_model_state(model, strategy: str, world: int) -> dict | None:
 def full_optimizer_state(model, optimizer, strategy: str, world: int) -> dict:
     if not _sharded(strategy, world):
         return optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_optimizer_state_dict,
-    )
 
     return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
@@ -56,10 +57,6 @@ def load_optimizer_state(model, optimizer, state: dict, strategy: str, world: in
     if not _sharded(strategy, world):
         optimizer.load_state_dict(state)
         return
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        set_optimizer_state_dict,
-    )
 
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 

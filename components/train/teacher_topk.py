@@ -22,8 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from components.errors import M1Error
+from components.train.teacher_engine import load_teacher_engine
 
 
 def topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,9 +89,6 @@ def precompute(teacher_source: str, data, data_dir: Path, rows, k: int, store_di
                dtype=torch.float32, batch_size: int = 4, teacher=None) -> dict:
     """Make sure store_dir holds the top-k of every row in `rows` (adding only the missing ones). Returns
     {"rows": stored rows, "computed": rows computed now}. `data` is the PackedRows of data_dir."""
-    from tqdm.auto import tqdm
-
-    from components.train.teacher_engine import load_teacher_engine
 
     store_dir = Path(store_dir)
     want = np.unique(np.asarray(rows, dtype=np.int64))
