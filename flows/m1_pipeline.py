@@ -32,7 +32,7 @@ from components.pipeline import runner
 from components.pipeline.keys import StageResult, cache_key
 from components.pipeline.mlflow_runs import PipelineRuns, owner_alive, process_owner
 from components.pipeline.prefect_local import claim_flow_run
-from components.pipeline.storage import export_s3_env, result_storage
+from components.pipeline.storage import result_storage, s3_environment
 
 
 def _cache_key(context, parameters) -> str:
@@ -87,7 +87,8 @@ def m1_pipeline(profile: str = "default", params: str | None = None, stages: lis
     config = None
     try:
         config = load_config(profile, params, overrides)  # bad input fails here, before any stage
-        return _run(config, stages)
+        with s3_environment(config):
+            return _run(config, stages)
     except M1Error as e:
         # Returned, not raised: the run's state message is then the one line (what `prefect flow-run inspect` and
         # the UI show for a deployment run) and Prefect logs no traceback; calling the flow still raises `error`.
@@ -100,7 +101,6 @@ def _run(config, stages: list[str] | None) -> dict:
     logger = get_run_logger()
     plan = runner.selected_stages(config, stages)
     runner.preflight(config, plan)
-    export_s3_env(config)
     storage = result_storage(config)
     flow_run = get_run_context().flow_run
     try:  # bookkeeping of earlier crashed runs must not stop this one
@@ -155,10 +155,11 @@ def _run(config, stages: list[str] | None) -> dict:
                 runs.log_datasets([runs.parent_id, run_id], datasets[stage.name], context=stage.name)
             runs.end_stage(run_id, "FINISHED")
             link = runs.link(run_id)
-            create_markdown_artifact(key=f"m1-{stage.name}", markdown=runner.stage_markdown(stage, result, cached, link),
+            artifact = f"m1-{stage.name.replace('_', '-')}"  # Prefect artifact keys: lowercase letters, digits, dashes
+            create_markdown_artifact(key=artifact, markdown=runner.stage_markdown(stage, result, cached, link),
                                      description=f"{stage.name}: metrics and outputs")
             if link:
-                create_link_artifact(key=f"m1-{stage.name}-mlflow", link=link, link_text=f"MLflow run of {stage.name}")
+                create_link_artifact(key=f"{artifact}-mlflow", link=link, link_text=f"MLflow run of {stage.name}")
             finished[stage.name] = result
             rows.append({"stage": stage.name, "status": f"cached ({result.seconds:.0f} s saved)" if cached else "ran",
                          "seconds": seconds, "metrics": runner.key_metrics(stage, result),

@@ -29,8 +29,11 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
-    """A moto S3 server on 127.0.0.1 with a bucket; AWS_* variables point every client at it."""
+    """A moto S3 server on 127.0.0.1 with a bucket; AWS_* variables point every client at it. Ray is restarted
+    around the module: its workers take credentials from the environment of ray.init (the runs forward only the
+    endpoint and region to them)."""
     import boto3
+    import ray
 
     port = free_port()
     log = (tmp_path_factory.mktemp("moto") / "moto.log").open("w")  # open as long as the server runs
@@ -42,6 +45,7 @@ def s3(tmp_path_factory):
                  "AWS_ENDPOINT_URL": endpoint, "MLFLOW_S3_ENDPOINT_URL": endpoint}.items():
         mp.setenv(k, v)
     mp.delenv("AWS_PROFILE", raising=False)
+    ray.shutdown()
     try:
         deadline = time.time() + 60
         while True:
@@ -56,6 +60,7 @@ def s3(tmp_path_factory):
         client.create_bucket(Bucket=BUCKET)
         yield endpoint, client
     finally:
+        ray.shutdown()
         mp.undo()
         proc.terminate()
         proc.wait(10)
@@ -95,30 +100,29 @@ TRAIN = {"max_steps": 6, "global_batch_size": 4, "micro_batch_size": 2, "warmup_
 
 
 def _train(root, name, data, fail_after=None, **over):
-    """Run distill on the tiny fixture the way the pipeline does (export_s3_env first); -> its summary metrics
-    (None when failing after step `fail_after`)."""
-    from components.pipeline.storage import export_s3_env
+    """Run distill on the tiny fixture the way the pipeline does (inside s3_environment); -> its summary metrics
+    (None when failing after step `fail_after`). A Ray instance of an earlier test stays up: the run's M1_* and S3
+    endpoint settings must reach its workers all the same."""
+    from components.pipeline.storage import s3_environment
     from components.train.stage import run
 
     cfg = load_config(overrides={"run_dir": str(root / name), "teacher": {"source": "random:tiny"},
                                  "tracking": {"enabled": False}, **over,
                                  "distill": {**TRAIN, **over.get("distill", {})}})
-    saved = dict(os.environ)  # export_s3_env exports the run's S3 settings for the whole process
-    try:  # Ray workers see the environment of the ray.init that the stage makes
-        export_s3_env(cfg)
-        if fail_after is None:
-            return run(cfg, {"model_dir": root / "conv", "data_dir": data}, "distill").metrics
-        os.environ["M1_FAIL_AFTER_STEP"] = str(fail_after)
-        with pytest.raises(Exception, match="injected failure"):  # on Ray: its WorkerGroupError
-            run(cfg, {"model_dir": root / "conv", "data_dir": data}, "distill")
-        return None
+    before = dict(os.environ)
+    try:
+        with s3_environment(cfg):
+            if fail_after is None:
+                return run(cfg, {"model_dir": root / "conv", "data_dir": data}, "distill").metrics
+            os.environ["M1_FAIL_AFTER_STEP"] = str(fail_after)
+            with pytest.raises(Exception, match="injected failure"):  # on Ray: its WorkerGroupError
+                run(cfg, {"model_dir": root / "conv", "data_dir": data}, "distill")
+            return None
     finally:
-        os.environ.clear()
-        os.environ.update(saved)
-        if cfg.distill.num_workers:
-            import ray
-
-            ray.shutdown()
+        os.environ.pop("M1_FAIL_AFTER_STEP", None)
+        def mine(env):  # ray.init adds RAY_* variables of its own
+            return {k: v for k, v in env.items() if k.startswith(("AWS_", "MLFLOW_", "M1_"))}
+        assert mine(os.environ) == mine(before)  # the run leaves no S3 setting behind for the next test
 
 
 def _losses(root, name):

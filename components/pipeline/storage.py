@@ -7,24 +7,32 @@ environment/profile chain."""
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 from components.errors import M1Error
 
 
-def export_s3_env(config) -> None:
-    """Make the configured endpoint and checkpoint mirror visible to every library (and to stage subprocesses /
-    Ray workers)."""
-    from components.train.checkpoint import MIRROR_ENV
-
+@contextmanager
+def s3_environment(config):
+    """The configured endpoint and region exported for every library (pyarrow, boto3, s3fs, MLflow, DVC) while a
+    pipeline run lasts; the process environment is as before afterwards, so a later run in the same process (a
+    notebook, a test session, a worker serving several flow runs) never inherits this one's S3 settings."""
     s3 = config.pipeline.s3
     endpoint = s3.resolved_endpoint()
+    wanted = {}
     if endpoint:
-        os.environ.setdefault("AWS_ENDPOINT_URL", endpoint)
-        os.environ.setdefault("MLFLOW_S3_ENDPOINT_URL", endpoint)
+        wanted |= {"AWS_ENDPOINT_URL": endpoint, "MLFLOW_S3_ENDPOINT_URL": endpoint}
     if s3.region:
-        os.environ.setdefault("AWS_DEFAULT_REGION", s3.region)
-    os.environ[MIRROR_ENV] = config.pipeline.mirror_location() or ""  # set every run: never the previous run's
+        wanted["AWS_DEFAULT_REGION"] = s3.region
+    added = {k: v for k, v in wanted.items() if k not in os.environ}  # the user's own settings win
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for k, v in added.items():
+            if os.environ.get(k) == v:
+                del os.environ[k]
 
 
 def check_reachable(config, uses: dict[str, str]) -> None:
