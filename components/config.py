@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from components.config_base import Section
 from components.data.config import DataConfig
@@ -54,10 +54,17 @@ class ConvertConfig(Section):
         return self
 
 
+ARMS = ("hybrid", "transformer")
+
+
 class M1Config(Section):
     profile: str = "default"
     run_dir: str = "runs/default"
     seed: int = 0
+    # Models post-trained by the run. hybrid: convert -> distill -> sft1 -> sft2 -> grpo. transformer: the teacher
+    # itself (every layer attention) through the same sft1 -> sft2 -> grpo settings, data and seeds, the opponent of
+    # the hybrid at equal generation time in evaluate. Only the hybrid is registered and gated.
+    arms: list[Literal["hybrid", "transformer"]] = Field(default_factory=lambda: ["hybrid"])
     teacher: TeacherConfig = TeacherConfig()
     convert: ConvertConfig = ConvertConfig()
     data: DataConfig = DataConfig()
@@ -68,6 +75,13 @@ class M1Config(Section):
     grpo: GRPOConfig = GRPOConfig()
     evaluate: EvalConfig = EvalConfig()
     pipeline: PipelineConfig = PipelineConfig()
+
+    @field_validator("arms")
+    @classmethod
+    def _check_arms(cls, v):
+        if "hybrid" not in v or len(set(v)) != len(v):
+            raise ValueError("must hold hybrid once (and transformer at most once)")
+        return v
 
 
 def _merge(base: dict, over: dict) -> dict:

@@ -76,10 +76,12 @@ def test_time_budget_curves_by_hand(scores):
     assert sc[0.3]["samples"] == int(30 // mean)
     assert sc[0.1]["accuracy"] == 0.0  # not even one sample affordable
     assert sc[0.3]["accuracy"] == pytest.approx(1 / 3)  # maj@2
+    assert sc[0.3]["se"] == pytest.approx(1 / 3)  # per problem [1, 0, 0]: sd 1/sqrt(3), over sqrt(3) problems
     assert not sc[0.6]["capped"] and sc[2.0]["capped"]  # 200 tokens buy 14 samples, the pool has 4
     ml = {r["budget_s"]: r for r in rows if r["benchmark"] == "all" and r["strategy"] == "max_length"}
     # L = 10 tokens: the correct samples of 10 tokens count (p1: 2, p2: 1 of 4); at L >= 30 p2's 42.0 counts too
     assert ml[0.1]["max_len"] == 10 and ml[0.1]["accuracy"] == pytest.approx(3 / 12)
+    assert ml[0.1]["se"] == pytest.approx((0.0625 / 3) ** 0.5)  # per problem [2/4, 1/4, 0]: variance 1/16
     assert ml[0.3]["accuracy"] == pytest.approx(4 / 12)
     assert ml[2.0]["capped"] and ml[2.0]["max_len"] == 30
     per_set = [r for r in rows if r["benchmark"] == "set" and r["strategy"] == "max_length" and r["budget_s"] == 0.3]
@@ -125,3 +127,28 @@ def test_completion_without_think_tags_answers_anywhere_and_config_default():
     assert s.answers == ["7"] and s.correct == [True]  # a teacher that does not think is still scored
     assert load_config().evaluate.answer_in_think is False
     assert load_config(overrides={"evaluate": {"answer_in_think": True}}).evaluate.answer_in_think is True
+
+
+def test_arms_comparison_gap_lead_and_crossing_by_hand():
+    from components.evaluate.arms import compare, metrics
+
+    def row(arm, b, acc, se=0.0, capped=False, strategy="self_consistency"):
+        return {"model": arm, "benchmark": "all", "strategy": strategy, "budget_s": b, "accuracy": acc, "se": se,
+                "capped": capped}
+
+    rows = [row("hybrid", 1, 0.10, 0.03), row("transformer", 1, 0.20, 0.04),  # transformer ahead by 10 points
+            row("hybrid", 2, 0.30), row("transformer", 2, 0.25),              # hybrid ahead: the curves crossed
+            row("hybrid", 4, 0.40), row("transformer", 4, 0.40),              # level
+            row("hybrid", 8, 0.90, capped=True), row("transformer", 8, 0.40),  # capped: left out of the verdict
+            row("teacher", 1, 0.5)]
+    c = compare(rows)["self_consistency"]
+    p1 = c["points"][0]
+    assert p1["gap_points"] == pytest.approx(-10) and p1["gap_se_points"] == pytest.approx(5)  # 100*sqrt(.03²+.04²)
+    assert [p["lead"] for p in c["points"]] == ["transformer", "hybrid", "tie", "hybrid"]
+    assert c["crossings_s"] == [2] and c["uncapped"] == 3
+    assert (c["hybrid_ahead"], c["transformer_ahead"]) == (1, 1)
+    assert c["mean_gap_points"] == pytest.approx((-10 + 5 + 0) / 3)
+    assert c["largest_gap_points"] == pytest.approx(5) and c["largest_gap_at_s"] == 2
+    assert c["verdict"] == "mixed: hybrid ahead at 1, transformer at 1 of 3 uncapped budgets"
+    assert compare(rows)["max_length"]["verdict"] == "no budget where neither curve is capped"
+    assert metrics(compare(rows))["arms/self_consistency/mean_gap_points"] == pytest.approx(-5 / 3)

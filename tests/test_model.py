@@ -256,3 +256,20 @@ def test_convert_clears_a_crashed_runs_partial_folder_first(tmp_path):
     out = run(load_config("tiny", overrides={"run_dir": str(tmp_path / "crashed")})).model_dir
     assert sorted(p.name for p in Path(out).iterdir()) == sorted(p.name for p in Path(clean).iterdir())
     assert dvc_md5(out) == dvc_md5(clean)
+
+
+def test_transformer_arm_start_is_the_teacher(tmp_path):
+    """The transformer arm starts from the teacher itself: every layer attention, the teacher's logits."""
+    from components.config import load_config
+    from components.model.convert import run_transformer
+    from components.model.teacher import load_any_teacher
+
+    cfg = load_config("tiny", overrides={"run_dir": str(tmp_path)})
+    out = run_transformer(cfg)
+    assert Path(out.model_dir) == tmp_path / "transformer_init" / "model"
+    teacher = load_any_teacher(cfg.teacher.source, cfg.teacher.dtype, seed=cfg.seed)
+    assert out.attn_layers == list(range(teacher.config.num_hidden_layers))
+    model = HybridForCausalLM.from_pretrained(out.model_dir)
+    ids = _ids(2, 17)
+    with torch.no_grad():
+        assert (teacher(ids).logits - model(ids)).abs().max().item() < 1e-4

@@ -1,7 +1,9 @@
 """The m1-pipeline Prefect flow on the tiny profile, in-process (ephemeral Prefect API): end to end, again from
 cache without executing any stage, a failing stage that leaves nothing cached and is resumed on the next run,
 retries of transient failures, and cached results whose outputs vanished being recomputed."""
+import csv
 import importlib
+import json
 import time
 from pathlib import Path
 
@@ -61,6 +63,22 @@ def test_tiny_end_to_end(first, env):
     assert (run_dir / "data" / "manifest.json").is_file()
     assert (run_dir / "convert" / "model" / "model.safetensors").is_file()
     assert (run_dir / "grpo" / "model" / "config.json").is_file() and (run_dir / "eval" / "metrics.json").is_file()
+    # the transformer arm (tiny has both arms) beside the hybrid; evaluate put both on the same time budgets, each
+    # priced at the throughput measured for it
+    for name in ("transformer_init", "transformer_sft1", "transformer_sft2", "transformer_grpo"):
+        assert (run_dir / name / "model" / "config.json").is_file(), name
+    rows = list(csv.DictReader((run_dir / "eval" / "time_budget.csv").open()))
+    assert {r["model"] for r in rows} == {"hybrid", "transformer", "teacher"}
+    measured = {m: i["throughput"]["tokens_per_s"]
+                for m, i in json.loads((run_dir / "eval" / "models.json").read_text()).items()}
+    for r in rows:
+        assert float(r["tokens_per_s"]) == pytest.approx(measured[r["model"]], rel=1e-4)
+        assert float(r["tokens_allowed"]) == pytest.approx(float(r["budget_s"]) * measured[r["model"]], rel=1e-4)
+    assert {r["budget_s"] for r in rows if r["model"] == "hybrid"} == {r["budget_s"] for r in rows
+                                                                      if r["model"] == "transformer"}
+    compared = json.loads((run_dir / "eval" / "arms.json").read_text())
+    assert set(compared) == {"self_consistency", "max_length"}
+    assert len(compared["max_length"]["points"]) == len({r["budget_s"] for r in rows})
     # MLflow: a parent run with a nested run per stage, datasets logged with their DVC hashes
     from mlflow.tracking import MlflowClient
 
@@ -94,6 +112,7 @@ def test_second_run_is_all_cached(first, env, monkeypatch):
 
     monkeypatch.setattr("components.data.curate.run", boom)
     monkeypatch.setattr(CONVERT, "run", boom)
+    monkeypatch.setattr(CONVERT, "run_transformer", boom)
     monkeypatch.setattr("components.train.stage.run", boom)
     monkeypatch.setattr("components.grpo.stage.run", boom)
     summary = run(env)

@@ -146,14 +146,16 @@ def _stage(args) -> int:
     from components.pipeline.keys import extract_metrics, hash_outputs
     from components.pipeline.runner import preflight, quiet_env
     from components.pipeline.stages import get_stage
+    from components.pipeline.storage import s3_environment
     from components.tracking import Tracker, standalone_run
 
     quiet_env()
     config = _load(args)
-    stage = get_stage(args.name)
+    stage = get_stage(args.name, config)
     preflight(config, [stage])
     t0 = time.time()
-    with standalone_run(config.tracking, stage.name, tags={"m1.stage": stage.name, "m1.profile": config.profile}):
+    with s3_environment(config), standalone_run(config.tracking, stage.name,
+                                                tags={"m1.stage": stage.name, "m1.profile": config.profile}):
         inputs = stage.standalone_inputs(config) if stage.standalone_inputs else None
         outputs = stage.function()(config, inputs, **stage.kwargs)
         metrics = extract_metrics(outputs)

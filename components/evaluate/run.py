@@ -18,6 +18,8 @@ Output layout:
   excluded.jsonl               benchmark rows left out (no parseable reference answer, bad row) with the reason
   models.json                  what was evaluated (source, kind, layers, parameters, load time, throughput)
   time_budget.csv / .png       accuracy vs seconds per problem, (a) self-consistency (b) longer max length
+  arms.json                    hybrid vs transformer arm at equal budgets: gap in points, lead, crossings
+                               (components/evaluate/arms.py), when both arms were evaluated
   speed.csv / .json / .png     generation speed: hybrid vs same-shape attention model vs transformers static cache
 
 Simplification: the speed run inside the stage is small (params `evaluate.speed`); the full grid is `m1 bench`.
@@ -36,7 +38,7 @@ from pathlib import Path
 import torch
 
 from components.errors import M1Error
-from components.evaluate import report, speed, speed_report, timebudget
+from components.evaluate import arms, report, speed, speed_report, timebudget
 from components.evaluate.benchmarks import load_benchmarks
 from components.evaluate.models import is_hybrid_dir, load_eval_model, resolve_device
 from components.evaluate.report import key
@@ -70,6 +72,7 @@ class EvalOutputs:
     models_json: Path
     time_budget_csv: Path | None = None
     time_budget_png: Path | None = None
+    arms_json: Path | None = None  # hybrid vs transformer arm at equal budgets, when both were evaluated
     speed_csv: Path | None = None
     speed_json: Path | None = None
     speed_png: Path | None = None
@@ -243,6 +246,11 @@ def run(config, inputs: dict | None = None) -> EvalOutputs:
                             f"accuracy vs generation time, all benchmarks ({device.type}, n={cfg.n_samples}, "
                             f"max {cfg.max_new_tokens} tokens; dotted: beyond the sample pool)")
             out.time_budget_csv, out.time_budget_png = out_dir / "time_budget.csv", out_dir / "time_budget.png"
+            if all(a in throughput for a in arms.ARMS):
+                comparison = arms.compare(rows)
+                (tmp / "arms.json").write_text(json.dumps(comparison, indent=1) + "\n")
+                metrics.update(arms.metrics(comparison))
+                out.arms_json = out_dir / "arms.json"
 
         if cfg.speed.enabled:
             metrics.update(_speed(config, hybrid_cfg, tmp))
@@ -275,7 +283,10 @@ def run(config, inputs: dict | None = None) -> EvalOutputs:
             if p is not None and p.exists():
                 shutil.copyfile(p, pdir / p.name)
                 out.dvc_plots.append(pdir / p.name)
-    out.model_dir = next((m for m, i in zip(models.values(), info.values()) if i["kind"] == "hybrid"), None)
+    # the model named "hybrid" (the transformer arm is of the same model class, all layers attention), else the first
+    # of the hybrid class
+    out.model_dir = models.get("hybrid") if info.get("hybrid", {}).get("kind") == "hybrid" else \
+        next((m for m, i in zip(models.values(), info.values()) if i["kind"] == "hybrid"), None)
     out.metrics = metrics
     out.seconds = time.time() - started
 
@@ -284,7 +295,7 @@ def run(config, inputs: dict | None = None) -> EvalOutputs:
     tracker.log_metrics(metrics)
     for p in (out.metrics_json, out.results_csv, out.results_md, out.by_source_csv, out.by_source_md,
               out.completions_sample, out.excluded_jsonl, out.models_json, out.time_budget_csv, out.time_budget_png,
-              out.speed_csv, out.speed_json, out.speed_png):
+              out.arms_json, out.speed_csv, out.speed_json, out.speed_png):
         if p is not None and p.exists():
             tracker.log_artifact(p, "eval")
     tracker.set_tags({"eval.models": ",".join(models), "eval.benchmarks": ",".join(b.name for b in benches)})

@@ -32,8 +32,8 @@ from components.figures import save_figure
 
 # matplotlib is imported where the figure is drawn: seconds of start-up otherwise.
 
-FIELDS = ["model", "benchmark", "strategy", "budget_s", "tokens_allowed", "samples", "max_len", "accuracy", "capped",
-          "tokens_per_s", "mean_tokens"]
+FIELDS = ["model", "benchmark", "strategy", "budget_s", "tokens_allowed", "samples", "max_len", "accuracy", "se",
+          "capped", "tokens_per_s", "mean_tokens"]
 
 
 def measure_throughput(model, batch: int, prompt_len: int, decode_tokens: int, device, seed: int = 0) -> dict:
@@ -41,6 +41,15 @@ def measure_throughput(model, batch: int, prompt_len: int, decode_tokens: int, d
     return {"tokens_per_s": r["decode_tokens_per_s"], "batch": batch, "prompt_len": prompt_len,
             "decode_tokens": decode_tokens, "prefill_s": r["ttft_s"], "seconds": r["total_s"],
             "ms_per_step": r["decode_ms_per_token"]}
+
+
+def mean_se(values: Sequence[float]) -> tuple[float, float]:
+    """Mean over problems and its standard error (sample sd / sqrt(n); 0 for a single problem)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
 
 
 def _mean_tokens(problems: Sequence[ProblemScore]) -> float:
@@ -77,16 +86,18 @@ def curves(scores: dict[str, list[ProblemScore]], throughput: dict[str, float], 
                 allowed = b * tps
                 m = int(allowed // mean_len) if mean_len > 0 else n_min
                 m_eff = min(m, n_min)
-                acc = sum(p.maj_at(m_eff) for p in ps) / len(ps) if m_eff >= 1 else 0.0
+                acc, se = mean_se([float(p.maj_at(m_eff)) if m_eff >= 1 else 0.0 for p in ps])
                 rows.append({"model": model, "benchmark": bench, "strategy": "self_consistency", "budget_s": b,
                              "tokens_allowed": allowed, "samples": m_eff, "max_len": None, "accuracy": acc,
-                             "capped": m > n_min, "tokens_per_s": tps, "mean_tokens": mean_len})
+                             "se": se, "capped": m > n_min, "tokens_per_s": tps, "mean_tokens": mean_len})
                 L = math.floor(allowed)
-                hits = sum(f and t <= L and c for p in ps for f, t, c in zip(p.finished, p.n_tokens, p.correct))
-                acc = hits / sum(p.n for p in ps)
+                hits = [sum(bool(f and t <= L and c) for f, t, c in zip(p.finished, p.n_tokens, p.correct))
+                        for p in ps]
+                acc = sum(hits) / sum(p.n for p in ps)  # every sample counts once (problems' n may differ)
+                _, se = mean_se([h / p.n for h, p in zip(hits, ps)])
                 rows.append({"model": model, "benchmark": bench, "strategy": "max_length", "budget_s": b,
                              "tokens_allowed": allowed, "samples": 1, "max_len": min(L, max_new_tokens),
-                             "accuracy": acc, "capped": L > max_new_tokens, "tokens_per_s": tps,
+                             "accuracy": acc, "se": se, "capped": L > max_new_tokens, "tokens_per_s": tps,
                              "mean_tokens": mean_len})
     return rows
 

@@ -128,9 +128,23 @@ def run(config, inputs: dict | None = None) -> ConvertOutputs:
     """Stage entry point: convert config.teacher into <run_dir>/convert/model (model + tokenizer)."""
     c = config.convert
     out = Path((inputs or {}).get("out_dir") or Path(config.run_dir) / "convert" / "model")
-    check_attn_layers(config.teacher.source, c.attn_layers)  # fail before loading any weights
+    return _publish(config, out, c.attn_layers)
+
+
+def run_transformer(config, inputs: dict | None = None) -> ConvertOutputs:
+    """Stage entry point of the transformer arm: the teacher in the hybrid's model class with every layer attention
+    (its weights as they are, its logits the teacher's), into <run_dir>/transformer_init/model. Both arms then train,
+    generate and are timed through the same code."""
+    n = check_attn_layers(config.teacher.source, [])
+    out = Path((inputs or {}).get("out_dir") or Path(config.run_dir) / "transformer_init" / "model")
+    return _publish(config, out, list(range(n)))
+
+
+def _publish(config, out: Path, attn_layers: list[int]) -> ConvertOutputs:
+    c = config.convert
+    check_attn_layers(config.teacher.source, attn_layers)  # fail before loading any weights
     teacher = load_any_teacher(config.teacher.source, config.teacher.dtype, seed=config.seed)
-    model = convert(teacher, c.attn_layers, c.mixer, d_state=c.d_state, d_conv=c.d_conv, expand=c.expand,
+    model = convert(teacher, attn_layers, c.mixer, d_state=c.d_state, d_conv=c.d_conv, expand=c.expand,
                     dt_min=c.dt_min, dt_max=c.dt_max, dt_init_floor=c.dt_init_floor, conv_bias=c.conv_bias,
                     mamba2_headdim=c.mamba2_headdim, seed=c.seed)
     tmp = out.with_name(out.name + ".partial")
@@ -139,4 +153,4 @@ def run(config, inputs: dict | None = None) -> ConvertOutputs:
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
-    return ConvertOutputs(str(out), model.num_parameters(), list(c.attn_layers), c.mixer)
+    return ConvertOutputs(str(out), model.num_parameters(), list(attn_layers), c.mixer)

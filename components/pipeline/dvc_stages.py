@@ -25,8 +25,8 @@ def _in_params(params: dict, dotted: str) -> bool:
 
 
 def dvc_stages(config, stages: list[Stage] | None = None, params_file: Path | None = None) -> dict:
-    stages = stages or registered_stages()
-    by_name = {s.name: s for s in registered_stages()}
+    stages = stages or registered_stages(config)
+    by_name = {s.name: s for s in registered_stages(config)}
     params = yaml.safe_load((params_file or ROOT / "params.yaml").read_text()) or {}
     run_dir = config.run_dir.rstrip("/")
     profile = "" if config.profile == "default" else f" --profile {config.profile}"

@@ -52,7 +52,7 @@ def preflight(config, stages: list[Stage]) -> None:
 
 
 def selected_stages(config, stages: list[str] | None = None) -> list[Stage]:
-    return plan(stages if stages is not None else config.pipeline.stages)
+    return plan(stages if stages is not None else config.pipeline.stages, config)
 
 
 def needed_splits(config, stages: list[str]) -> dict[str, list[str]]:
@@ -88,7 +88,7 @@ def execute_stage(config, stage_name: str, inputs: dict, cache_key: str, mlflow_
     one, whose inputs are checked before this stage's result is cached."""
     from components.pipeline.storage import mirror_outputs
 
-    stage = get_stage(stage_name)
+    stage = get_stage(stage_name, config)
     t0 = time.time()
     with stage_env(mlflow_run_id, tracking_uri, config.pipeline.ray_address):
         outputs = stage.function()(config, inputs, **stage.kwargs)

@@ -80,6 +80,10 @@ class Stage:
     dvc_metrics: str | None = None
     dvc_plots: tuple[str, ...] = ()  # e.g. ("distill/history.jsonl",): loss curves for `dvc plots show`
     description: str = ""
+    # The arm (config.arms) a stage belongs to: its stages run only when the config has the arm. None: every run.
+    arm: str | None = None
+    # More upstream stages when an arm runs: {arm: (stage, ...)} (evaluate reads the transformer arm's model).
+    arm_upstream: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def function(self) -> Callable:
         module, _, attr = self.target.partition(":")
@@ -172,18 +176,23 @@ def _grpo_resources(config) -> dict:
             "rollout_resources": dict(g.rollout_resources)}
 
 
-def _eval_models(config, hybrid_dir) -> dict:
+def _eval_models(config, hybrid_dir, transformer=None) -> dict:
+    """The post-trained arms (hybrid; transformer when config.arms has it) and, from default_models, the teacher."""
     from components.evaluate.run import default_models
 
-    return default_models(config, hybrid=[f"hybrid={hybrid_dir}"])
+    specs = [f"hybrid={hybrid_dir}"]
+    if "transformer" in config.arms and transformer is not None:
+        specs.append(f"transformer={getattr(transformer, 'model_dir', transformer)}")
+    return default_models(config, hybrid=specs)
 
 
 def _register_inputs(finished: dict[str, Any], config=None) -> dict:
-    """The final model (the last model-producing stage's, or the one evaluate evaluated) and its metrics."""
+    """The final hybrid (the one evaluate evaluated, else the last model-producing stage's of the hybrid arm) and its
+    metrics: another arm's model is never registered."""
     ev = finished["evaluate"]
     model_dir = getattr(ev, "model_dir", None)
     if model_dir is None:
-        for stage in reversed([s for s in _DECLARED if s.name in finished and s.model_output]):
+        for stage in reversed([s for s in _DECLARED if s.name in finished and s.model_output and s.arm is None]):
             model_dir = stage.model_dir(finished[stage.name])
             break
     return {"model_dir": model_dir, "metrics": dict(getattr(ev, "metrics", None) or {})}
@@ -210,16 +219,30 @@ def _register_summary(out) -> str:
 
 # ----------------------------------------------------------------------------- the registry
 
-def _train_stage(name: str, prev: str, summary: tuple[str, ...], description: str) -> Stage:
-    """distill / sft1 / sft2: the same trainer on the previous stage's model and the curated data."""
+def _train_stage(name: str, prev: str, summary: tuple[str, ...], description: str, section: str | None = None,
+                 arm: str | None = None) -> Stage:
+    """distill / sft1 / sft2 (and the transformer arm's sft1 / sft2): the same trainer on the previous stage's model
+    and the curated data, with the settings of config.<section> (default: the stage's own name)."""
+    section = section or name
     return Stage(
-        name, "components.train.stage:run", kwargs={"stage": name}, config_keys=(name, "teacher", "seed"),
-        upstream=("curate", prev),
+        name, "components.train.stage:run", kwargs={"stage": name, **({"section": section} if section != name else {})},
+        config_keys=(section, "teacher", "seed"), upstream=("curate", prev),
         inputs=lambda up, cfg: {"model_dir": up[prev].model_dir, "data_dir": _data_dir(up)},
         standalone_inputs=lambda cfg: {"model_dir": f"{cfg.run_dir}/{prev}/model", "data_dir": f"{cfg.run_dir}/data"},
         outputs=("model_dir",), model_output="model_dir", uses_ray=True,
         dvc_outs=(f"{name}/model",), dvc_plots=(f"{name}/history.jsonl",), summary_metrics=summary,
-        resources=lambda cfg: _train_resources(getattr(cfg, name)), description=description)
+        resources=lambda cfg: _train_resources(getattr(cfg, section)), description=description, arm=arm)
+
+
+def _grpo_stage(name: str, prev: str, arm: str | None = None) -> Stage:
+    return Stage(
+        name, "components.grpo.stage:run", kwargs={"stage": name}, config_keys=("grpo", "teacher", "seed"),
+        upstream=("curate", prev),
+        inputs=lambda up, cfg: {"model_dir": up[prev].model_dir, "data_dir": _data_dir(up)},
+        standalone_inputs=lambda cfg: {"model_dir": f"{cfg.run_dir}/{prev}/model", "data_dir": f"{cfg.run_dir}/data"},
+        outputs=("model_dir",), model_output="model_dir", uses_ray=True, dvc_outs=(f"{name}/model",),
+        summary_metrics=("heldout/accuracy_before", "heldout/accuracy", "heldout/accuracy_se"),
+        resources=_grpo_resources, description="GRPO: math-verified rewards, entropy bonus, no KL", arm=arm)
 
 
 _DECLARED: list[Stage] = [
@@ -235,23 +258,30 @@ _DECLARED: list[Stage] = [
                  "reverse-KL distillation from the teacher on assistant tokens"),
     _train_stage("sft1", "distill", ("ce", "heldout/ppl"), "SFT stage 1: math solutions (CE)"),
     _train_stage("sft2", "sft1", ("ce",), "SFT stage 2: long reasoning traces in <think> (CE)"),
-    Stage("grpo", "components.grpo.stage:run", config_keys=("grpo", "teacher", "seed"), upstream=("curate", "sft2"),
-          inputs=lambda up, cfg: {"model_dir": up["sft2"].model_dir, "data_dir": _data_dir(up)},
-          standalone_inputs=lambda cfg: {"model_dir": f"{cfg.run_dir}/sft2/model", "data_dir": f"{cfg.run_dir}/data"},
-          outputs=("model_dir",), model_output="model_dir", uses_ray=True, dvc_outs=("grpo/model",),
-          summary_metrics=("heldout/accuracy_before", "heldout/accuracy", "heldout/accuracy_se"),
-          resources=_grpo_resources, description="GRPO: math-verified rewards, entropy bonus, no KL"),
+    _grpo_stage("grpo", "sft2"),
+    # The transformer arm: the teacher, every layer attention, through the hybrid's post-training settings.
+    Stage("transformer_init", "components.model.convert:run_transformer", config_keys=("teacher", "seed"),
+          outputs=("model_dir",), model_output="model_dir", dvc_outs=("transformer_init/model",),
+          resources=_convert_resources, summary_metrics=("num_parameters",), arm="transformer",
+          description="transformer arm: the teacher in the hybrid's model class, every layer attention"),
+    _train_stage("transformer_sft1", "transformer_init", ("ce", "heldout/ppl"), "transformer arm: SFT stage 1",
+                 section="sft1", arm="transformer"),
+    _train_stage("transformer_sft2", "transformer_sft1", ("ce",), "transformer arm: SFT stage 2", section="sft2",
+                 arm="transformer"),
+    _grpo_stage("transformer_grpo", "transformer_sft2", arm="transformer"),
     Stage("evaluate", "components.evaluate.run:run",
           config_keys=("evaluate", "data.instruction", "data.system_prompt", "teacher", "seed"),
-          upstream=("curate", "grpo"),
-          inputs=lambda up, cfg: {"models": _eval_models(cfg, up["grpo"].model_dir), "data_dir": _data_dir(up)},
-          standalone_inputs=lambda cfg: {"models": _eval_models(cfg, f"{cfg.run_dir}/grpo/model"),
+          upstream=("curate", "grpo"), arm_upstream={"transformer": ("transformer_grpo",)},
+          inputs=lambda up, cfg: {"models": _eval_models(cfg, up["grpo"].model_dir, up.get("transformer_grpo")),
+                                  "data_dir": _data_dir(up)},
+          standalone_inputs=lambda cfg: {"models": _eval_models(cfg, f"{cfg.run_dir}/grpo/model",
+                                                                 f"{cfg.run_dir}/transformer_grpo/model"),
                                          "data_dir": f"{cfg.run_dir}/data"},
           outputs=("eval_dir",), dvc_outs=("eval",),
           dvc_metrics="metrics/evaluate.json",
           dvc_plots=("plots/eval/time_budget.png", "plots/eval/speed.png", "plots/eval/time_budget.csv",
                      "plots/eval/speed.csv"),
-          summary_metrics=("hybrid/all/pass_at_1", "teacher/all/pass_at_1"),
+          summary_metrics=("hybrid/all/pass_at_1", "transformer/all/pass_at_1", "teacher/all/pass_at_1"),
           description="pass@1 / pass@k / maj@k, accuracy under a time budget, generation speed"),
     # Registers the final model as <model name>@candidate and gates `champion`; joins the pipeline once an
     # `evaluate` stage is registered above it. Another tracking server is another registry: keyed on it.
@@ -262,31 +292,43 @@ _DECLARED: list[Stage] = [
 ]
 
 
-def registered_stages() -> list[Stage]:
-    """The stages of the pipeline, in order; those whose upstream is not registered are left out."""
+def registered_stages(config=None) -> list[Stage]:
+    """The stages of the pipeline, in order; those whose upstream is not registered are left out. With a config:
+    only the stages of its arms, with the upstream those arms add."""
+    arms = None if config is None else set(config.arms)
     active: list[Stage] = []
     names: set[str] = set()
     for s in _DECLARED:
+        if arms is not None:
+            if s.arm is not None and s.arm not in arms:
+                continue
+            extra = tuple(u for arm, ups in s.arm_upstream.items() if arm in arms for u in ups)
+            if extra:
+                s = dataclasses.replace(s, upstream=s.upstream + extra)
         if all(u in names for u in s.upstream):
             active.append(s)
             names.add(s.name)
     return active
 
 
-def stage_names() -> list[str]:
-    return [s.name for s in registered_stages()]
+def stage_names(config=None) -> list[str]:
+    return [s.name for s in registered_stages(config)]
 
 
-def get_stage(name: str) -> Stage:
-    for s in registered_stages():
+def get_stage(name: str, config=None) -> Stage:
+    for s in registered_stages(config):
         if s.name == name:
             return s
-    raise M1Error(f"unknown stage {name!r}; registered stages: {', '.join(stage_names())}")
+    known = stage_names(config)
+    if config is not None and name in stage_names():
+        raise M1Error(f"stage {name!r} belongs to an arm this run does not have (arms: {', '.join(config.arms)})")
+    raise M1Error(f"unknown stage {name!r}; registered stages: {', '.join(known)}")
 
 
-def plan(targets: list[str] | None) -> list[Stage]:
-    """The stages to run for `targets` (None = all): the targets and everything upstream of them, in order."""
-    stages = registered_stages()
+def plan(targets: list[str] | None, config=None) -> list[Stage]:
+    """The stages to run for `targets` (None = all): the targets and everything upstream of them, in order (with a
+    config: among its arms' stages)."""
+    stages = registered_stages(config)
     if not targets:
         return stages
     by_name = {s.name: s for s in stages}
@@ -296,7 +338,7 @@ def plan(targets: list[str] | None) -> list[Stage]:
         if name in need:
             return
         if name not in by_name:
-            raise M1Error(f"unknown stage {name!r}; registered stages: {', '.join(by_name)}")
+            get_stage(name, config)  # raises with the one-line reason
         need.add(name)
         for u in by_name[name].upstream:
             visit(u)
