@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The whole GPU suite in one command on a bare lent H100/H200 (wheels carried in .whl/, see bench/gpu_setup.sh).
+# The whole GPU suite in one command on a bare lent H100/H200 (wheels carried in .whl/, see bench/lent_gpu/gpu_setup.sh).
 # Results land in $OUT when it is set, else by topic: decode speed in docs/results/speed, training in
 # docs/results/train, the kernel check in docs/results/kernels. Each part is bounded so one slow part cannot
 # starve the others.
 set -u
-cd "$(dirname "$0")/.."
-source bench/gpu_setup.sh
+cd "$(dirname "$0")/../.."
+source bench/lent_gpu/gpu_setup.sh
 out=${OUT:-docs/results/speed}
 timeout 400 python3 bench/gpu_suite.py anchors --batches 1,64,128,256 --out "$out"
 timeout 560 python3 bench/gpu_suite.py decode --batches 1,16,64,128,256 --out "$out"

