@@ -8,16 +8,16 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 
 from components.errors import M1Error
-from components.grpo import rewards as R
 from components.grpo.advantages import group_advantages, informative_groups
+from components.grpo.config import GRPOConfig
+from components.grpo.rewards import RewardResult, overlong_penalty, score
 
 
 def load_prompts(directory: str) -> list[dict]:
-    import pyarrow.parquet as pq
-
     files = sorted(Path(directory).glob("*.parquet"))
     if not files:
         raise M1Error(f"no RL prompt shards in {directory} (run the curate stage first)")
@@ -42,8 +42,8 @@ def prompt_order(cursor: int, n: int, count: int, seed: int) -> list[int]:
     return out
 
 
-def score_rollouts(ro: dict, answers: list[str], gc: dict) -> tuple[torch.Tensor, list[R.RewardResult]]:
-    res = [R.score(gc["reward"], t, a, gc["format_weight"], gc["verify_timeout_s"]) for t, a in zip(ro["texts"], answers)]
+def score_rollouts(ro: dict, answers: list[str], grpo: GRPOConfig) -> tuple[torch.Tensor, list[RewardResult]]:
+    res = [score(grpo.reward, t, a, grpo.format_weight, grpo.verify_timeout_s) for t, a in zip(ro["texts"], answers)]
     return torch.tensor([r.reward for r in res], dtype=torch.float32), res
 
 
@@ -58,23 +58,23 @@ def refill_count(missing: int, informative: int, drawn: int, cap: int) -> int:
     return max(missing, min(cap, math.ceil(missing * drawn / informative)))
 
 
-def collect(pool, rows, cursor, gc, seed):
+def collect(pool, rows: list[dict], cursor: int, grpo: GRPOConfig, seed: int):
     """Generate, score and (with dynamic sampling) refill until prompts_per_step groups carry signal."""
-    G, want = gc["group_size"], gc["prompts_per_step"]
+    G, want = grpo.group_size, grpo.prompts_per_step
     groups: list[dict] = []
     gen_tokens, gen_s, rounds = 0, 0.0, 0
     all_rewards, all_shaping, reasons, lens, trunc, zero_var = [], [], [], [], 0, 0
     while True:
-        need = refill_count(want - len(groups), len(groups), len(all_rewards) // G, gc["refill_max_factor"] * want) \
-            if gc["dynamic_sampling"] and rounds else want
+        need = refill_count(want - len(groups), len(groups), len(all_rewards) // G, grpo.refill_max_factor * want) \
+            if grpo.dynamic_sampling and rounds else want
         picks = prompt_order(cursor, len(rows), need, seed)
         cursor += need
         prompts = [rows[i] for i in picks]
-        ro = pool.generate([p["prompt"] for p in prompts], G, gc["max_new_tokens"], gc["temperature"], gc["top_p"],
+        ro = pool.generate([p["prompt"] for p in prompts], G, grpo.max_new_tokens, grpo.temperature, grpo.top_p,
                            seed * 1000 + rounds)
         answers = [p["answer"] for p in prompts for _ in range(G)]
-        rew, res = score_rollouts(ro, answers, gc)
-        shaping = [R.overlong_penalty(len(t), gc["max_new_tokens"], gc["overlong_window"], gc["overlong_penalty"])
+        rew, res = score_rollouts(ro, answers, grpo)
+        shaping = [overlong_penalty(len(t), grpo.max_new_tokens, grpo.overlong_window, grpo.overlong_penalty)
                    for t in ro["tokens"]]
         gen_tokens += sum(len(t) for t in ro["tokens"])
         gen_s += ro["seconds"]
@@ -87,22 +87,22 @@ def collect(pool, rows, cursor, gc, seed):
         lens += [len(t) for t in ro["tokens"]]
         trunc += sum(f == "length" for f in ro["finish"])
         for i, p in enumerate(prompts):
-            if gc["dynamic_sampling"] and not bool(info[i]):
+            if grpo.dynamic_sampling and not bool(info[i]):
                 continue
             sl = slice(i * G, (i + 1) * G)
             groups.append({"prompt": p, "rewards": rg[i], **{k: ro[k][sl] for k in _PER_SEQUENCE if k != "correct"},
                            "correct": [r.correct for r in res[sl]]})
         rounds += 1
-        if not gc["dynamic_sampling"] or len(groups) >= want or rounds > gc["max_refill_rounds"]:
+        if not grpo.dynamic_sampling or len(groups) >= want or rounds > grpo.max_refill_rounds:
             break
     if not groups:
         raise M1Error(f"dynamic sampling left an empty batch: all {len(all_rewards) // G} groups had equal rewards "
                       f"after {rounds} rounds (raise max_refill_rounds or lower the difficulty)")
     groups = groups[:want]
     rewards = torch.stack([g["rewards"] for g in groups])
-    adv = group_advantages(rewards, gc["advantage"], gc["adv_eps"]).flatten().tolist()
+    adv = group_advantages(rewards, grpo.advantage, grpo.adv_eps).flatten().tolist()
     flat = {k: [x for g in groups for x in g[k]] for k in _PER_SEQUENCE}
-    keep = [not (gc["mask_truncated"] and f == "length") for f in flat["finish"]]
+    keep = [not (grpo.mask_truncated and f == "length") for f in flat["finish"]]
     keep = [k and len(t) > 0 for k, t in zip(keep, flat["tokens"])]
     batch = {**flat, "adv": adv, "keep": keep, "answers": [g["prompt"]["answer"] for g in groups for _ in range(G)],
              "problems": [g["prompt"]["problem"] for g in groups for _ in range(G)],

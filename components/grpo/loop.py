@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -24,8 +23,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from components.errors import M1Error
-from components.grpo import rewards as R
+from components.grpo import rewards
 from components.grpo.batch import collect, load_prompts, split_prompts
+from components.grpo.config import GRPOConfig
+from components.grpo.curves import plot_curves
 from components.grpo.loss import policy_loss
 from components.grpo.mismatch import (
     gap_stats,
@@ -37,22 +38,24 @@ from components.grpo.mismatch import (
 from components.grpo.outcomes import outcome_stats, plot_outcomes, read_pair
 from components.grpo.rollout import RolloutPool
 from components.model import HybridForCausalLM
-from components.train import checkpoint as ck
-from components.train import parallel
+from components.tracking import Tracker
+from components.train import checkpoint, parallel
+from components.train.harness import LoopContext
 from components.train.loop import Context, param_groups
 
 
 @torch.no_grad()
-def heldout_accuracy(pool: RolloutPool, heldout: list[dict], gc: dict, seed: int, path: Path | None = None) -> dict:
+def heldout_accuracy(pool: RolloutPool, heldout: list[dict], grpo: GRPOConfig, seed: int,
+                     path: Path | None = None) -> dict:
     """Accuracy over eval_samples samples of each held-out prompt, with its standard error over prompts. `path`
     gets one JSON line per prompt (problem, answer, accuracy, completions, reasons) for audits and paired_gain."""
     if not heldout:
         return {}
-    n = gc["eval_samples"]
-    ro = pool.generate([r["prompt"] for r in heldout], n, gc["max_new_tokens"], max(gc["eval_temperature"], 1e-5),
+    n = grpo.eval_samples
+    ro = pool.generate([r["prompt"] for r in heldout], n, grpo.max_new_tokens, max(grpo.eval_temperature, 1e-5),
                        1.0, seed)
     answers = [r["answer"] for r in heldout for _ in range(n)]
-    res = [R.score(gc["reward"], t, a, 0.0, gc["verify_timeout_s"]) for t, a in zip(ro["texts"], answers)]
+    res = [rewards.score(grpo.reward, t, a, 0.0, grpo.verify_timeout_s) for t, a in zip(ro["texts"], answers)]
     counts = np.asarray([r.correct for r in res], dtype=np.int64).reshape(len(heldout), n).sum(1)
     per_prompt = counts / n
     se = per_prompt.std(ddof=1) / math.sqrt(len(per_prompt)) if len(per_prompt) > 1 else 0.0
@@ -104,62 +107,62 @@ def sequence_stats(model, prompt_ids, comp_ids, temperature: float, device, micr
         yield slice(i, i + len(C)), logp, ent, mask
 
 
-def grpo_loop(lc: dict) -> dict:
-    from components.tracking import Tracker
-
-    gc = lc["grpo"]
-    ctx = Context(lc["use_ray"], lc["use_gpu"])
+def grpo_loop(run: LoopContext) -> dict:
+    """run: the stage's GRPOConfig (run.config) and where the run lives (components.train.harness.LoopContext)."""
+    grpo: GRPOConfig = run.config
+    ctx = Context(run.use_ray, run.use_gpu)
     dev = ctx.device
-    torch.manual_seed(lc["seed"])
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" and gc["bf16"] else contextlib.nullcontext()
-    tracker = Tracker(lc.get("mlflow_run_id"), lc["out_dir"], lc.get("mlflow_uri")) if ctx.rank == 0 else None
-    policy = HybridForCausalLM.from_pretrained(lc["model_dir"], device=str(dev)).float().train()
+    torch.manual_seed(run.seed)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" and grpo.bf16 else contextlib.nullcontext()
+    tracker = Tracker(run.mlflow_run_id, run.out_dir, run.mlflow_uri) if ctx.rank == 0 else None
+    policy = HybridForCausalLM.from_pretrained(run.model_dir, device=str(dev)).float().train()
     ref = None
-    if gc["kl_coef"] > 0:
-        ref = HybridForCausalLM.from_pretrained(lc["model_dir"], device=str(dev)).eval()
+    if grpo.kl_coef > 0:
+        ref = HybridForCausalLM.from_pretrained(run.model_dir, device=str(dev)).eval()
         ref.requires_grad_(False)
-    opt = torch.optim.AdamW(param_groups(policy, gc["weight_decay"]), lr=gc["lr"], betas=(0.9, 0.999), eps=1e-8)
+    opt = torch.optim.AdamW(param_groups(policy, grpo.weight_decay), lr=grpo.lr, betas=(0.9, 0.999), eps=1e-8)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)  # constant, as the reference
-    train_rows, heldout, rejected = split_prompts(load_prompts(lc["data_dir"]), gc["heldout_prompts"], lc["seed"])
+    train_rows, heldout, rejected = split_prompts(load_prompts(run.data_dir), grpo.heldout_prompts, run.seed)
     if not train_rows:
-        raise M1Error(f"no usable RL prompts in {lc['data_dir']} ({rejected} rejected without a reference answer)")
+        raise M1Error(f"no usable RL prompts in {run.data_dir} ({rejected} rejected without a reference answer)")
 
     start, cursor, first_eval = 0, 0, None
-    resume = ctx.resume_dir(lc["checkpoint_root"], lc["fingerprint"])
+    resume = ctx.resume_dir(run.checkpoint_root, run.fingerprint, run.checkpoint_mirror)
     if resume is not None:
-        meta, state = ck.read_state(resume)
+        meta, state = checkpoint.read_state(resume)
         policy.load_state_dict(HybridForCausalLM.from_pretrained(resume, device=str(dev)).state_dict())
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        ck.set_rng_state(state["rng"])
+        checkpoint.set_rng_state(state["rng"])
         start, cursor, first_eval = meta["step"], meta["prompt_cursor"], meta.get("first_eval")
         if ctx.rank == 0:
-            print(f"[grpo] resumed from step {start} (prompt cursor {cursor})", flush=True)
+            print(f"[{run.stage}] resumed from step {start} (prompt cursor {cursor})", flush=True)
     core = policy
     model = parallel.wrap(policy, "ddp", ctx.world, dev)
 
     pool = None
     if ctx.rank == 0:
-        pool = RolloutPool(lc["model_dir"], gc["rollout_workers"], gc["rollout_resources"], str(dev))
+        pool = RolloutPool(run.model_dir, grpo.rollout_workers, grpo.rollout_resources, str(dev))
         if start:
             pool.set_weights(core.state_dict(), start)
         if tracker:
-            tracker.log_params({**{f"grpo.{k}": v for k, v in gc.items()}, "rl_prompts": len(train_rows),
+            settings = grpo.model_dump(mode="json")
+            tracker.log_params({**{f"grpo.{k}": v for k, v in settings.items()}, "rl_prompts": len(train_rows),
                                 "heldout_prompts": len(heldout), "rejected_no_answer": rejected})
         if first_eval is None:
-            first_eval = heldout_accuracy(pool, heldout, gc, lc["seed"] + 10_000,
-                                          Path(lc["out_dir"]) / "heldout_before.jsonl")
+            first_eval = heldout_accuracy(pool, heldout, grpo, run.seed + 10_000,
+                                          Path(run.out_dir) / "heldout_before.jsonl")
             if tracker:
                 tracker.log_metrics(first_eval, step=0)
-            print(f"[grpo] before: {first_eval}", flush=True)
+            print(f"[{run.stage}] before: {first_eval}", flush=True)
 
-    fail_after = int(os.environ.get("M1_FAIL_AFTER_STEP", "-1"))
-    G = gc["group_size"]
-    for step in range(start, gc["max_steps"]):
+    fail_after = run.fail_after_step
+    G = grpo.group_size
+    for step in range(start, grpo.max_steps):
         batch = None
         t_step = time.time()
         if ctx.rank == 0:
-            batch, cursor, roll_stats = collect(pool, train_rows, cursor, gc, lc["seed"] + step)
+            batch, cursor, roll_stats = collect(pool, train_rows, cursor, grpo, run.seed + step)
         if ctx.world > 1:
             obj = [batch, cursor]
             dist.broadcast_object_list(obj, src=0)
@@ -168,32 +171,32 @@ def grpo_loop(lc: dict) -> dict:
         n_seq = len(batch["tokens"])
         # old log-probabilities, recomputed by the learner before any update of this step
         old = [None] * n_seq
-        for sl, lp, _, _ in sequence_stats(core, batch["prompt_ids"], batch["tokens"], gc["temperature"], dev,
-                                           gc["micro_batch"], False, autocast):
+        for sl, lp, _, _ in sequence_stats(core, batch["prompt_ids"], batch["tokens"], grpo.temperature, dev,
+                                           grpo.micro_batch, False, autocast):
             for r, k in enumerate(range(sl.start, sl.stop)):
                 old[k] = lp[r]
         # sampler/learner mismatch over the kept tokens, measured always, corrected per mismatch_correction
         gaps = token_gaps(batch["logprobs"], old, batch["keep"])
-        mismatch = gap_stats(gaps, gc["mask_threshold"])
-        tis = tis_weights(old, batch["logprobs"], gc["tis_cap"])
-        mismatch.update(tis_stats(tis, batch["keep"], gc["tis_cap"]))
+        mismatch = gap_stats(gaps, grpo.mask_threshold)
+        tis = tis_weights(old, batch["logprobs"], grpo.tis_cap)
+        mismatch.update(tis_stats(tis, batch["keep"], grpo.tis_cap))
         keep = batch["keep"]
-        if gc["mismatch_correction"] == "mask":
-            keep = [k and not d for k, d in zip(keep, over_threshold(gaps, gc["mask_threshold"]))]
+        if grpo.mismatch_correction == "mask":
+            keep = [k and not d for k, d in zip(keep, over_threshold(gaps, grpo.mask_threshold))]
         mismatch["mismatch_masked_fraction"] = 1 - sum(keep) / max(sum(batch["keep"]), 1)
-        use_tis = gc["mismatch_correction"] == "tis"
+        use_tis = grpo.mismatch_correction == "tis"
         refs = [None] * n_seq
         if ref is not None:
-            for sl, lp, _, _ in sequence_stats(ref, batch["prompt_ids"], batch["tokens"], gc["temperature"], dev,
-                                               gc["micro_batch"], False, autocast):
+            for sl, lp, _, _ in sequence_stats(ref, batch["prompt_ids"], batch["tokens"], grpo.temperature, dev,
+                                               grpo.micro_batch, False, autocast):
                 for r, k in enumerate(range(sl.start, sl.stop)):
                     refs[k] = lp[r]
         adv = batch["adv"]
         stats_acc: dict[str, float] = {}
         n_upd = 0
-        mb = gc["minibatch_prompts"] * G
-        no_signal = gc["skip_no_signal"] and not any(a != 0 and k for a, k in zip(adv, keep))
-        for _ in range(0 if no_signal else gc["ppo_epochs"]):
+        mb = grpo.minibatch_prompts * G
+        no_signal = grpo.skip_no_signal and not any(a != 0 and k for a, k in zip(adv, keep))
+        for _ in range(0 if no_signal else grpo.ppo_epochs):
             for m0 in range(0, n_seq, mb):
                 idx = list(range(m0, min(n_seq, m0 + mb)))
                 n_tok = float(sum(len(batch["tokens"][k]) for k in idx if keep[k]))
@@ -201,8 +204,8 @@ def grpo_loop(lc: dict) -> dict:
                 mine = idx[ctx.rank::ctx.world]
                 sub_p = [batch["prompt_ids"][k] for k in mine]
                 sub_c = [batch["tokens"][k] for k in mine]
-                for j, (sl, lp, ent, mask) in enumerate(sequence_stats(model, sub_p, sub_c, gc["temperature"], dev,
-                                                                       gc["micro_batch"], True, autocast)):
+                for j, (sl, lp, ent, mask) in enumerate(sequence_stats(model, sub_p, sub_c, grpo.temperature, dev,
+                                                                       grpo.micro_batch, True, autocast)):
                     ks = mine[sl]
                     T = lp.shape[1]
                     pad = lambda t: F.pad(t, (0, T - t.shape[0]))  # noqa: E731
@@ -211,16 +214,16 @@ def grpo_loop(lc: dict) -> dict:
                     m = mask & torch.tensor([keep[k] for k in ks], device=dev)[:, None]
                     a = torch.tensor([adv[k] for k in ks], device=dev, dtype=torch.float32)
                     w_is = torch.stack([pad(tis[k]) for k in ks]).to(dev) if use_tis else None
-                    loss, st = policy_loss(lp, old_lp, a, m, ent, ref_lp, clip_low=gc["clip_low"],
-                                           clip_high=gc["clip_high"], entropy_coef=gc["entropy_coef"],
-                                           kl_coef=gc["kl_coef"], n_tokens=max(n_tok, 1.0),
-                                           dual_clip=gc["dual_clip"], loss_agg=gc["loss_agg"],
-                                           n_seqs=max(n_kept, 1.0), max_len=gc["max_new_tokens"],
-                                           ratio_level=gc["ratio_level"], is_weight=w_is)
+                    loss, st = policy_loss(lp, old_lp, a, m, ent, ref_lp, clip_low=grpo.clip_low,
+                                           clip_high=grpo.clip_high, entropy_coef=grpo.entropy_coef,
+                                           kl_coef=grpo.kl_coef, n_tokens=max(n_tok, 1.0),
+                                           dual_clip=grpo.dual_clip, loss_agg=grpo.loss_agg,
+                                           n_seqs=max(n_kept, 1.0), max_len=grpo.max_new_tokens,
+                                           ratio_level=grpo.ratio_level, is_weight=w_is)
                     (loss * ctx.world).backward()
                     for k, v in st.items():
                         stats_acc[k] = stats_acc.get(k, 0.0) + v
-                torch.nn.utils.clip_grad_norm_([p for p in core.parameters() if p.requires_grad], gc["grad_clip"])
+                torch.nn.utils.clip_grad_norm_([p for p in core.parameters() if p.requires_grad], grpo.grad_clip)
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
@@ -235,59 +238,59 @@ def grpo_loop(lc: dict) -> dict:
             m = {**roll_stats, "pg_loss": totals[0] / n_upd, "clip_fraction": totals[1] / n_upd,
                  "approx_kl": totals[2] / n_upd, "entropy": totals[3] / n_upd, "skipped_update": float(no_signal),
                  **mismatch,
-                 "learner_tokens_per_s": sum(lens) * gc["ppo_epochs"] / max(learn_s, 1e-9), "sync_seconds": sync_s,
+                 "learner_tokens_per_s": sum(lens) * grpo.ppo_epochs / max(learn_s, 1e-9), "sync_seconds": sync_s,
                  "learn_seconds": learn_s, "step_seconds": step_s, "sync_share": sync_s / max(step_s, 1e-9),
                  "prompt_cursor": cursor}
             if tracker:
                 tracker.log_metrics(m, step=step + 1)
-                if (step + 1) % gc["samples_every"] == 0:
-                    _log_samples(tracker, lc["out_dir"], step + 1, batch)
-            print(f"[grpo] step {step + 1}/{gc['max_steps']} reward {m['reward_mean']:.3f} acc {m['accuracy']:.3f} "
+                if (step + 1) % grpo.samples_every == 0:
+                    _log_samples(tracker, run.out_dir, step + 1, batch)
+            print(f"[{run.stage}] step {step + 1}/{grpo.max_steps} reward {m['reward_mean']:.3f} acc {m['accuracy']:.3f} "
                   f"len {m['response_length_mean']:.0f} ent {m['entropy']:.3f} sync {sync_s:.2f}s", flush=True)
-        last = step + 1 == gc["max_steps"]
+        last = step + 1 == grpo.max_steps
         local = None
-        if (step + 1) % gc["checkpoint_every"] == 0 or last:
+        if (step + 1) % grpo.checkpoint_every == 0 or last:
             if ctx.rank == 0:
                 local = Path(tempfile.mkdtemp(prefix="m1-grpo-")) / "ckpt"
-                ck.write_local(local, core, opt, sched, step + 1, cursor,
-                               {"fingerprint": lc["fingerprint"], "prompt_cursor": cursor, "first_eval": first_eval,
-                                "stage": "grpo"}, lc["model_dir"])
-            ctx.report({"step": step + 1}, local, lc["checkpoint_root"], step + 1, gc["keep_checkpoints"])
+                checkpoint.write_local(local, core, opt, sched, step + 1, cursor,
+                                       {"fingerprint": run.fingerprint, "prompt_cursor": cursor,
+                                        "first_eval": first_eval, "stage": run.stage}, run.model_dir)
+            ctx.report({"step": step + 1}, local, run.checkpoint_root, step + 1, grpo.keep_checkpoints,
+                       run.checkpoint_mirror)
             if local is not None:
                 shutil.rmtree(local.parent, ignore_errors=True)
         elif ctx.ray:
-            ctx.report({"step": step + 1}, None, lc["checkpoint_root"], step + 1, gc["keep_checkpoints"])
+            ctx.report({"step": step + 1}, None, run.checkpoint_root, step + 1, grpo.keep_checkpoints,
+                       run.checkpoint_mirror)
         if step + 1 == fail_after:
             raise RuntimeError(f"M1_FAIL_AFTER_STEP={fail_after}: injected failure after step {step + 1}")
 
     if ctx.rank != 0:
         return {}
-    out = Path(lc["out_dir"])
-    final = heldout_accuracy(pool, heldout, gc, lc["seed"] + 10_000, out / "heldout_after.jsonl")
+    out = Path(run.out_dir)
+    final = heldout_accuracy(pool, heldout, grpo, run.seed + 10_000, out / "heldout_after.jsonl")
     outcomes_png = None
     if final and (out / "heldout_before.jsonl").is_file():
         final.update(paired_gain(out / "heldout_before.jsonl", out / "heldout_after.jsonl"))
         outcomes_png = plot_outcomes(out, out / "heldout_outcomes.png",
-                                     f"GRPO held-out outcomes: {gc['max_steps']} steps")
+                                     f"GRPO held-out outcomes: {grpo.max_steps} steps")
     if tracker:
-        tracker.log_metrics(final, step=gc["max_steps"])
+        tracker.log_metrics(final, step=grpo.max_steps)
         for name in ("heldout_before.jsonl", "heldout_after.jsonl"):
             if (out / name).is_file():
                 tracker.log_artifact(out / name, "heldout")
         if outcomes_png:
             tracker.log_artifact(outcomes_png, "plots")
-    ck.publish_model(core, out, lc["model_dir"])
-    summary = {"steps": gc["max_steps"], "resumed_from": start, **final,
+    checkpoint.publish_model(core, out, run.model_dir)
+    summary = {"steps": grpo.max_steps, "resumed_from": start, **final,
                **{f"{k}_before": v for k, v in (first_eval or {}).items()}}
     (out / "grpo_metrics.json").write_text(json.dumps(summary, indent=2))
     metrics_file = out / "metrics.jsonl"
     if metrics_file.is_file():
-        from components.grpo.curves import plot_curves
-
-        png = plot_curves(metrics_file, out / "grpo_curves.png", f"GRPO: {gc['max_steps']} steps")
+        png = plot_curves(metrics_file, out / "grpo_curves.png", f"GRPO: {grpo.max_steps} steps")
         if tracker:
             tracker.log_artifact(png, "plots")
-    print(f"[grpo] after: {final}", flush=True)
+    print(f"[{run.stage}] after: {final}", flush=True)
     return summary
 
 

@@ -21,36 +21,35 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pyarrow.fs as pafs
 import torch
 
 from components.errors import M1Error
 
 STATE_JSON = "trainer_state.json"
 STATE_PT = "trainer_state.pt"
-# The run's pipeline.checkpoint_uri ("" for none), exported by the pipeline (components.pipeline.storage): the loops
-# see no pipeline config, and on Ray run in workers that inherit the environment.
-MIRROR_ENV = "M1_CHECKPOINT_MIRROR"
 
 
 def filesystem(uri: str):
     """(pyarrow filesystem, path inside it). s3:// honours AWS_ENDPOINT_URL (MinIO, moto) and AWS_* credentials."""
-    import pyarrow.fs as pafs
-
     if uri.startswith("s3://"):
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         kw = {"endpoint_override": endpoint} if endpoint else {}
         if endpoint and endpoint.startswith("http://"):
             kw["scheme"] = "http"
-        fs = pafs.S3FileSystem(region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"), **kw)
+        # more attempts than pyarrow's 3: a listing that fails would be taken for "no checkpoint"
+        fs = pafs.S3FileSystem(region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+                               retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=8), **kw)
         return fs, uri[len("s3://"):].rstrip("/")
     return pafs.LocalFileSystem(), str(Path(uri).resolve())
 
 
-def checkpoint_mirror(root: str) -> str | None:
-    """The S3 mirror of a local checkpoint root <run_dir>/<stage>/checkpoints:
-    <checkpoint_uri>/<run_dir name>/<stage>/checkpoints, checkpoint_uri being the pipeline run's (MIRROR_ENV), else
-    $M1_CHECKPOINT_URI. None for a root on S3 already (a stage's checkpoint_storage)."""
-    base = os.environ.get(MIRROR_ENV, os.environ.get("M1_CHECKPOINT_URI"))
+def checkpoint_mirror(root: str, base: str | None) -> str | None:
+    """The S3 mirror of a local checkpoint root <run_dir>/<stage>/checkpoints under `base` (the pipeline's
+    checkpoint_uri): <base>/<run_dir name>/<stage>/checkpoints. None without a base, or for a root on S3 already (a
+    stage's checkpoint_storage). The run harness computes it once and hands it to the loop
+    (LoopContext.checkpoint_mirror): nothing is read from the environment, which a Ray worker started for an earlier
+    run would still carry."""
     if not base or "://" in root:
         return None
     return mirror_of(base, Path(root))
@@ -114,8 +113,6 @@ def write_local(directory: Path, model, optimizer, scheduler, step: int, samples
 
 
 def upload(local_dir: Path, root_uri: str, name: str) -> str:
-    import pyarrow.fs as pafs
-
     return _copy_checkpoint(str(local_dir), pafs.LocalFileSystem(), root_uri, name)
 
 
@@ -123,8 +120,6 @@ def _copy_checkpoint(src: str, src_fs, root_uri: str, name: str) -> str:
     """Copy the checkpoint directory `src` to <root>/<name>, never seen half-written under a checkpoint_* name: a
     local copy is written beside and renamed; object stores have no rename, so there trainer_state.json, without
     which list_checkpoints skips a directory, is written last."""
-    import pyarrow.fs as pafs
-
     fs, root = filesystem(root_uri)
     dest = f"{root}/{name}"
     if isinstance(fs, pafs.LocalFileSystem):
@@ -153,13 +148,13 @@ def _delete_dir(fs, path: str) -> None:
 
 def list_checkpoints(root_uri: str, fingerprint: str | None = None) -> list[tuple[int, str]]:
     """[(step, path)] of complete checkpoints under root (only those of `fingerprint` when given), oldest first."""
-    import pyarrow.fs as pafs
-
     fs, root = filesystem(root_uri)
     try:
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=False))
-    except (FileNotFoundError, OSError):
+    except FileNotFoundError:
         return []
+    except OSError as e:  # an unreadable store must not pass for an empty one: the run would start afresh
+        raise M1Error(f"cannot list checkpoints in {root_uri}: {str(e).splitlines()[0]}") from e
     out = []
     for info in infos:
         name = info.path.rstrip("/").split("/")[-1]
@@ -169,27 +164,28 @@ def list_checkpoints(root_uri: str, fingerprint: str | None = None) -> list[tupl
             with fs.open_input_stream(f"{info.path}/{STATE_JSON}") as f:
                 meta = json.loads(f.read())
             step = meta["step"]
-        except (FileNotFoundError, OSError, KeyError, json.JSONDecodeError):
-            continue  # incomplete
+        except (FileNotFoundError, KeyError, json.JSONDecodeError):
+            continue  # incomplete (no state written yet)
+        except OSError as e:
+            raise M1Error(f"cannot read {info.path}/{STATE_JSON}: {str(e).splitlines()[0]}") from e
         if fingerprint is None or meta.get("fingerprint") == fingerprint:
             out.append((step, info.path))
     return sorted(out)
 
 
-def newest_checkpoint(root_uri: str, fingerprint: str) -> tuple[str, str] | None:
+def newest_checkpoint(root_uri: str, fingerprint: str, mirror: str | None = None) -> tuple[str, str] | None:
     """(root or its S3 mirror, path) of the newest checkpoint of this fingerprint in either: a newer one of other
     settings must not hide it, and the mirror's counts only when newer than every one in the root."""
     cks = list_checkpoints(root_uri, fingerprint)
-    mirror = checkpoint_mirror(root_uri)
     mirrored = list_checkpoints(mirror, fingerprint) if mirror else []
     if mirrored and (not cks or mirrored[-1][0] > cks[-1][0]):
         return mirror, mirrored[-1][1]
     return (root_uri, cks[-1][1]) if cks else None
 
 
-def latest_checkpoint(root_uri: str, fingerprint: str) -> str | None:
+def latest_checkpoint(root_uri: str, fingerprint: str, mirror: str | None = None) -> str | None:
     """The path of newest_checkpoint in the root: one found only in the mirror is copied into the root first."""
-    found = newest_checkpoint(root_uri, fingerprint)
+    found = newest_checkpoint(root_uri, fingerprint, mirror)
     if found is None:
         return None
     where, path = found
@@ -200,8 +196,6 @@ def latest_checkpoint(root_uri: str, fingerprint: str) -> str | None:
 
 def download(root_uri: str, path: str) -> Path:
     """Copy a checkpoint to a local temp dir (no copy when it is local already)."""
-    import pyarrow.fs as pafs
-
     fs, _ = filesystem(root_uri)
     if isinstance(fs, pafs.LocalFileSystem):
         return Path(path)

@@ -2,7 +2,8 @@
 model from a checkpointed loop needs besides its loop.
 
 - `RunContext.build`: checks the input model, lays out <run_dir>/<stage>, decides GPU use, computes the resume
-  fingerprint and gathers what the loop reads (the loop context, a plain dict so that Ray can ship it to workers).
+  fingerprint and gathers what the loop reads: a `LoopContext` (the stage's typed config section, paths,
+  fingerprint, seed...), which Ray pickles to every worker.
 - `launch`: runs the loop in-process (`workers == 0`) or as a Ray Train `TorchTrainer` of `workers` workers,
   one set of resources (one GPU per worker on GPU, one CPU per worker on CPU) and checkpoint retention for
   every stage, resuming from the newest checkpoint of this run's fingerprint.
@@ -23,8 +24,12 @@ from pathlib import Path
 import torch
 
 from components import hashing
+from components.config_base import Section
 from components.errors import M1Error
-from components.train import checkpoint as ck
+from components.ray_utils import ensure_ray
+from components.train import checkpoint
+
+# ray (ray.train) is imported in RunContext.launch, only for a run on Ray workers: a heavy optional dependency.
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -63,7 +68,8 @@ def fingerprint(stage: str, train_cfg: dict, model_dir: Path, data_dir: Path, se
     repo module it imports), the versions of `libraries`, every file of the input model and the data manifest.
     Computed once by the driver and handed to the workers; it holds no absolute path, so the same code and inputs
     give the same value."""
-    loop_module = loop_module or ("components.grpo.loop" if stage == "grpo" else "components.train.loop")
+    # grpo and the transformer arm's transformer_grpo run the GRPO loop; distill, sft1, sft2 (and arms') the trainer
+    loop_module = loop_module or ("components.grpo.loop" if stage.endswith("grpo") else "components.train.loop")
     h = hashlib.sha256(json.dumps({"stage": stage, "train": train_cfg, "seed": seed, "teacher": teacher,
                                    "code": hashing.code_version(code_paths(loop_module), ROOT),
                                    "libraries": {n: _library_version(n) for n in libraries}},
@@ -78,20 +84,62 @@ def wants_gpu(setting: str) -> bool:
     return setting == "yes" or (setting == "auto" and torch.cuda.is_available())
 
 
+# What the workers must see of this driver's environment: S3 endpoint and region (not credentials: the runtime env
+# shows in Ray's dashboard; nodes take those from their own environment or instance role) and the M1_* settings
+# (kernels, cache dir). A Ray instance started earlier, or a remote cluster, would otherwise run the loop with another
+# environment. Values that must also be *absent* when unset travel in the loop config instead.
+WORKER_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "MLFLOW_S3_ENDPOINT_URL")
+
+
+def worker_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k in WORKER_ENV or k.startswith("M1_")}
+
+
+@dataclass
+class LoopContext:
+    """What a training loop reads: the stage's typed config section and where the run lives. Picklable: Ray Train
+    ships it to every worker (RunContext.launch)."""
+
+    stage: str
+    config: Section  # the stage's typed section: TrainConfig (distill, sft1, sft2...) or GRPOConfig (grpo...)
+    model_dir: str  # the input model
+    data_dir: str  # the curated folder the loop trains on
+    out_dir: str  # <run_dir>/<stage>
+    checkpoint_root: str
+    checkpoint_mirror: str | None  # the root's S3 mirror (checkpoint.checkpoint_mirror), None for none
+    fingerprint: str  # what a checkpoint must match to be resumed (fingerprint())
+    seed: int
+    use_gpu: bool
+    fail_after_step: int = -1  # fault injection for resume tests ($M1_FAIL_AFTER_STEP)
+    mlflow_run_id: str | None = None
+    mlflow_uri: str | None = None
+    use_ray: bool = False  # set by RunContext.launch
+    # the training stages only (not GRPO)
+    teacher_source: str | None = None
+    heldout_dir: str | None = None  # curated held-out rows, None for none
+    teacher_topk_dir: str | None = None  # precomputed teacher top-k (the teacher is not run for the training loss)
+
+
+def _ray_worker(config: dict) -> dict:
+    """Ray Train's train_loop_per_worker: TorchTrainer hands it a dict (train_loop_config); the loop gets its
+    LoopContext."""
+    return config["loop"](config["context"])
+
+
 @dataclass
 class RunContext:
-    """Where a stage's run lives and the loop context handed to its loop (`lc`)."""
+    """Where a stage's run lives and the LoopContext handed to its loop."""
 
     out_dir: Path
     checkpoint_root: str
     use_gpu: bool
-    lc: dict
+    context: LoopContext
 
     @classmethod
-    def build(cls, config, stage: str, section, inputs: dict, section_key: str, data: str,
+    def build(cls, config, stage: str, section: Section, inputs: dict, data: str,
               libraries: tuple[str, ...] = ("torch", "transformers"), **extra) -> RunContext:
-        """section: the stage's typed config (TrainConfig / GRPOConfig); section_key: the key the loop reads it
-        under; data: the curated folder (relative to inputs["data_dir"]) the loop trains on; extra: more keys."""
+        """section: the stage's typed config (TrainConfig / GRPOConfig); data: the curated folder (relative to
+        inputs["data_dir"]) the loop trains on; extra: more LoopContext fields (teacher_source, heldout_dir)."""
         model_dir, data_root = Path(inputs["model_dir"]), Path(inputs["data_dir"])
         if not (model_dir / "config.json").is_file():
             raise M1Error(f"{stage}: input model directory {model_dir} has no config.json")
@@ -99,44 +147,49 @@ class RunContext:
         out_dir.mkdir(parents=True, exist_ok=True)
         root = section.checkpoint_storage or str((out_dir / "checkpoints").resolve())
         use_gpu = wants_gpu(section.use_gpu)
-        settings = section.model_dump(mode="json")
-        lc = {"stage": stage, section_key: settings, "model_dir": str(model_dir.resolve()),
-              "data_dir": str((data_root / data).resolve()), "out_dir": str(out_dir.resolve()),
-              "checkpoint_root": root,
-              "fingerprint": fingerprint(stage, settings, model_dir, data_root, config.seed, config.teacher.source,
-                                         libraries),
-              "seed": config.seed, "use_gpu": use_gpu,
-              "mlflow_run_id": os.environ.get("MLFLOW_RUN_ID"), "mlflow_uri": os.environ.get("MLFLOW_TRACKING_URI"),
-              **extra}
-        return cls(out_dir, root, use_gpu, lc)
+        settings = section.model_dump(mode="json")  # the fingerprint's view of the settings
+        context = LoopContext(
+            stage=stage, config=section, model_dir=str(model_dir.resolve()),
+            data_dir=str((data_root / data).resolve()), out_dir=str(out_dir.resolve()), checkpoint_root=root,
+            checkpoint_mirror=checkpoint.checkpoint_mirror(root, config.pipeline.mirror_location()),
+            fingerprint=fingerprint(stage, settings, model_dir, data_root, config.seed, config.teacher.source,
+                                    libraries),
+            seed=config.seed, use_gpu=use_gpu,
+            # read here, not in the loop: a Ray worker of an earlier run would still carry an old value
+            fail_after_step=int(os.environ.get("M1_FAIL_AFTER_STEP", "-1")),
+            mlflow_run_id=os.environ.get("MLFLOW_RUN_ID"), mlflow_uri=os.environ.get("MLFLOW_TRACKING_URI"),
+            **extra)
+        return cls(out_dir, root, use_gpu, context)
 
     def has_checkpoint(self) -> bool:
-        return ck.latest_checkpoint(self.checkpoint_root, self.lc["fingerprint"]) is not None
+        context = self.context
+        return checkpoint.latest_checkpoint(self.checkpoint_root, context.fingerprint,
+                                            context.checkpoint_mirror) is not None
 
-    def launch(self, loop: Callable[[dict], dict], workers: int, keep_checkpoints: int, summary_file: str) -> dict:
-        """Run `loop(lc)` in this process (workers == 0) or on `workers` Ray Train workers; -> the loop's summary
-        metrics (on Ray, read back from <out_dir>/<summary_file>, which rank 0 writes)."""
-        self.lc["use_ray"] = workers > 0
+    def launch(self, loop: Callable[[LoopContext], dict], workers: int, keep_checkpoints: int,
+               summary_file: str) -> dict:
+        """Run `loop(context)` in this process (workers == 0) or on `workers` Ray Train workers; -> the loop's
+        summary metrics (on Ray, read back from <out_dir>/<summary_file>, which rank 0 writes)."""
+        self.context.use_ray = workers > 0
         if workers == 0:
-            return loop(self.lc)
+            return loop(self.context)
         import ray.train
         from ray.train.torch import TorchConfig, TorchTrainer
 
-        from components.ray_utils import ensure_ray
-
         ensure_ray()  # RAY_ADDRESS (set from pipeline.ray_address by the pipeline) or a local instance
-        fs, path = ck.filesystem(self.checkpoint_root)
+        fs, path = checkpoint.filesystem(self.checkpoint_root)
         storage, name = path.rsplit("/", 1)
         # Ray Train v2 takes no resume_from_checkpoint: the workers find their checkpoint (Context.resume_dir). Here
         # the driver only brings a newer one back from the S3 mirror into the root first.
-        ck.latest_checkpoint(self.checkpoint_root, self.lc["fingerprint"])
+        checkpoint.latest_checkpoint(self.checkpoint_root, self.context.fingerprint, self.context.checkpoint_mirror)
         TorchTrainer(
-            loop, train_loop_config=self.lc,
+            _ray_worker, train_loop_config={"loop": loop, "context": self.context},
             torch_config=TorchConfig(backend="nccl" if self.use_gpu else "gloo"),
             scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=self.use_gpu,
                                                    resources_per_worker=None if self.use_gpu else {"CPU": 1}),
             run_config=ray.train.RunConfig(name=name, storage_path=storage, storage_filesystem=fs,
-                                           checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints)),
+                                           checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints),
+                                           worker_runtime_env={"env_vars": worker_env()}),
         ).fit()
         summary = self.out_dir / summary_file
         return json.loads(summary.read_text()) if summary.is_file() else {}

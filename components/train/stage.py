@@ -9,50 +9,59 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from components.errors import M1Error
-from components.train.harness import RunContext, RunOutputs, fingerprint  # noqa: F401 (fingerprint: public API)
+from components.train import teacher_topk
+from components.train.config import TrainConfig
+from components.train.data import PackedRows, rows_for_step
+from components.train.harness import (  # noqa: F401 (fingerprint: public API)
+    LoopContext,
+    RunContext,
+    RunOutputs,
+    fingerprint,
+)
+from components.train.loop import train_loop
 
 STAGES = ("distill", "sft1", "sft2")
 TrainOutputs = RunOutputs
 
 
-def run(config, inputs: dict, stage: str) -> RunOutputs:
-    from components.train.loop import train_loop
-
-    if stage not in STAGES:
-        raise M1Error(f"unknown training stage {stage!r}; choose one of {', '.join(STAGES)}")
-    tc = getattr(config, stage)
+def run(config, inputs: dict, stage: str, section: str | None = None) -> RunOutputs:
+    """stage: the run's name (its folder <run_dir>/<stage>, its checkpoints and fingerprint); section: the config
+    section it trains with (default: the stage's own; the transformer arm's transformer_sft1 trains with sft1)."""
+    section = section or stage
+    if section not in STAGES:
+        raise M1Error(f"unknown training stage {section!r}; choose one of {', '.join(STAGES)}")
+    train: TrainConfig = getattr(config, section)
     data_root = Path(inputs["data_dir"])
-    run_ctx = RunContext.build(config, stage, tc, inputs, "train", tc.data,
-                               heldout_dir=str((data_root / tc.heldout).resolve()) if tc.heldout else None,
+    run_ctx = RunContext.build(config, stage, train, inputs, train.data,
+                               heldout_dir=str((data_root / train.heldout).resolve()) if train.heldout else None,
                                teacher_source=config.teacher.source)
-    topk = _teacher_topk(config, tc, stage, run_ctx.lc, run_ctx.out_dir, run_ctx.use_gpu)
+    topk = _teacher_topk(config, train, stage, run_ctx.context, run_ctx.out_dir, run_ctx.use_gpu)
     if not run_ctx.has_checkpoint():
         (run_ctx.out_dir / "history.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh loss curve
-    metrics = run_ctx.launch(train_loop, tc.num_workers, tc.keep_checkpoints, "train_metrics.json")
+    metrics = run_ctx.launch(train_loop, train.num_workers, train.keep_checkpoints, "train_metrics.json")
     return run_ctx.outputs({**metrics, **topk})
 
 
-def _teacher_topk(config, tc, stage: str, lc: dict, out_dir: Path, use_gpu: bool) -> dict:
+def _teacher_topk(config, train: TrainConfig, stage: str, context: LoopContext, out_dir: Path,
+                  use_gpu: bool) -> dict:
     """With teacher_topk > 0: precompute (or reuse) the teacher's top-k for every row this run will visit, in
     this process before any worker starts, and point the loop at the store."""
-    if not tc.teacher_topk:
+    if not train.teacher_topk:
         return {}
-    import numpy as np
-    import torch
-
-    from components.train import teacher_topk as tk
-    from components.train.data import PackedRows, rows_for_step
-
-    data_dir = Path(lc["data_dir"])
+    data_dir = Path(context.data_dir)
     data = PackedRows(data_dir)
-    rows = np.concatenate([rows_for_step(s, tc.global_batch_size, len(data), config.seed) for s in range(tc.max_steps)])
-    store = Path(tc.teacher_topk_dir) if tc.teacher_topk_dir else \
-        out_dir / "teacher_topk" / tk.store_key(config.teacher.source, data_dir, tc.teacher_topk)
+    rows = np.concatenate([rows_for_step(s, train.global_batch_size, len(data), config.seed)
+                           for s in range(train.max_steps)])
+    store = Path(train.teacher_topk_dir) if train.teacher_topk_dir else \
+        out_dir / "teacher_topk" / teacher_topk.store_key(config.teacher.source, data_dir, train.teacher_topk)
     device = torch.device("cuda" if use_gpu else "cpu")
-    info = tk.precompute(config.teacher.source, data, data_dir, rows, tc.teacher_topk, store, device,
-                         torch.bfloat16 if use_gpu else torch.float32)
-    print(f"[{stage}] teacher top-{tc.teacher_topk}: {info['rows']} rows in {store} ({info['computed']} computed now)",
-          flush=True)
-    lc["teacher_topk_dir"] = str(store.resolve())
+    info = teacher_topk.precompute(config.teacher.source, data, data_dir, rows, train.teacher_topk, store, device,
+                                   torch.bfloat16 if use_gpu else torch.float32)
+    print(f"[{stage}] teacher top-{train.teacher_topk}: {info['rows']} rows in {store} "
+          f"({info['computed']} computed now)", flush=True)
+    context.teacher_topk_dir = str(store.resolve())
     return {"teacher_topk/rows": info["rows"], "teacher_topk/computed": info["computed"]}
