@@ -10,6 +10,11 @@ Interrupted (Ctrl-C, a termination signal) the run ends Crashed with its MLflow 
 names the stage it stopped (`m1_stage`); a run whose process was killed outright is marked so by the profile's next
 run (components/pipeline/mlflow_runs.py, prefect_local.claim_flow_run).
 
+In the Prefect UI: each task waits for its upstream stages' task runs (wait_for), so the flow run graph draws
+curate -> convert -> distill -> ...; each task run carries its own artifacts (markdown, metrics table, MLflow link,
+plots; a cached one is renamed `<stage> (cached)`: components/pipeline/prefect_artifacts.py), and a training stage
+has a progress artifact moved at each checkpoint (components/pipeline/prefect_progress.py).
+
     m1 pipeline --profile tiny                                  # in-process, no server needed
     prefect deployment run m1-pipeline/local -p profile=tiny    # through a server + worker (infra/)
 """
@@ -23,7 +28,7 @@ from components.pipeline.runner import quiet_env
 quiet_env()
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact
 from prefect.context import get_run_context
 from prefect.states import Failed
 
@@ -31,7 +36,10 @@ from components.errors import M1Error
 from components.pipeline import runner
 from components.pipeline.keys import StageResult, cache_key
 from components.pipeline.mlflow_runs import PipelineRuns, owner_alive, process_owner
+from components.pipeline.prefect_artifacts import publish_stage
+from components.pipeline.prefect_progress import stage_progress
 from components.pipeline.prefect_local import claim_flow_run
+from components.pipeline.stages import get_stage
 from components.pipeline.storage import result_storage, s3_environment
 
 
@@ -67,7 +75,8 @@ logging.getLogger("prefect.task_runs").addFilter(_NoBadInputTraceback())
       retry_condition_fn=_transient)
 def run_stage(stage: str, config, inputs: dict, cache_key: str, mlflow_run_id: str | None,
               tracking_uri: str | None, later: list[str] | None = None) -> StageResult:
-    return runner.execute_stage(config, stage, inputs, cache_key, mlflow_run_id, tracking_uri, later)
+    with stage_progress(config, get_stage(stage, config)):  # training stages: progress at checkpoints
+        return runner.execute_stage(config, stage, inputs, cache_key, mlflow_run_id, tracking_uri, later)
 
 
 def _stage_task(stage, config, storage, refresh: bool = False):
@@ -115,6 +124,7 @@ def _run(config, stages: list[str] | None) -> dict:
     if runs.killed:
         logger.warning(f"marked {len(runs.killed)} MLflow run(s) whose process is gone as KILLED")
     finished: dict[str, StageResult] = {}
+    states: dict = {}  # each stage's final task run state: its downstream tasks wait_for it (the graph's edges)
     datasets: dict[str, dict] = {}
     rows: list[dict] = []
     status = "FAILED"
@@ -127,18 +137,22 @@ def _run(config, stages: list[str] | None) -> dict:
             for u in stage.upstream:
                 if u in datasets:
                     runs.log_datasets([run_id], datasets[u], context=stage.name)
+            # the upstream states (complete) as wait_for: nothing to wait for, but Prefect records them in the task
+            # run's task_inputs, which the flow run graph draws as dependency arrows
+            upstream = [states[u] for u in stage.upstream if u in states]
             t0 = time.time()
             try:
                 with runs.watch_checkpoints(run_id, stage.name):
                     state = _stage_task(stage, config, storage)(stage.name, config, inputs, key, run_id, runs.uri,
-                                                               later, return_state=True)
+                                                               later, wait_for=upstream, return_state=True)
                     result: StageResult = state.result()
                     cached = state.name == "Cached"
                     if cached and not result.outputs_intact(stage):
                         logger.warning(f"{stage.name}: cached outputs are missing or changed on disk; "
                                        "running it again")
                         state = _stage_task(stage, config, storage, refresh=True)(
-                            stage.name, config, inputs, key, run_id, runs.uri, later, return_state=True)
+                            stage.name, config, inputs, key, run_id, runs.uri, later, wait_for=upstream,
+                            return_state=True)
                         result, cached = state.result(), False
                 runner.check_splits(config, result.outputs, later)  # also a result cached by a run of fewer stages
             except BaseException as e:
@@ -155,12 +169,11 @@ def _run(config, stages: list[str] | None) -> dict:
                 runs.log_datasets([runs.parent_id, run_id], datasets[stage.name], context=stage.name)
             runs.end_stage(run_id, "FINISHED")
             link = runs.link(run_id)
-            artifact = f"m1-{stage.name.replace('_', '-')}"  # Prefect artifact keys: lowercase letters, digits, dashes
-            create_markdown_artifact(key=artifact, markdown=runner.stage_markdown(stage, result, cached, link),
-                                     description=f"{stage.name}: metrics and outputs")
-            if link:
-                create_link_artifact(key=f"{artifact}-mlflow", link=link, link_text=f"MLflow run of {stage.name}")
+            # on the stage's own task run (a cached one too): markdown, metrics table, MLflow link, plots
+            publish_stage(stage, result, cached, link, runner.stage_markdown(stage, result, cached, link),
+                          state.state_details.task_run_id, logger)
             finished[stage.name] = result
+            states[stage.name] = state
             rows.append({"stage": stage.name, "status": f"cached ({result.seconds:.0f} s saved)" if cached else "ran",
                          "seconds": seconds, "metrics": runner.key_metrics(stage, result),
                          "where": runner.where(stage, result), "cached": cached, "mlflow_run_id": run_id,

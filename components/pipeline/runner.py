@@ -137,17 +137,22 @@ def key_metrics(stage: Stage, result: StageResult, limit: int = 4) -> str:
     if stage.summary is not None:
         return stage.summary(result.outputs)
     names = [m for m in stage.summary_metrics if m in result.metrics] or sorted(result.metrics)[:limit]
-    return ", ".join(f"{m}={_fmt(result.metrics[m])}" for m in names[:limit]) or "-"
+    return ", ".join(f"{m}={fmt_value(result.metrics[m])}" for m in names[:limit]) or "-"
 
 
-def _fmt(v: float) -> str:
+def fmt_value(v: float) -> str:
     return f"{int(v)}" if float(v).is_integer() and abs(v) < 1e15 else f"{v:.4g}"
 
 
 def stage_markdown(stage: Stage, result: StageResult, cached: bool, link: str | None) -> str:
-    lines = [f"### {stage.name} ({'cached' if cached else 'ran'} in {result.seconds:.1f} s)", "",
-             f"{stage.description}", "", "| metric | value |", "|---|---|"]
-    lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted(result.metrics.items())]
+    """The stage's markdown artifact; its header says whether the stage ran or its result came from the cache."""
+    if cached:
+        head = (f"### {stage.name}: CACHED, not run again (the cached result took {result.seconds:.1f} s; "
+                f"MLflow run it came from: `{result.mlflow_run_id or '-'}`)")
+    else:
+        head = f"### {stage.name}: ran in {result.seconds:.1f} s"
+    lines = [head, "", f"{stage.description}", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {fmt_value(v)} |" for k, v in sorted(result.metrics.items())]
     lines += ["", "| output | content hash (DVC md5) |", "|---|---|"]
     lines += [f"| {name} | `{h}` |" for name, h in result.output_hashes.items()]
     lines += ["", f"outputs: `{where(stage, result)}`", f"cache key: `{result.cache_key}`"]
