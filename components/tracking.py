@@ -12,7 +12,9 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import field_validator
 
 from components.config_base import Section
 
@@ -25,6 +27,23 @@ class TrackingConfig(Section):
     # Where new experiments keep artifacts: a local folder or s3://bucket/prefix (MLFLOW_S3_ENDPOINT_URL for MinIO).
     artifact_location: str | None = None
     enabled: bool = True
+    # Which training checkpoints become MLflow logged models (models:/<model_id>, loadable by mlflow.pyfunc) with
+    # their step and the metrics at that step (components/pipeline/mlflow_runs.py): `all` every checkpoint and the
+    # final model; `final_and_best` the final model and the checkpoint best by checkpoint_metric; `final` the final
+    # model; `none`. Each one uploads the weights (and the code): a 3B hybrid is ~6 GB a checkpoint, hence not `all`.
+    log_checkpoints: Literal["all", "final_and_best", "final", "none"] = "final_and_best"
+    # What makes a checkpoint the best, per training section (the transformer arm's stages use the hybrid's):
+    # "min:<metric>" or "max:<metric>", read on the stage's run at the checkpoint's step.
+    checkpoint_metric: dict[str, str] = {"distill": "min:loss", "sft1": "min:loss", "sft2": "min:loss",
+                                         "grpo": "max:reward_mean"}
+
+    @field_validator("checkpoint_metric")
+    @classmethod
+    def _min_or_max(cls, v: dict[str, str]) -> dict[str, str]:
+        bad = [f"{k}: {m!r}" for k, m in v.items() if m.partition(":")[0] not in ("min", "max") or not m[4:]]
+        if bad:
+            raise ValueError(f"want 'min:<metric>' or 'max:<metric>', got {', '.join(bad)}")
+        return v
 
 
 # MLflow 3 UIs show an experiment as model training or as a GenAI app. Experiments made here are tagged as model

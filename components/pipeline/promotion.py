@@ -6,7 +6,12 @@ gate.reason, gate.<metric>.*). Besides the gate's metrics (`metric.<name>` tags,
 later gates compare against without looking up runs) a version carries only its lineage (LINEAGE): the run that
 logged it, the Prefect flow run, the DVC hash of the curated data, the git commit, the model's own DVC hash;
 every metric stays on the run. Weights already registered (same content hash, tag `m1.model_md5`) reuse their
-version instead of adding one."""
+version instead of adding one.
+
+A version is created from a logged model (source `models:/<model_id>`): the final model the training stage logged
+(components/pipeline/mlflow_runs.py: same weights, found by `m1.model_md5`), which carries its step, metrics and
+datasets; when no stage logged it (tracking.log_checkpoints: none, `m1 promote --model-dir`), one logged in the
+registering run."""
 from __future__ import annotations
 
 import json
@@ -14,7 +19,6 @@ import math
 import os
 import subprocess
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -130,20 +134,6 @@ def version_metrics(mv) -> dict[str, float]:
     return out
 
 
-def _pip_requirements() -> list[str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    reqs = []
-    for name in ("torch", "transformers", "tokenizers", "safetensors", "pydantic", "pyyaml", "numpy", "tqdm",
-                 "pandas"):
-        try:
-            v = version(name).split("+")[0]
-            reqs.append(f"{name}=={v}" if name != "torch" else f"torch>={v.rsplit('.', 1)[0]}")
-        except PackageNotFoundError:
-            reqs.append(name)
-    return reqs
-
-
 def _version_with_content(client, name: str, content: str):
     """The newest version of `name` registered with these exact model files, or None."""
     found = client.search_model_versions(f"name = '{name}' and tags.`{CONTENT_TAG}` = '{content}'",
@@ -186,16 +176,39 @@ def lineage(config, client, run_id: str) -> dict[str, str]:
     return {k: v for k, v in tags.items() if v}
 
 
+def stage_logged_model(client, experiment: str, content: str):
+    """The newest finished logged model of the experiment holding these model files (tag m1.model_md5: a training
+    stage's final model), or None."""
+    from mlflow.entities import LoggedModelStatus
+
+    found = client.search_logged_models([experiment], filter_string=f"tags.`{CONTENT_TAG}` = '{content}'",
+                                        order_by=[{"field_name": "creation_time", "ascending": False}])
+    return next((m for m in found if m.status == LoggedModelStatus.READY), None)
+
+
+def _version_from_logged_model(client, name: str, model):
+    """A new version of `name` whose source is the logged model (models:/<model_id>), linked to its run."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException as e:
+        if e.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+    return client.create_model_version(name, source=f"models:/{model.model_id}", run_id=model.source_run_id,
+                                       model_id=model.model_id, await_creation_for=60)
+
+
 def register_model(config, model_dir: str | Path, metrics: dict[str, float], tags: dict | None = None) -> str:
-    """Log `model_dir` as a pyfunc model in the current stage run (MLFLOW_RUN_ID) or a new run and register it,
-    or reuse the version that holds the same files; tag the version with the gate's metrics and point the
-    candidate alias at it; returns the version. Every metric is logged to the run; the version keeps the gate's
-    metrics and its lineage, and loses tags of an earlier registration that are neither."""
+    """Register `model_dir` from its logged model (the one a training stage logged with the same files, else one
+    logged now as a pyfunc model in the current stage run, MLFLOW_RUN_ID, or a new run), or reuse the version that
+    holds the same files; tag the version with the gate's metrics and point the candidate alias at it; returns the
+    version. Every metric is logged to the registering run; the version keeps the gate's metrics and its lineage
+    (m1.source_run: the run that logged the model), and loses tags of an earlier registration that are neither."""
     import mlflow
 
-    from components.pipeline import pyfunc_entry_path
     from components.pipeline.mlflow_runs import experiment_id
-    from components.pipeline.pyfunc_model import HYBRID_ARTIFACT, signature
+    from components.pipeline.pyfunc_model import log_hybrid
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
@@ -211,25 +224,23 @@ def register_model(config, model_dir: str | Path, metrics: dict[str, float], tag
     exp = experiment_id(config.tracking, uri)
     with mlflow.start_run(run_id=run_id, experiment_id=None if run_id else exp,
                           run_name=None if run_id else "register") as run:
+        this_run = model_run = run.info.run_id
         if same is None:
-            with warnings.catch_warnings():
-                # MLflow suggests an input example and type hints: both would make logging load and run the model.
-                warnings.filterwarnings("ignore", message=".*(input example|type hints).*", category=UserWarning)
-                info = mlflow.pyfunc.log_model(
-                    name="model", python_model=pyfunc_entry_path(), artifacts={HYBRID_ARTIFACT: str(model_dir)},
-                    code_paths=[str(ROOT / "components")], signature=signature(promo.max_new_tokens),
-                    pip_requirements=_pip_requirements(), registered_model_name=name, await_registration_for=60)
-            version = str(info.registered_model_version)
+            logged = stage_logged_model(client, exp, content)
+            if logged is None:
+                logged = client.get_logged_model(log_hybrid(model_dir, promo.max_new_tokens).model_id)
+            model_run = logged.source_run_id or this_run
+            version = str(_version_from_logged_model(client, name, logged).version)
         else:
             version = str(same.version)
         if metrics:
             mlflow.log_metrics({mlflow_key(k): float(v) for k, v in metrics.items()})
-        source_run = run.info.run_id
     gated = {g.metric: metrics[g.metric] for g in promo.gate if g.metric in metrics}
     version_tags = {mlflow_key(f"{METRIC_TAG}{k}"): v for k, v in gated.items()}
     version_tags.update({METRICS_TAG: json.dumps(gated), CONTENT_TAG: content, "m1.model_dir": str(model_dir.resolve()),
-                         "m1.profile": config.profile, "m1.source_run" if same is None else "m1.reused_by_run": source_run,
-                         **lineage(config, client, source_run), **(tags or {})})
+                         "m1.profile": config.profile,
+                         **({"m1.source_run": model_run} if same is None else {"m1.reused_by_run": this_run}),
+                         **lineage(config, client, this_run), **(tags or {})})
     if same is not None:  # metric tags of an earlier evaluation that the gate no longer reads, stale lineage
         for k in same.tags:
             if (k.startswith(METRIC_TAG) or k in LINEAGE) and k not in version_tags and k != "m1.source_run":

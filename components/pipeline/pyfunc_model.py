@@ -6,14 +6,18 @@ template) and components.model.generate.
     -> ["... \\boxed{42}"]
 
 Each prompt becomes a user turn (the chat template adds the generation prompt); greedy decoding unless a
-temperature > 0 is passed."""
+temperature > 0 is passed. log_hybrid logs a model directory as this pyfunc: the registry's version and every
+training checkpoint MLflow tracks (components/pipeline/mlflow_runs.py) are logged the same way, so each loads by
+its URI (`models:/<model_id>`)."""
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import mlflow.pyfunc
 
 HYBRID_ARTIFACT = "hybrid"
+ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 def signature(max_new_tokens: int = 256):
@@ -30,6 +34,36 @@ def signature(max_new_tokens: int = 256):
             ParamSpec("seed", "long", 0),
         ]),
     )
+
+
+def pip_requirements() -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    reqs = []
+    for name in ("torch", "transformers", "tokenizers", "safetensors", "pydantic", "pyyaml", "numpy", "tqdm",
+                 "pandas"):
+        try:
+            v = version(name).split("+")[0]
+            reqs.append(f"{name}=={v}" if name != "torch" else f"torch>={v.rsplit('.', 1)[0]}")
+        except PackageNotFoundError:
+            reqs.append(name)
+    return reqs
+
+
+def log_hybrid(model_dir: str | Path, max_new_tokens: int, model_id: str | None = None, step: int = 0,
+               name: str = "model"):
+    """Log the hybrid model directory `model_dir` (config.json, weights, tokenizer) as this pyfunc, models from
+    code with components/ beside it; into the logged model `model_id` when given (created by the caller with its
+    run, tags and params), else a new one of the active run. Returns MLflow's ModelInfo."""
+    from components.pipeline import pyfunc_entry_path
+
+    with warnings.catch_warnings():
+        # MLflow suggests an input example and type hints: both would make logging load and run the model.
+        warnings.filterwarnings("ignore", message=".*(input example|type hints).*", category=UserWarning)
+        return mlflow.pyfunc.log_model(
+            name=name, python_model=pyfunc_entry_path(), artifacts={HYBRID_ARTIFACT: str(model_dir)},
+            code_paths=[str(ROOT / "components")], signature=signature(max_new_tokens),
+            pip_requirements=pip_requirements(), model_id=model_id, step=step)
 
 
 # The input is validated against the logged signature (a DataFrame with a `prompt` column); MLflow's nudge
