@@ -36,7 +36,7 @@ from components.errors import M1Error
 from components.pipeline import runner
 from components.pipeline.keys import StageResult, cache_key
 from components.pipeline.mlflow_runs import PipelineRuns, owner_alive, process_owner
-from components.pipeline.prefect_artifacts import publish_stage
+from components.pipeline.prefect_artifacts import call_task, publish_stage
 from components.pipeline.prefect_progress import stage_progress
 from components.pipeline.prefect_local import claim_flow_run
 from components.pipeline.stages import get_stage
@@ -137,22 +137,20 @@ def _run(config, stages: list[str] | None) -> dict:
             for u in stage.upstream:
                 if u in datasets:
                     runs.log_datasets([run_id], datasets[u], context=stage.name)
-            # the upstream states (complete) as wait_for: nothing to wait for, but Prefect records them in the task
-            # run's task_inputs, which the flow run graph draws as dependency arrows
+            # the upstream task runs (finished) as wait_for: nothing to wait for, but Prefect records them in the
+            # task run's task_inputs, which the flow run graph draws as dependency arrows
             upstream = [states[u] for u in stage.upstream if u in states]
             t0 = time.time()
             try:
                 with runs.watch_checkpoints(run_id, stage.name):
-                    state = _stage_task(stage, config, storage)(stage.name, config, inputs, key, run_id, runs.uri,
-                                                               later, wait_for=upstream, return_state=True)
+                    args = (stage.name, config, inputs, key, run_id, runs.uri, later)
+                    state = call_task(_stage_task(stage, config, storage), args, upstream)
                     result: StageResult = state.result()
                     cached = state.name == "Cached"
                     if cached and not result.outputs_intact(stage):
                         logger.warning(f"{stage.name}: cached outputs are missing or changed on disk; "
                                        "running it again")
-                        state = _stage_task(stage, config, storage, refresh=True)(
-                            stage.name, config, inputs, key, run_id, runs.uri, later, wait_for=upstream,
-                            return_state=True)
+                        state = call_task(_stage_task(stage, config, storage, refresh=True), args, upstream)
                         result, cached = state.result(), False
                 runner.check_splits(config, result.outputs, later)  # also a result cached by a run of fewer stages
             except BaseException as e:

@@ -48,6 +48,19 @@ def statuses(summary) -> dict:
     return {r["stage"]: r["cached"] for r in summary["stages"]}
 
 
+def task_runs(summary) -> tuple[dict, dict]:
+    """The flow run's task runs by name, and {task run name: {artifact key: artifact}} of the artifacts on each."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterTaskRunId, FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        found = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[summary["flow_run_id"]])))
+        runs = {t.name: t for t in found}
+        artifacts = {name: {a.key: a for a in client.read_artifacts(artifact_filter=ArtifactFilter(
+            task_run_id=ArtifactFilterTaskRunId(any_=[t.id])))} for name, t in runs.items()}
+    return runs, artifacts
+
+
 @pytest.fixture(scope="module")
 def first(env):
     t0 = time.time()
@@ -104,6 +117,41 @@ def test_tiny_end_to_end(first, env):
     assert set(keys) == {"m1-curate", "m1-convert-mlflow", "m1-pipeline-summary"}
     assert "| records.sft1 |" in keys["m1-curate"].data and "MLflow run" in keys["m1-curate"].data
     assert "/#/experiments/" in keys["m1-convert-mlflow"].data
+    # ... each on its stage's own task run, which waited for its upstream stages' task runs (the graph's arrows)
+    from components.config import load_config
+    from components.pipeline.prefect_progress import training_section
+
+    cfg = load_config("tiny", overrides=overrides(env))
+    runs, artifacts = task_runs(summary)
+    assert set(runs) == set(stage_names(cfg))
+    for name in stage_names(cfg):
+        upstream = {runs[u].id for u in get_stage(name, cfg).upstream}  # evaluate: grpo and transformer_grpo too
+        assert {i.id for i in runs[name].task_inputs.get("wait_for", [])} == upstream, name
+        assert not any(v for k, v in runs[name].task_inputs.items() if k != "wait_for"), name  # no false arrows
+        assert artifacts[name][f"m1-{name.replace('_', '-')}"].data.startswith(f"### {name}: ran in "), name
+    assert {k for k in artifacts["curate"]} == {"m1-curate", "m1-curate-metrics", "m1-curate-mlflow",
+                                                  "m1-curate-plots"}
+    table = {r["metric"]: r["value"] for r in json.loads(artifacts["curate"]["m1-curate-metrics"].data)}
+    assert int(table["records.sft1"]) == curate_run.data.metrics["records.sft1"]
+    # figures as data: URIs: curate's token lengths, loss curves of every SFT/distill stage, GRPO's, evaluate's
+    plots = {name: a[f"m1-{name.replace('_', '-')}-plots"] for name, a in artifacts.items()
+             if f"m1-{name.replace('_', '-')}-plots" in a}
+    assert plots["curate"].description == "curate: token lengths"
+    for name in ("distill", "sft1", "sft2", "transformer_sft1", "transformer_sft2"):
+        assert plots[name].description == f"{name}: loss curves", name
+    assert plots["grpo"].description == "grpo: grpo curves, heldout outcomes"
+    assert plots["evaluate"].description == "evaluate: time budget, speed"
+    assert plots["evaluate"].data.count("](data:image/png;base64,") == 2
+    assert max(len(p.data) for p in plots.values()) < 400_000  # downscaled
+    # training stages' progress at checkpoints, finished
+    for name in ("distill", "sft1", "sft2", "grpo", "transformer_sft1", "transformer_sft2", "transformer_grpo"):
+        section = training_section(cfg, get_stage(name, cfg))
+        progress = artifacts[name][f"m1-{name.replace('_', '-')}-progress"]
+        assert float(progress.data) == 100.0, name
+        assert progress.description == (f"{name}: {section.max_steps} steps, a checkpoint every "
+                                         f"{section.checkpoint_every}; finished: {section.max_steps}/"
+                                         f"{section.max_steps} steps")
+    assert "m1-convert-progress" not in artifacts["convert"]
 
 
 def test_second_run_is_all_cached(first, env, monkeypatch):
@@ -117,6 +165,14 @@ def test_second_run_is_all_cached(first, env, monkeypatch):
     monkeypatch.setattr("components.grpo.stage.run", boom)
     summary = run(env)
     assert all(statuses(summary).values()), summary["table"]
+    # visibly cached in Prefect: the task runs are named so and their markdown says it; artifacts still attached
+    runs, artifacts = task_runs(summary)
+    assert set(runs) == {f"{n} (cached)" for n in stage_names()}
+    assert all(r.state.name == "Cached" for r in runs.values())
+    assert artifacts["curate (cached)"]["m1-curate"].data.startswith("### curate: CACHED, not run again")
+    assert "m1-distill-plots" in artifacts["distill (cached)"]
+    assert {i.id for i in runs["distill (cached)"].task_inputs["wait_for"]} == {runs["curate (cached)"].id,
+                                                                               runs["convert (cached)"].id}
     assert [r["cache_key"] for r in summary["stages"]] == [r["cache_key"] for r in first[0]["stages"]]
 
 

@@ -14,7 +14,10 @@
 
 The flow creates them after the task returns, with the task run's id, so a cached task run (whose body does not
 run) gets them too; a cached task run is also renamed `<stage> (cached)`, which the flow graph and the task run
-list show. Progress while a stage runs: components/pipeline/prefect_progress.py."""
+list show. Progress while a stage runs: components/pipeline/prefect_progress.py.
+
+The flow graph's arrows are the task runs' `task_inputs`: `call_task` records exactly the upstream stages' task runs
+(`wait_for`) and nothing from the parameters (see there why)."""
 from __future__ import annotations
 
 import base64
@@ -24,12 +27,43 @@ import json
 from pathlib import Path
 from uuid import UUID
 
+from prefect.futures import PrefectTaskRunFuture
+from prefect.states import State
+from prefect.utilities.annotations import quote
+
 from components.pipeline.keys import StageResult
 from components.pipeline.runner import fmt_value
 from components.pipeline.stages import Stage
 
 MAX_WIDTH = 800
 CACHED_SUFFIX = " (cached)"
+
+
+class FinishedTask(PrefectTaskRunFuture):
+    """A task run that has already finished, as a future: in `wait_for` it records the edge upstream -> this task
+    and waits for nothing. Not the State itself: Prefect looks through a State's data for the results of other
+    tasks, which it recognises by object id, so a dict or str of a freed earlier result matched by a recycled id
+    would add arrows from stages that are not upstream."""
+
+    def __init__(self, state: State):
+        super().__init__(state.state_details.task_run_id)
+        self._final_state = state
+
+    def wait(self, timeout: float | None = None) -> None:
+        return None
+
+    def result(self, timeout: float | None = None, raise_on_failure: bool = True):
+        return self._final_state.result(raise_on_failure=raise_on_failure)
+
+    def add_done_callback(self, fn) -> None:
+        fn(self)
+
+
+def call_task(task, args: tuple, upstream: list[State]) -> State:
+    """Run `task(*args)` in this thread, after `upstream` (finished), and return its final state. The arguments are
+    quoted: Prefect then records no task inputs from them (it would walk the config and inputs, matching objects by
+    id against earlier results, the same false arrows as above) and passes them to the task unchanged."""
+    return task(*(quote(a) for a in args), wait_for=[FinishedTask(s) for s in upstream], return_state=True)
 
 
 def artifact_key(stage: str, suffix: str = "") -> str:
