@@ -228,3 +228,40 @@ def test_registry_version_comes_from_the_stage_logged_model(model_dir, tmp_path)
     logged = client.get_logged_model(mv.source.removeprefix("models:/"))  # logged by the registering run
     assert logged.source_run_id == mv.tags["m1.source_run"] == mv.run_id != run_id
     assert len(predict(logged.model_id)) == 1
+
+
+@pytest.mark.slow
+def test_tiny_flow_logs_checkpoint_models(tmp_path):
+    """The real distill stage through the flow (tiny profile, every checkpoint logged): a logged model per
+    checkpoint at its step with the loop's metrics at that step, the final model at the last step with the
+    held-out metrics, loadable by its model URI."""
+    from prefect.settings import PREFECT_HOME, temporary_settings
+
+    from components.pipeline.prefect_local import start_ephemeral_server, stop_ephemeral_server
+    from flows.m1_pipeline import m1_pipeline
+
+    overrides = {"run_dir": str(tmp_path / "run"), "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db",
+                                                                "log_checkpoints": "all"}}
+    try:
+        with temporary_settings(updates={PREFECT_HOME: str(tmp_path / "prefect")}):
+            start_ephemeral_server()  # as m1 pipeline does: a fresh database's migrations take a while here
+            summary = m1_pipeline(profile="tiny", stages=["distill"], overrides=overrides)
+    finally:
+        stop_ephemeral_server()
+    cfg = load_config("tiny", overrides=overrides)
+    run_id = next(r["mlflow_run_id"] for r in summary["stages"] if r["stage"] == "distill")
+    client = client_of(cfg)
+    found = client.search_logged_models([summary["mlflow"]["experiment_id"]],
+                                        filter_string=f"source_run_id = '{run_id}'")
+    models = {m.name: m for m in found}
+    last = cfg.distill.max_steps
+    steps = sorted(int(m.tags["m1.step"]) for m in found if m.tags["m1.kind"] == "checkpoint")
+    assert steps and steps[-1] == last and set(steps) <= set(range(1, last + 1))
+    history = {m.step: m.value for m in client.get_metric_history(run_id, "loss")}
+    for step in steps:
+        assert metrics_of(models[f"distill-step-{step}"])["loss"][:2] == (history[step], step)
+    final = models["distill-final"]
+    got = metrics_of(final)
+    assert final.tags["m1.step"] == str(last) and got["loss"][:2] == (history[last], last)
+    assert got["heldout/kl"][2] == "sft1_heldout" and got["loss"][2] == "sft1"
+    assert len(predict(final.model_id)) == 1
