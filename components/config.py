@@ -17,7 +17,14 @@ from components.pipeline.config import PipelineConfig
 from components.errors import M1Error
 from components.grpo.config import GRPOConfig
 from components.tracking import TrackingConfig
-from components.train.config import TrainConfig, distill_defaults, sft1_defaults, sft2_defaults
+from components.train.config import (
+    AlignConfig,
+    TrainConfig,
+    align_defaults,
+    distill_defaults,
+    sft1_defaults,
+    sft2_defaults,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILES_DIR = ROOT / "configs" / "profiles"
@@ -69,6 +76,7 @@ class M1Config(Section):
     convert: ConvertConfig = ConvertConfig()
     data: DataConfig = DataConfig()
     tracking: TrackingConfig = TrackingConfig()
+    align: AlignConfig = Field(default_factory=align_defaults)
     distill: TrainConfig = Field(default_factory=distill_defaults)
     sft1: TrainConfig = Field(default_factory=sft1_defaults)
     sft2: TrainConfig = Field(default_factory=sft2_defaults)

@@ -34,8 +34,8 @@ class TrackingConfig(Section):
     log_checkpoints: Literal["all", "final_and_best", "final", "none"] = "final_and_best"
     # What makes a checkpoint the best, per training section (the transformer arm's stages use the hybrid's):
     # "min:<metric>" or "max:<metric>", read on the stage's run at the checkpoint's step.
-    checkpoint_metric: dict[str, str] = {"distill": "min:loss", "sft1": "min:loss", "sft2": "min:loss",
-                                         "grpo": "max:reward_mean"}
+    checkpoint_metric: dict[str, str] = {"align": "min:loss", "distill": "min:loss", "sft1": "min:loss",
+                                         "sft2": "min:loss", "grpo": "max:reward_mean"}
 
     @field_validator("checkpoint_metric")
     @classmethod

@@ -124,7 +124,7 @@ def test_dry_run_prints_stages_keys_and_resources(profile, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert m1("pipeline", "--profile", profile, "--dry-run") == 0
     out = capsys.readouterr().out
-    for name in stage_names():
+    for name in stage_names(load_config(profile)):  # the profile's arms and optional stages
         assert f"  {name} " in out
     assert "key m1-curate-" in out and "asks for" in out
     if profile == "m1-3b":  # Ray stages count their workers and actors, driver-side stages the driver's GPU

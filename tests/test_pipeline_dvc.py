@@ -37,7 +37,7 @@ def test_dvc_repro_twice_is_a_no_op(tmp_path):
     sh("git", "init", "-q")
     sh("dvc", "init", "-q")
     first = sh("dvc", "repro")
-    stages = [s.name for s in registered_stages() if s.dvc_outs]
+    stages = [s.name for s in registered_stages(load_config("tiny")) if s.dvc_outs]
     for name in stages:
         assert f"Running stage '{name}'" in first, first
     assert (repo / "runs/tiny/metrics/convert.json").is_file()

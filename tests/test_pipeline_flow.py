@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from components.config import load_config
 from components.pipeline.keys import cache_key
 from components.pipeline.stages import get_stage, stage_names
 
 pytestmark = pytest.mark.slow
+TINY = load_config("tiny")  # its stages: both arms, align off
 # components.model re-exports the convert() function under the submodule's name: patch the module itself
 CONVERT = importlib.import_module("components.model.convert")
 
@@ -70,7 +72,7 @@ def first(env):
 
 def test_tiny_end_to_end(first, env):
     summary, seconds = first
-    assert [r["stage"] for r in summary["stages"]] == stage_names()
+    assert [r["stage"] for r in summary["stages"]] == stage_names(TINY)
     assert not any(statuses(summary).values())
     run_dir = env / "run"
     assert (run_dir / "data" / "manifest.json").is_file()
@@ -99,7 +101,7 @@ def test_tiny_end_to_end(first, env):
     parent = summary["mlflow"]["parent_run_id"]
     children = client.search_runs([summary["mlflow"]["experiment_id"]],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent}'")
-    assert sorted(r.info.run_name for r in children) == sorted(stage_names())
+    assert sorted(r.info.run_name for r in children) == sorted(stage_names(TINY))
     curate_run = next(r for r in children if r.info.run_name == "curate")
     assert curate_run.data.metrics["records.sft1"] > 0
     assert curate_run.data.params["data.num_proc"] == "1"
@@ -167,7 +169,7 @@ def test_second_run_is_all_cached(first, env, monkeypatch):
     assert all(statuses(summary).values()), summary["table"]
     # visibly cached in Prefect: the task runs are named so and their markdown says it; artifacts still attached
     runs, artifacts = task_runs(summary)
-    assert set(runs) == {f"{n} (cached)" for n in stage_names()}
+    assert set(runs) == {f"{n} (cached)" for n in stage_names(TINY)}
     assert all(r.state.name == "Cached" for r in runs.values())
     assert artifacts["curate (cached)"]["m1-curate"].data.startswith("### curate: CACHED, not run again")
     assert "m1-distill-plots" in artifacts["distill (cached)"]

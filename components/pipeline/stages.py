@@ -82,8 +82,11 @@ class Stage:
     description: str = ""
     # The arm (config.arms) a stage belongs to: its stages run only when the config has the arm. None: every run.
     arm: str | None = None
-    # More upstream stages when an arm runs: {arm: (stage, ...)} (evaluate reads the transformer arm's model).
-    arm_upstream: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # An optional stage: runs only when enabled(config) (align: config.align.enabled).
+    enabled: Callable[[Any], bool] | None = None
+    # Upstream stages that depend on the config (evaluate reads the transformer arm's model when it runs, distill
+    # align's model when align runs); stages not in the run are dropped from it.
+    more_upstream: tuple[str, ...] = ()
 
     def function(self) -> Callable:
         module, _, attr = self.target.partition(":")
@@ -220,18 +223,26 @@ def _register_summary(out) -> str:
 # ----------------------------------------------------------------------------- the registry
 
 def _train_stage(name: str, prev: str, summary: tuple[str, ...], description: str, section: str | None = None,
-                 arm: str | None = None) -> Stage:
-    """distill / sft1 / sft2 (and the transformer arm's sft1 / sft2): the same trainer on the previous stage's model
-    and the curated data, with the settings of config.<section> (default: the stage's own name)."""
+                 arm: str | None = None, after: str | None = None, enabled=None) -> Stage:
+    """align / distill / sft1 / sft2 (and the transformer arm's sft1 / sft2): the same trainer on the previous
+    stage's model and the curated data, with the settings of config.<section> (default: the stage's own name).
+    after: an optional stage that, when it runs, comes between `prev` and this one (distill after align)."""
     section = section or name
+
+    def start(cfg) -> str:  # the stage whose model this one starts from
+        return after if after is not None and getattr(cfg, after).enabled else prev
+
     return Stage(
         name, "components.train.stage:run", kwargs={"stage": name, **({"section": section} if section != name else {})},
         config_keys=(section, "teacher", "seed"), upstream=("curate", prev),
-        inputs=lambda up, cfg: {"model_dir": up[prev].model_dir, "data_dir": _data_dir(up)},
-        standalone_inputs=lambda cfg: {"model_dir": f"{cfg.run_dir}/{prev}/model", "data_dir": f"{cfg.run_dir}/data"},
+        more_upstream=(after,) if after else (),
+        inputs=lambda up, cfg: {"model_dir": up[start(cfg)].model_dir, "data_dir": _data_dir(up)},
+        standalone_inputs=lambda cfg: {"model_dir": f"{cfg.run_dir}/{start(cfg)}/model",
+                                       "data_dir": f"{cfg.run_dir}/data"},
         outputs=("model_dir",), model_output="model_dir", uses_ray=True,
         dvc_outs=(f"{name}/model",), dvc_plots=(f"{name}/history.jsonl",), summary_metrics=summary,
-        resources=lambda cfg: _train_resources(getattr(cfg, section)), description=description, arm=arm)
+        resources=lambda cfg: _train_resources(getattr(cfg, section)), description=description, arm=arm,
+        enabled=enabled)
 
 
 def _grpo_stage(name: str, prev: str, arm: str | None = None) -> Stage:
@@ -254,8 +265,11 @@ _DECLARED: list[Stage] = [
           outputs=("model_dir",), model_output="model_dir", validate=_convert_validate, dvc_outs=("convert/model",),
           resources=_convert_resources, summary_metrics=("num_parameters",),
           description="Llama teacher -> hybrid Mamba/attention (weight init)"),
+    _train_stage("align", "convert", ("loss", "heldout/kl_before", "heldout/kl"),
+                 "layer-wise alignment: each Mamba mixer learns its attention's output (teacher-forced MSE)",
+                 enabled=lambda cfg: cfg.align.enabled),
     _train_stage("distill", "convert", ("heldout/kl_before", "heldout/kl", "heldout/ppl", "heldout/teacher_ppl"),
-                 "reverse-KL distillation from the teacher on assistant tokens"),
+                 "reverse-KL distillation from the teacher on assistant tokens", after="align"),
     _train_stage("sft1", "distill", ("ce", "heldout/ppl"), "SFT stage 1: math solutions (CE)"),
     _train_stage("sft2", "sft1", ("ce",), "SFT stage 2: long reasoning traces in <think> (CE)"),
     _grpo_stage("grpo", "sft2"),
@@ -271,7 +285,7 @@ _DECLARED: list[Stage] = [
     _grpo_stage("transformer_grpo", "transformer_sft2", arm="transformer"),
     Stage("evaluate", "components.evaluate.run:run",
           config_keys=("evaluate", "data.instruction", "data.system_prompt", "teacher", "seed"),
-          upstream=("curate", "grpo"), arm_upstream={"transformer": ("transformer_grpo",)},
+          upstream=("curate", "grpo"), more_upstream=("transformer_grpo",),
           inputs=lambda up, cfg: {"models": _eval_models(cfg, up["grpo"].model_dir, up.get("transformer_grpo")),
                                   "data_dir": _data_dir(up)},
           standalone_inputs=lambda cfg: {"models": _eval_models(cfg, f"{cfg.run_dir}/grpo/model",
@@ -294,17 +308,17 @@ _DECLARED: list[Stage] = [
 
 def registered_stages(config=None) -> list[Stage]:
     """The stages of the pipeline, in order; those whose upstream is not registered are left out. With a config:
-    only the stages of its arms, with the upstream those arms add."""
-    arms = None if config is None else set(config.arms)
+    only the stages of its arms and the optional stages it enables, each with the upstream of `more_upstream` that
+    the run has."""
     active: list[Stage] = []
     names: set[str] = set()
     for s in _DECLARED:
-        if arms is not None:
-            if s.arm is not None and s.arm not in arms:
+        if config is not None:
+            if (s.arm is not None and s.arm not in config.arms) or (s.enabled is not None and not s.enabled(config)):
                 continue
-            extra = tuple(u for arm, ups in s.arm_upstream.items() if arm in arms for u in ups)
-            if extra:
-                s = dataclasses.replace(s, upstream=s.upstream + extra)
+        extra = tuple(u for u in s.more_upstream if u in names)
+        if extra and config is not None:
+            s = dataclasses.replace(s, upstream=s.upstream + extra)
         if all(u in names for u in s.upstream):
             active.append(s)
             names.add(s.name)
@@ -321,7 +335,10 @@ def get_stage(name: str, config=None) -> Stage:
             return s
     known = stage_names(config)
     if config is not None and name in stage_names():
-        raise M1Error(f"stage {name!r} belongs to an arm this run does not have (arms: {', '.join(config.arms)})")
+        stage = next(s for s in _DECLARED if s.name == name)
+        if stage.arm is not None:
+            raise M1Error(f"stage {name!r} belongs to an arm this run does not have (arms: {', '.join(config.arms)})")
+        raise M1Error(f"stage {name!r} is off in this run's config ({name}.enabled: false)")
     raise M1Error(f"unknown stage {name!r}; registered stages: {', '.join(known)}")
 
 

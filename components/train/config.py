@@ -11,6 +11,10 @@ from components.config_base import Section
 
 
 class TrainConfig(Section):
+    # distill: the KL / CE losses below, end to end. align: every converted layer learns to reproduce the teacher's
+    # attention output at that layer from the teacher's own hidden state (components/train/align.py); the KL / CE
+    # settings are then unused.
+    objective: Literal["distill", "align"] = "distill"
     # Which packed split of the curate stage to train on, and which to measure held-out KL / perplexity on.
     data: str = "sft1"
     heldout: str | None = "sft1_heldout"
@@ -63,6 +67,8 @@ class TrainConfig(Section):
         if self.global_batch_size % self.micro_batch_size:
             raise ValueError(f"global_batch_size {self.global_batch_size} is not a multiple of "
                              f"micro_batch_size {self.micro_batch_size}")
+        if self.objective == "align" and self.strategy != "ddp":
+            raise ValueError("objective align averages gradients itself: strategy must be ddp")
         workers = max(1, self.num_workers)
         if self.global_batch_size % (workers * self.micro_batch_size):
             raise ValueError(f"global_batch_size {self.global_batch_size} must split evenly over "
@@ -72,6 +78,16 @@ class TrainConfig(Section):
 
 def distill_defaults() -> TrainConfig:
     return TrainConfig()
+
+
+class AlignConfig(TrainConfig):
+    # Off by default: distill then starts from convert's model. On (the gpu profile): distill starts from align's.
+    enabled: bool = False
+    objective: Literal["align"] = "align"
+
+
+def align_defaults() -> AlignConfig:
+    return AlignConfig(lr=1e-3, warmup_steps=10, max_steps=100, checkpoint_every=50)
 
 
 def sft1_defaults() -> TrainConfig:

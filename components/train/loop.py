@@ -24,6 +24,7 @@ import torch.distributed as dist
 from components.model import HybridForCausalLM
 from components.tracking import Tracker
 from components.train import checkpoint, parallel
+from components.train.align import alignment_sums, converted_layers
 from components.train.config import TrainConfig
 from components.train.data import PackedRows, rows_for_step
 from components.train.harness import LoopContext
@@ -52,6 +53,15 @@ class Context:
         self.device = torch.device(f"cuda:{self.local_rank}" if use_gpu else "cpu")
         if use_gpu:
             torch.cuda.set_device(self.device)
+
+    def average_gradients(self, params) -> None:
+        """What DDP does in backward, for a loop that calls the model's parts directly (objective align)."""
+        if self.world == 1:
+            return
+        for p in params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= self.world
 
     def all_sum(self, values: list[float]) -> list[float]:
         if self.world == 1:
@@ -171,8 +181,9 @@ def train_loop(run: LoopContext) -> dict:
     if run.teacher_topk_dir:
         topk = TopkStore(run.teacher_topk_dir)
     # with a top-k store the teacher is only needed for the (exact) held-out measurement
+    align = train.objective == "align"
     teacher = load_teacher_engine(run.teacher_source, dev, torch.bfloat16 if dev.type == "cuda" else torch.float32) \
-        if (train.kl_weight > 0 and topk is None) or run.heldout_dir else None
+        if (train.kl_weight > 0 and topk is None) or run.heldout_dir or align else None
     data = PackedRows(run.data_dir)
     heldout = PackedRows(run.heldout_dir) if run.heldout_dir else None
 
@@ -184,7 +195,9 @@ def train_loop(run: LoopContext) -> dict:
 
     core = model  # the unwrapped module (sharded in place under fsdp2)
     strategy, world = train.strategy, ctx.world
-    model = parallel.wrap(model, strategy, world, dev)
+    # align calls the layers' parts, not the model: DDP would see no forward; it averages gradients itself
+    model = model if align else parallel.wrap(model, strategy, world, dev)
+    aligned = converted_layers(core) if align else []
     # the optimizer is made after wrapping: fully_shard replaces the parameters it would otherwise hold
     opt = torch.optim.AdamW(param_groups(core, train.weight_decay), lr=train.lr, betas=tuple(train.betas), eps=1e-8)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train))
@@ -226,10 +239,20 @@ def train_loop(run: LoopContext) -> dict:
         rows = rows_for_step(step, B, len(data), run.seed)
         n_glob = max(1, data.target_tokens(rows))
         mine = rows[ctx.rank::ctx.world]
-        sums = [0.0, 0.0, 0.0, 0.0]
+        sums = [0.0, 0.0, 0.0, 0.0] + [0.0] * len(aligned)
         micro = [mine[i:i + mb] for i in range(0, len(mine), mb)]
         for j, idx in enumerate(micro):
             b = data.batch(idx, dev)
+            if align:  # the tokens the distillation counts (n_glob): positions 1.. whose prediction carries loss
+                counted = torch.zeros_like(b["loss_mask"], dtype=torch.bool)
+                counted[:, 1:] = target_mask(b["loss_mask"], b["doc_ids"])
+                with autocast:
+                    loss, per_layer = alignment_sums(core, teacher, b["input_ids"], b["position_ids"], b["doc_ids"],
+                                                     counted)
+                (loss * ctx.world / n_glob).backward()
+                sums = [sums[0] + float(loss.detach()), 0.0, 0.0, sums[3] + int(b["input_ids"].numel())] + \
+                    [a + v for a, v in zip(sums[4:], per_layer)]
+                continue
             sync = contextlib.nullcontext() if j == len(micro) - 1 or ctx.world == 1 or train.strategy != "ddp" \
                 else model.no_sync()
             with sync:
@@ -246,6 +269,8 @@ def train_loop(run: LoopContext) -> dict:
                                                       train.temperature, train.js_beta)
                 (loss * ctx.world / n_glob).backward()
             sums = [sums[0] + float(loss.detach()), sums[1] + float(kl), sums[2] + float(ce), sums[3] + int(b["input_ids"].numel())]
+        if align:
+            ctx.average_gradients(trainable)
         gnorm = parallel.scalar(torch.nn.utils.clip_grad_norm_(trainable, train.grad_clip))
         opt.step()
         sched.step()
@@ -254,7 +279,8 @@ def train_loop(run: LoopContext) -> dict:
         dt = time.time() - t0
         tokens_s = tot[3] / dt
         m = {"loss": tot[0] / n_glob, "kl": tot[1] / n_glob, "ce": tot[2] / n_glob, "lr": sched.get_last_lr()[0],
-             "grad_norm": float(gnorm), "tokens_per_s": tokens_s, "step_seconds": dt}
+             "grad_norm": float(gnorm), "tokens_per_s": tokens_s, "step_seconds": dt,
+             **{f"align_mse/layer_{i}": v / n_glob for i, v in zip(aligned, tot[4:])}}
         if peak:
             m["mfu"] = tokens_s * fpt / (peak * 1e12 * ctx.world)
         history.append({"step": step + 1, **m})

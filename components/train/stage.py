@@ -24,7 +24,7 @@ from components.train.harness import (  # noqa: F401 (fingerprint: public API)
 )
 from components.train.loop import train_loop
 
-STAGES = ("distill", "sft1", "sft2")
+STAGES = ("align", "distill", "sft1", "sft2")
 TrainOutputs = RunOutputs
 
 
