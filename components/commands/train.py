@@ -1,10 +1,11 @@
-"""`m1 train distill|sft1|sft2`: one training stage on its own (what dvc.yaml's stages run through `m1 stage`)."""
+"""`m1 train align|distill|sft1|sft2`: one training stage on its own (what dvc.yaml's stages run through `m1 stage`)."""
 from __future__ import annotations
 
 from pathlib import Path
 
-# The model each stage starts from, relative to run_dir, when --model is not given.
-DEFAULT_INPUT = {"distill": "convert/model", "sft1": "distill/model", "sft2": "sft1/model"}
+# The model each stage starts from, relative to run_dir, when --model is not given (distill: align's model when the
+# config enables align).
+DEFAULT_INPUT = {"align": "convert/model", "distill": "convert/model", "sft1": "distill/model", "sft2": "sft1/model"}
 
 
 def register(sub) -> None:
@@ -25,7 +26,8 @@ def _train(args) -> int:
 
     cfg = load_config(args.profile, args.params)
     run_dir = Path(cfg.run_dir)
-    inputs = {"model_dir": args.model or run_dir / DEFAULT_INPUT[args.stage], "data_dir": args.data or run_dir / "data"}
+    start = "align/model" if args.stage == "distill" and cfg.align.enabled else DEFAULT_INPUT[args.stage]
+    inputs = {"model_dir": args.model or run_dir / start, "data_dir": args.data or run_dir / "data"}
     with standalone_run(cfg.tracking, f"{args.stage}", {"stage": args.stage, "profile": cfg.profile}):
         out = run(cfg, inputs, args.stage)
     keys = ["loss", "kl", "ce", "heldout/kl_before", "heldout/kl", "heldout/ppl_before", "heldout/ppl", "heldout/teacher_ppl"]
