@@ -11,10 +11,14 @@ from components.config_base import Section
 
 
 class TrainConfig(Section):
-    # distill: the KL / CE losses below, end to end. align: every converted layer learns to reproduce the teacher's
+    # distill: the KL / CE losses below, end to end, on the data's tokens. align: every converted layer learns to reproduce the teacher's
     # attention output at that layer from the teacher's own hidden state (components/train/align.py); the KL / CE
     # settings are then unused.
-    objective: Literal["distill", "align"] = "distill"
+    # on_policy: the student samples on_policy_tokens per prompt (each row's first prompt, at most
+    # on_policy_max_prompt tokens) and learns the KL to the teacher on its own completions (train/on_policy.py).
+    objective: Literal["distill", "align", "on_policy"] = "distill"
+    on_policy_tokens: int = Field(64, gt=0)
+    on_policy_max_prompt: int = Field(512, gt=0)
     # Which packed split of the curate stage to train on, and which to measure held-out KL / perplexity on.
     data: str = "sft1"
     heldout: str | None = "sft1_heldout"
@@ -67,6 +71,9 @@ class TrainConfig(Section):
         if self.global_batch_size % self.micro_batch_size:
             raise ValueError(f"global_batch_size {self.global_batch_size} is not a multiple of "
                              f"micro_batch_size {self.micro_batch_size}")
+        if self.objective == "on_policy" and (self.ce_weight or not self.kl_weight or self.teacher_topk):
+            raise ValueError("objective on_policy learns the KL on the student's own completions: set kl_weight > 0, "
+                             "ce_weight 0 and teacher_topk 0 (no precomputed store covers them)")
         if self.objective == "align" and self.strategy != "ddp":
             raise ValueError("objective align averages gradients itself: strategy must be ddp")
         workers = max(1, self.num_workers)

@@ -29,6 +29,7 @@ from components.train.config import TrainConfig
 from components.train.data import PackedRows, rows_for_step
 from components.train.harness import LoopContext
 from components.train.losses import distill_loss_sums, target_mask
+from components.train.on_policy import completion_batch, prompts_of, sample_completions
 from components.train.teacher_engine import load_teacher_engine
 from components.train.teacher_topk import TopkStore
 
@@ -181,7 +182,7 @@ def train_loop(run: LoopContext) -> dict:
     if run.teacher_topk_dir:
         topk = TopkStore(run.teacher_topk_dir)
     # with a top-k store the teacher is only needed for the (exact) held-out measurement
-    align = train.objective == "align"
+    align, on_policy = train.objective == "align", train.objective == "on_policy"
     teacher = load_teacher_engine(run.teacher_source, dev, torch.bfloat16 if dev.type == "cuda" else torch.float32) \
         if (train.kl_weight > 0 and topk is None) or run.heldout_dir or align else None
     data = PackedRows(run.data_dir)
@@ -198,6 +199,7 @@ def train_loop(run: LoopContext) -> dict:
     # align calls the layers' parts, not the model: DDP would see no forward; it averages gradients itself
     model = model if align else parallel.wrap(model, strategy, world, dev)
     aligned = converted_layers(core) if align else []
+    pad_id = core.config.pad_token_id if core.config.pad_token_id is not None else core.config.eos_ids[0]
     # the optimizer is made after wrapping: fully_shard replaces the parameters it would otherwise hold
     opt = torch.optim.AdamW(param_groups(core, train.weight_decay), lr=train.lr, betas=tuple(train.betas), eps=1e-8)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train))
@@ -241,8 +243,24 @@ def train_loop(run: LoopContext) -> dict:
         mine = rows[ctx.rank::ctx.world]
         sums = [0.0, 0.0, 0.0, 0.0] + [0.0] * len(aligned)
         micro = [mine[i:i + mb] for i in range(0, len(mine), mb)]
-        for j, idx in enumerate(micro):
-            b = data.batch(idx, dev)
+        if on_policy:  # the student's own completions, then the count of their tokens over every worker
+            feed, skipped = [], 0
+            for j, idx in enumerate(micro):
+                b = data.batch(idx, dev)
+                prompts = prompts_of(b["input_ids"].cpu(), b["loss_mask"].cpu(), b["doc_ids"].cpu(),
+                                     train.on_policy_max_prompt)
+                keep = [p for p in prompts if p]
+                skipped += len(prompts) - len(keep)
+                if keep:
+                    seed = ((run.seed * 1_000_003 + step) * 1009 + ctx.rank) * 31 + j
+                    done = sample_completions(core, keep, train.on_policy_tokens, seed)
+                    feed.append(completion_batch(keep, done, pad_id, dev))
+            n_glob = max(1, int(ctx.all_sum([float(sum(int(target_mask(f["loss_mask"], f["doc_ids"]).sum())
+                                                       for f in feed))])[0]))
+        else:
+            feed = (data.batch(idx, dev) for idx in micro)
+        n_feed = len(feed) if on_policy else len(micro)
+        for j, b in enumerate(feed):
             if align:  # the tokens the distillation counts (n_glob): positions 1.. whose prediction carries loss
                 counted = torch.zeros_like(b["loss_mask"], dtype=torch.bool)
                 counted[:, 1:] = target_mask(b["loss_mask"], b["doc_ids"])
@@ -253,7 +271,7 @@ def train_loop(run: LoopContext) -> dict:
                 sums = [sums[0] + float(loss.detach()), 0.0, 0.0, sums[3] + int(b["input_ids"].numel())] + \
                     [a + v for a, v in zip(sums[4:], per_layer)]
                 continue
-            sync = contextlib.nullcontext() if j == len(micro) - 1 or ctx.world == 1 or train.strategy != "ddp" \
+            sync = contextlib.nullcontext() if j == n_feed - 1 or ctx.world == 1 or train.strategy != "ddp" \
                 else model.no_sync()
             with sync:
                 with autocast:
@@ -280,7 +298,9 @@ def train_loop(run: LoopContext) -> dict:
         tokens_s = tot[3] / dt
         m = {"loss": tot[0] / n_glob, "kl": tot[1] / n_glob, "ce": tot[2] / n_glob, "lr": sched.get_last_lr()[0],
              "grad_norm": float(gnorm), "tokens_per_s": tokens_s, "step_seconds": dt,
-             **{f"align_mse/layer_{i}": v / n_glob for i, v in zip(aligned, tot[4:])}}
+             **{f"align_mse/layer_{i}": v / n_glob for i, v in zip(aligned, tot[4:])},
+             **({"on_policy/tokens": float(n_glob), "on_policy/skipped": ctx.all_sum([float(skipped)])[0]}
+                if on_policy else {})}
         if peak:
             m["mfu"] = tokens_s * fpt / (peak * 1e12 * ctx.world)
         history.append({"step": step + 1, **m})
