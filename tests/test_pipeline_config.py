@@ -182,6 +182,17 @@ def test_dvc_yaml_is_generated_from_the_registry():
     tiny = dvc_stages(load_config("tiny"))["stages"]
     assert tiny["curate"]["cmd"] == "m1 stage curate --profile tiny"
     assert "configs/profiles/tiny.yaml" in tiny["curate"]["deps"]
+    assert tiny["grpo"]["plots"] == [{"runs/tiny/grpo/metrics.jsonl": {"cache": False}}]
+    assert "transformer_sft1" in tiny and "align" not in tiny and "align" in dvc_stages(load_config("gpu"))["stages"]
+
+
+def test_committed_dvc_yaml_is_current():
+    """dvc.yaml is what `m1 pipeline --dvc-yaml` writes from today's registry, code imports and params.yaml: a
+    stage whose code or settings moved without it would let `dvc repro` skip (or miss) work."""
+    from components.pipeline.dvc_stages import dvc_yaml_text
+
+    assert (ROOT / "dvc.yaml").read_text() == dvc_yaml_text(load_config("default")), \
+        "dvc.yaml is stale: regenerate it with `m1 pipeline --dvc-yaml > dvc.yaml`"
 
 
 @pytest.fixture

@@ -252,6 +252,7 @@ def _grpo_stage(name: str, prev: str, arm: str | None = None) -> Stage:
         inputs=lambda up, cfg: {"model_dir": up[prev].model_dir, "data_dir": _data_dir(up)},
         standalone_inputs=lambda cfg: {"model_dir": f"{cfg.run_dir}/{prev}/model", "data_dir": f"{cfg.run_dir}/data"},
         outputs=("model_dir",), model_output="model_dir", uses_ray=True, dvc_outs=(f"{name}/model",),
+        dvc_plots=(f"{name}/metrics.jsonl",),  # reward, accuracy, entropy, lengths, mismatch per step
         summary_metrics=("heldout/accuracy_before", "heldout/accuracy", "heldout/accuracy_se"),
         resources=_grpo_resources, description="GRPO: math-verified rewards, entropy bonus, no KL", arm=arm)
 
