@@ -7,9 +7,9 @@ import copy
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from components import profiles
 from components.config_base import Section
 from components.data.config import DataConfig
 from components.evaluate.config import EvalConfig
@@ -102,18 +102,8 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def _read_yaml(path: Path) -> dict:
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise M1Error(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from e
-    if not isinstance(data, dict):
-        raise M1Error(f"{path} must hold a mapping at the top level")
-    return data
-
-
 def available_profiles() -> list[str]:
-    return ["default"] + sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+    return profiles.available_profiles(PROFILES_DIR)
 
 
 def format_validation_error(e: ValidationError | list[dict], origins: dict[str, str] | None = None,
@@ -165,21 +155,8 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
-def _profile_files(profile: str, seen: tuple[str, ...] = ()) -> list[tuple[Path, dict]]:
-    """A profile's file and data, after those of the profiles it extends: `extends: <profile>` at its top stacks it
-    on another profile (a node profile such as gpu2 changes only what differs from gpu)."""
-    path = PROFILES_DIR / f"{profile}.yaml"
-    if not path.is_file():
-        raise M1Error(f"unknown profile {profile!r}; available: {', '.join(available_profiles())}")
-    if profile in seen:
-        raise M1Error(f"profile {profile!r} extends itself through {' -> '.join(seen + (profile,))}")
-    data = _read_yaml(path)
-    base = data.pop("extends", None)
-    if base is None or base == "default":
-        return [(path, data)]
-    if not isinstance(base, str):
-        raise M1Error(f"{path}: extends must name one profile, not {base!r}")
-    return _profile_files(base, seen + (profile,)) + [(path, data)]
+def _profile_files(profile: str) -> list[tuple[Path, dict]]:
+    return profiles.profile_files(profile, PROFILES_DIR)  # PROFILES_DIR read now: tests point it elsewhere
 
 
 def _profile_overlay(profile: str) -> dict:
@@ -196,7 +173,7 @@ def load_config(
     params = Path(params) if params else ROOT / "params.yaml"
     if not params.is_file():
         raise M1Error(f"params file not found: {params}")
-    data = _read_yaml(params)
+    data = profiles.read_yaml(params)
     origins: dict[str, str] = {}
     _record_origins(data, _shown(params), origins)
     if profile != "default":

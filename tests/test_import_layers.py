@@ -8,7 +8,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # lowest first: a module may import its own room and the rooms before it
 LAYERS = [
-    ("errors", "config_base", "mathcheck", "figures", "ray_utils", "tracking", "hashing"),
+    ("errors", "config_base", "profiles", "mathcheck", "figures", "ray_utils", "tracking", "hashing"),
     ("model",),
     ("data",),
     ("train",),

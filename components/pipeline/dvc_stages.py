@@ -1,6 +1,7 @@
 """dvc.yaml stages generated from the stage registry, so DVC and Prefect run the same stages with the same
 dependencies: code (the paths that version a stage's cache), params (the config sections that key it, as far
-as params.yaml holds them; the profile overlay file is a dependency), upstream outputs, outputs and metrics.
+as params.yaml and the profile's overlay files hold them; the overlay files are dependencies too), upstream outputs,
+outputs and metrics.
 Each stage's command is `m1 stage <name>`, which runs the stage without Prefect.
 
     m1 pipeline --dvc-yaml                 # the embedded default (params.yaml, runs/default)
@@ -13,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from components.pipeline.stages import ROOT, Stage, registered_stages
+from components.profiles import profile_files
 
 
 def _in_params(params: dict, dotted: str) -> bool:
@@ -30,16 +32,21 @@ def dvc_stages(config, stages: list[Stage] | None = None, params_file: Path | No
     params = yaml.safe_load((params_file or ROOT / "params.yaml").read_text()) or {}
     run_dir = config.run_dir.rstrip("/")
     profile = "" if config.profile == "default" else f" --profile {config.profile}"
+    # the profile and those it extends: dependencies (any key may matter), and params files for the keys a stage is
+    # cached on, so that `dvc params diff` shows them and `dvc exp run -S configs/profiles/<p>.yaml:grpo.lr=...`
+    # sweeps a profile's own settings (params.yaml alone would be overridden by the overlay)
+    overlays = [(path.relative_to(ROOT).as_posix(), data) for path, data in profile_files(config.profile)] \
+        if profile else []
     out: dict = {}
     for s in stages:
         if not s.dvc_outs:
             continue
         deps = list(s.code_paths())
         deps += [f"{run_dir}/{o}" for u in s.upstream for o in by_name[u].dvc_outs]
-        if profile:
-            deps.append(f"configs/profiles/{config.profile}.yaml")
+        deps += [name for name, _ in overlays]
         entry: dict = {"cmd": f"m1 stage {s.name}{profile}", "deps": deps}
-        keys = [k for k in s.config_keys if _in_params(params, k)]
+        keys: list = [k for k in s.config_keys if _in_params(params, k)]
+        keys += [{name: own} for name, data in overlays if (own := [k for k in s.config_keys if _in_params(data, k)])]
         if keys:
             entry["params"] = keys
         entry["outs"] = [f"{run_dir}/{o}" for o in s.dvc_outs]
