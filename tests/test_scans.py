@@ -25,6 +25,20 @@ def test_selective_scan_equals_recurrence(L, chunk, with_resets):
     assert (h - h_ref).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("L,G", [(1, 6), (77, 6), (40, 1), (40, 24)])
+@pytest.mark.parametrize("with_resets", [False, True])
+def test_step_by_step_scan_equals_recurrence(L, G, with_resets):
+    """The CPU inference scan (in-place, one step at a time): groups, resets and an initial state as the reference."""
+    x = _m1_inputs(L=L, G=G)
+    if not with_resets:
+        x["resets"] = None
+    y_ref, h_ref = scan.selective_scan_ref(**x)
+    y, h = scan.selective_scan_steps(**x)
+    assert (y - y_ref).abs().max() < 1e-5
+    assert (h - h_ref).abs().max() < 1e-5
+    assert torch.isfinite(scan.selective_scan_steps(**{**x, "dt": x["dt"] * 200})[0]).all()
+
+
 def test_selective_scan_is_stable_for_large_steps():
     x = _m1_inputs(L=200)
     x["dt"] = x["dt"] * 200  # decays of exp(-300) per step: a cumulative-sum formulation would overflow

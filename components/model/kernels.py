@@ -115,10 +115,12 @@ def selective_scan(u, dt, A, B, C, D, resets=None, h0=None):
         out = scan_by_document(fused, u, dt, A, B, C, D, resets)
         if out is not None:
             return out
-    # Chunk length (measured on 2 CPU cores, d=576, n=16): short chunks keep the (b, chunk, d, n) working set in
-    # cache for inference (16: 2.5x faster than 256 at b=16, L=100); training's backward prefers 64.
-    chunk = 64 if torch.is_grad_enabled() and u.requires_grad else 16
-    return scan.selective_scan(u, dt, A, B, C, D, resets, h0, chunk=chunk)
+    if not (torch.is_grad_enabled() and u.requires_grad):
+        # inference (prefill, evaluation): one cached (b, d, n) state updated in place beats the parallel scan's
+        # (b, chunk, d, n) passes on a CPU (bench/cpu_prefill.py)
+        return scan.selective_scan_steps(u, dt, A, B, C, D, resets, h0)
+    # training: the parallel scan, differentiable; chunk 64 suits its backward (2 CPU cores, d=576, n=16)
+    return scan.selective_scan(u, dt, A, B, C, D, resets, h0, chunk=64)
 
 
 def scan_by_document(scan_fn, u, dt, A, B, C, D, resets, max_blowup: float = 16.0):
