@@ -5,6 +5,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tests that call the flow function directly get Prefect's own ephemeral server, whose 20 s start-up limit a busy
+# 2-core machine can miss on a fresh database (`m1 pipeline` starts it with at least 60 s itself)
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 for k, v in {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "DVC_NO_ANALYTICS": "1",
              "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "RAY_USAGE_STATS_ENABLED": "0",
              "HF_HUB_DISABLE_TELEMETRY": "1"}.items():

@@ -102,6 +102,26 @@ def test_tiny_end_to_end(first, env):
     children = client.search_runs([summary["mlflow"]["experiment_id"]],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent}'")
     assert sorted(r.info.run_name for r in children) == sorted(stage_names(TINY))
+    # the real distill's checkpoints as MLflow logged models (final_and_best): each at its step with the loop's
+    # metrics there, the final one with the held-out metrics on their dataset, loadable by its model URI
+    from test_checkpoint_models import metrics_of, predict
+
+    distill_id = next(r.info.run_id for r in children if r.info.run_name == "distill")
+    logged = {m.name: m for m in client.search_logged_models([summary["mlflow"]["experiment_id"]],
+                                                             filter_string=f"source_run_id = '{distill_id}'")}
+    last = TINY.distill.max_steps
+    history = {m.step: m.value for m in client.get_metric_history(distill_id, "loss")}
+    for name, m in logged.items():
+        step = int(m.tags["m1.step"])
+        assert name == ("distill-final" if m.tags["m1.kind"] == "final" else f"distill-step-{step}")
+        assert metrics_of(m)["loss"][:2] == (history[step], step)
+    final = metrics_of(logged["distill-final"])
+    assert logged["distill-final"].tags["m1.step"] == str(last)
+    assert final["heldout/kl"][2] == "sft1_heldout" and final["loss"][2] == "sft1"
+    from components.tracking import use_store
+
+    use_store(summary["mlflow"]["uri"])  # not mlflow.set_tracking_uri: it sets MLFLOW_TRACKING_URI for later tests
+    assert len(predict(logged["distill-final"].model_id)) == 1
     curate_run = next(r for r in children if r.info.run_name == "curate")
     assert curate_run.data.metrics["records.sft1"] > 0
     assert curate_run.data.params["data.num_proc"] == "1"

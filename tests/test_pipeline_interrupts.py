@@ -6,8 +6,9 @@ process in its own process group (a terminal's job):
   Crashed and the MLflow runs are KILLED (the temporary Prefect server runs in its own session, so it lives to
   record that).
 - kill -9 of the group during distill leaves the runs Running/RUNNING (nothing of the process could report); the
-  next run of the profile marks them Crashed/KILLED, and its distill, resumed from the checkpoint, continues the
-  killed distill's MLflow run: one run id, one loss curve over steps before and after the kill.
+  next run of the profile takes curate and convert from the cache, marks the killed runs Crashed/KILLED, and its
+  distill, resumed from the checkpoint, continues the killed distill's MLflow run: one run id, one loss curve over
+  steps before and after the kill.
 
 Both are slow (a tiny pipeline each); the owner check and which orphaned runs are marked have fast tests too.
 The 60 s bounds are failure guards (before the fix Ctrl-C took over two minutes), not timing assertions."""
@@ -149,6 +150,11 @@ def test_killed_run_is_marked_crashed_and_its_stage_run_continues(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert rc == 0, err.read_text()[-3000:]
+    # the finished stages come from the cache, distill runs (resumed from its checkpoint, below)
+    table = {line.split()[0]: line.split()[1] for line in out.read_text().splitlines()
+             if line.split()[:1] in (["curate"], ["convert"], ["distill"]) and len(line.split()) > 1}
+    assert table == {"curate": "cached", "convert": "cached", "distill": "ran"}, out.read_text()[-3000:]
+    assert (tmp_path / "run" / "distill" / "model" / "config.json").is_file()
     # the first run is marked as ended: Crashed flow run (and its distill task run), KILLED MLflow runs
     flows = prefect_states(tmp_path, "flow_run")
     assert flows.pop(first_flow) == "CRASHED" and list(flows.values()) == ["COMPLETED"]

@@ -120,6 +120,10 @@ def _train(root, name, data, fail_after=None, **over):
             return None
     finally:
         os.environ.pop("M1_FAIL_AFTER_STEP", None)
+        if cfg.distill.num_workers:  # Ray Train leaves a cleaner actor that logs to the driver for a while
+            import ray
+
+            ray.shutdown()
         def mine(env):  # ray.init adds RAY_* variables of its own
             return {k: v for k, v in env.items() if k.startswith(("AWS_", "MLFLOW_", "M1_"))}
         assert mine(os.environ) == mine(before)  # the run leaves no S3 setting behind for the next test
@@ -133,9 +137,10 @@ def _losses(root, name):
 RAY = [pytest.mark.slow]
 
 
+# On Ray one case: the mirror (rank 0 uploads from the worker, which needs the run's endpoint forwarded); Ray Train's
+# own persistence to an S3 storage_filesystem is the same pyarrow filesystem the in-process cases exercise.
 @pytest.mark.parametrize("where,workers", [("checkpoint_uri", 0), ("checkpoint_storage", 0),
-                                           pytest.param("checkpoint_uri", 1, marks=RAY),
-                                           pytest.param("checkpoint_storage", 1, marks=RAY)])
+                                           pytest.param("checkpoint_uri", 1, marks=RAY)])
 def test_killed_training_resumes_from_s3_after_local_checkpoints_are_lost(s3, train_setup, where, workers):
     """pipeline.checkpoint_uri mirrors the local checkpoints of <run_dir>/distill/checkpoints to S3;
     distill.checkpoint_storage puts them only there. Killed after step 3 and its local checkpoints deleted, the run
@@ -229,7 +234,7 @@ def test_mlflow_artifacts_and_registry_on_s3(s3, tmp_path):
 
     from components.model.convert import run as convert
     from components.pipeline import promotion
-    from components.tracking import Tracker, standalone_run
+    from components.tracking import Tracker, standalone_run, use_store
 
     _, client = s3
     over = {"run_dir": str(tmp_path / "run"),
@@ -248,7 +253,7 @@ def test_mlflow_artifacts_and_registry_on_s3(s3, tmp_path):
     assert out.promoted
     stored = keys(client, "mlflow/")
     assert any(k.endswith("model.safetensors") for k in stored), stored
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    use_store(f"sqlite:///{tmp_path}/mlflow.db")  # mlflow.set_tracking_uri would set MLFLOW_TRACKING_URI for good
     shutil.rmtree(model_dir)  # the registry copy on S3 is what gets loaded
     texts = mlflow.pyfunc.load_model(f"models:/{out.model_name}@champion").predict(pd.DataFrame({"prompt": ["1+1?"]}))
     assert len(texts) == 1 and isinstance(texts[0], str)

@@ -254,13 +254,13 @@ def train_loop(run: LoopContext) -> dict:
                 if keep:
                     seed = ((run.seed * 1_000_003 + step) * 1009 + ctx.rank) * 31 + j
                     done = sample_completions(core, keep, train.on_policy_tokens, seed)
-                    feed.append(completion_batch(keep, done, pad_id, dev))
+                    feed.append((None, completion_batch(keep, done, pad_id, dev)))
             n_glob = max(1, int(ctx.all_sum([float(sum(int(target_mask(f["loss_mask"], f["doc_ids"]).sum())
-                                                       for f in feed))])[0]))
+                                                       for _, f in feed))])[0]))
         else:
-            feed = (data.batch(idx, dev) for idx in micro)
+            feed = ((idx, data.batch(idx, dev)) for idx in micro)  # rows (for the top-k store), batch
         n_feed = len(feed) if on_policy else len(micro)
-        for j, b in enumerate(feed):
+        for j, (idx, b) in enumerate(feed):
             if align:  # the tokens the distillation counts (n_glob): positions 1.. whose prediction carries loss
                 counted = torch.zeros_like(b["loss_mask"], dtype=torch.bool)
                 counted[:, 1:] = target_mask(b["loss_mask"], b["doc_ids"])
