@@ -39,10 +39,11 @@ def test_fingerprint_changes_with_the_code_and_library_versions(inputs, monkeypa
     with monkeypatch.context() as m:
         m.setattr(train_stage, "version", lambda name: "9.9" if name == "transformers" else real_version(name))
         assert _fp(*inputs) != base
-    grpo = _fp(*inputs, stage="grpo", libraries=("torch", "transformers", "math-verify"))
+    gk = {"stage": "grpo", "libraries": ("torch", "transformers", "math-verify"), "loop_module": "components.grpo.loop"}
+    grpo = _fp(*inputs, **gk)
     with monkeypatch.context() as m:
         m.setattr(train_stage, "version", lambda name: "9.9" if name == "math-verify" else real_version(name))
-        assert _fp(*inputs, stage="grpo", libraries=("torch", "transformers", "math-verify")) != grpo
+        assert _fp(*inputs, **gk) != grpo
 
 
 def test_fingerprint_hashes_every_shard_of_a_sharded_model(inputs, tmp_path):

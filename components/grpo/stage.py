@@ -16,7 +16,7 @@ def run(config, inputs: dict, stage: str = "grpo") -> RunOutputs:
     transformer_grpo, both with config.grpo."""
     grpo: GRPOConfig = config.grpo
     run_ctx = RunContext.build(config, stage, grpo, inputs, grpo.data,
-                               libraries=("torch", "transformers", "math-verify"))
+                               libraries=("torch", "transformers", "math-verify"), loop_module=grpo_loop.__module__)
     if grpo.rollout_workers and not grpo.learner_workers:
         ensure_ray()  # rollout actors beside an in-process learner
     metrics = run_ctx.launch(grpo_loop, grpo.learner_workers, grpo.keep_checkpoints, "grpo_metrics.json")

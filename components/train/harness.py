@@ -63,13 +63,12 @@ def code_paths(loop_module: str) -> list[str]:
 
 
 def fingerprint(stage: str, train_cfg: dict, model_dir: Path, data_dir: Path, seed: int, teacher: str,
-                libraries: tuple[str, ...] = ("torch", "transformers"), loop_module: str | None = None) -> str:
+                libraries: tuple[str, ...] = ("torch", "transformers"),
+                loop_module: str = "components.train.loop") -> str:
     """What a checkpoint must match to be resumed: the settings, the code of the stage's loop (its package and every
     repo module it imports), the versions of `libraries`, every file of the input model and the data manifest.
     Computed once by the driver and handed to the workers; it holds no absolute path, so the same code and inputs
     give the same value."""
-    # grpo and the transformer arm's transformer_grpo run the GRPO loop; distill, sft1, sft2 (and arms') the trainer
-    loop_module = loop_module or ("components.grpo.loop" if stage.endswith("grpo") else "components.train.loop")
     h = hashlib.sha256(json.dumps({"stage": stage, "train": train_cfg, "seed": seed, "teacher": teacher,
                                    "code": hashing.code_version(code_paths(loop_module), ROOT),
                                    "libraries": {n: _library_version(n) for n in libraries}},
@@ -137,9 +136,11 @@ class RunContext:
 
     @classmethod
     def build(cls, config, stage: str, section: Section, inputs: dict, data: str,
-              libraries: tuple[str, ...] = ("torch", "transformers"), **extra) -> RunContext:
+              libraries: tuple[str, ...] = ("torch", "transformers"), loop_module: str = "components.train.loop",
+              **extra) -> RunContext:
         """section: the stage's typed config (TrainConfig / GRPOConfig); data: the curated folder (relative to
-        inputs["data_dir"]) the loop trains on; extra: more LoopContext fields (teacher_source, heldout_dir)."""
+        inputs["data_dir"]) the loop trains on; loop_module: the loop's module, whose code versions the fingerprint;
+        extra: more LoopContext fields (teacher_source, heldout_dir)."""
         model_dir, data_root = Path(inputs["model_dir"]), Path(inputs["data_dir"])
         if not (model_dir / "config.json").is_file():
             raise M1Error(f"{stage}: input model directory {model_dir} has no config.json")
@@ -153,7 +154,7 @@ class RunContext:
             data_dir=str((data_root / data).resolve()), out_dir=str(out_dir.resolve()), checkpoint_root=root,
             checkpoint_mirror=checkpoint.checkpoint_mirror(root, config.pipeline.mirror_location()),
             fingerprint=fingerprint(stage, settings, model_dir, data_root, config.seed, config.teacher.source,
-                                    libraries),
+                                    libraries, loop_module),
             seed=config.seed, use_gpu=use_gpu,
             # read here, not in the loop: a Ray worker of an earlier run would still carry an old value
             fail_after_step=int(os.environ.get("M1_FAIL_AFTER_STEP", "-1")),
