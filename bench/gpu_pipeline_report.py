@@ -35,12 +35,12 @@ def _median(rows: list[dict], key: str, skip_first: int = 1) -> float | None:
 
 def throughput(run_dir: Path, stage: str) -> dict:
     """Medians over steps (the first step, which compiles and warms up, left out when there are others)."""
-    if stage in TRAIN:
+    if stage.removeprefix("transformer_") in TRAIN:  # the transformer arm's stages train like the hybrid's
         hist = _jsonl(run_dir / stage / "history.jsonl")
         return {"steps_logged": len(hist), "tokens_per_s": _median(hist, "tokens_per_s"),
                 "step_seconds": _median(hist, "step_seconds"), "mfu": _median(hist, "mfu")}
-    if stage == "grpo":
-        steps = [r for r in _jsonl(run_dir / "grpo" / "metrics.jsonl") if "step_seconds" in r]
+    if stage in ("grpo", "transformer_grpo"):
+        steps = [r for r in _jsonl(run_dir / stage / "metrics.jsonl") if "step_seconds" in r]
         return {"steps_logged": len(steps), "rollout_tokens_per_s": _median(steps, "rollout_tokens_per_s"),
                 "learner_tokens_per_s": _median(steps, "learner_tokens_per_s"),
                 "sync_seconds": _median(steps, "sync_seconds"), "step_seconds": _median(steps, "step_seconds"),
@@ -83,7 +83,11 @@ def report(profile: str, summary_path: Path, cached_path: Path | None) -> dict:
     summary = json.loads(summary_path.read_text())
     config = load_config(profile, overrides=summary.get("overrides") or None)
     run_dir = Path(config.run_dir)
-    rec = {"profile": profile, **machine(), "command": f"infra/offline/node-pipeline.sh start {profile}",
+    # `node-pipeline.sh branches` leaves one summary per branch flow run beside the whole flow's
+    branches = {p.stem.removeprefix("branch-"): json.loads(p.read_text())
+                for p in sorted(run_dir.glob("branch-*.json"))}
+    mode = "branches" if branches else "start"
+    rec = {"profile": profile, **machine(), "command": f"infra/offline/node-pipeline.sh {mode} {profile}",
            "prefect_flow_run": summary.get("flow_run_id"), "flow_seconds": summary.get("seconds"),
            "mlflow": summary.get("mlflow"), "stages": stage_rows(summary, run_dir), "table": summary.get("table"),
            "layout": {"distill/sft1/sft2": f"Ray Train TorchTrainer, {config.distill.num_workers} GPU workers "
@@ -91,6 +95,10 @@ def report(profile: str, summary_path: Path, cached_path: Path | None) -> dict:
                       "grpo": f"learner: {config.grpo.learner_workers} Ray Train GPU worker; rollout: "
                               f"{config.grpo.rollout_workers} Ray actor(s) with {dict(config.grpo.rollout_resources)} "
                               f"(CUDA-graph decode); weights through Ray's object store each step"}}
+    if branches:  # the stages each branch ran (the whole flow then found them cached)
+        rec["branches"] = {t: {"prefect_flow_run": b.get("flow_run_id"), "flow_seconds": b.get("seconds"),
+                               "mlflow": b.get("mlflow"), "stages": stage_rows(b, run_dir), "table": b.get("table")}
+                           for t, b in branches.items()}
     if cached_path and cached_path.is_file():
         cached = json.loads(cached_path.read_text())
         rec["second_run"] = {"prefect_flow_run": cached.get("flow_run_id"), "flow_seconds": cached.get("seconds"),

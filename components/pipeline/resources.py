@@ -75,7 +75,7 @@ def _ray_and_driver(config, stage) -> tuple[list[dict], dict] | None:
     from components.grpo.config import GRPOConfig
     from components.train.config import TrainConfig
 
-    section = getattr(config, stage.name, None)
+    section = stage.settings(config)
     if stage.uses_ray and isinstance(section, TrainConfig):
         gpu = _gpu(section.use_gpu)
         auto = {"gpu_auto": True} if gpu is None else {}

@@ -59,7 +59,7 @@ def needed_splits(config, stages: list[str]) -> dict[str, list[str]]:
     """Curated splits that these stages read ({split: [stage, ...]}): a training stage's `data` and `heldout`."""
     out: dict[str, list[str]] = {}
     for name in stages:
-        section = getattr(config, name, None)
+        section = get_stage(name, config).settings(config)
         for attr in ("data", "heldout"):
             split = getattr(section, attr, None)
             if isinstance(split, str):

@@ -87,6 +87,13 @@ class Stage:
     # Upstream stages that depend on the config (evaluate reads the transformer arm's model when it runs, distill
     # align's model when align runs); stages not in the run are dropped from it.
     more_upstream: tuple[str, ...] = ()
+    # The config section whose settings the stage runs with (transformer_sft1 trains with config.sft1); None: the
+    # section named like the stage, if any.
+    section: str | None = None
+
+    def settings(self, config):
+        """The typed config section this stage runs with (None for a stage without one)."""
+        return getattr(config, self.section or self.name, None)
 
     def function(self) -> Callable:
         module, _, attr = self.target.partition(":")
@@ -242,7 +249,7 @@ def _train_stage(name: str, prev: str, summary: tuple[str, ...], description: st
         outputs=("model_dir",), model_output="model_dir", uses_ray=True,
         dvc_outs=(f"{name}/model",), dvc_plots=(f"{name}/history.jsonl",), summary_metrics=summary,
         resources=lambda cfg: _train_resources(getattr(cfg, section)), description=description, arm=arm,
-        enabled=enabled)
+        enabled=enabled, section=section)
 
 
 def _grpo_stage(name: str, prev: str, arm: str | None = None) -> Stage:
@@ -254,7 +261,8 @@ def _grpo_stage(name: str, prev: str, arm: str | None = None) -> Stage:
         outputs=("model_dir",), model_output="model_dir", uses_ray=True, dvc_outs=(f"{name}/model",),
         dvc_plots=(f"{name}/metrics.jsonl",),  # reward, accuracy, entropy, lengths, mismatch per step
         summary_metrics=("heldout/accuracy_before", "heldout/accuracy", "heldout/accuracy_se"),
-        resources=_grpo_resources, description="GRPO: math-verified rewards, entropy bonus, no KL", arm=arm)
+        resources=_grpo_resources, description="GRPO: math-verified rewards, entropy bonus, no KL", arm=arm,
+        section="grpo")
 
 
 _DECLARED: list[Stage] = [

@@ -3,6 +3,9 @@
 # `python3 infra/offline/wheelhouse.py install ... --target $M1_SITE`:
 #   infra/offline/node-pipeline.sh start PROFILE [m1 pipeline args]   a local Ray head with every GPU of the node,
 #        then the Prefect flow `m1-pipeline` detached (it outlives the shell; log and exit status under the run dir)
+#   infra/offline/node-pipeline.sh branches PROFILE [m1 pipeline args]  the same, the arms' branches at once: curate,
+#        then one flow run per branch (M1_BRANCHES, default "grpo transformer_grpo": each run takes its target and
+#        what it depends on), side by side on the node's GPUs, then the whole flow, which finds them in the cache
 #   infra/offline/node-pipeline.sh wait PROFILE SECONDS              wait for it, print the log's tail
 #   infra/offline/node-pipeline.sh report PROFILE OUT.json            the run's record (bench/gpu_pipeline_report.py)
 #   infra/offline/node-pipeline.sh stop                              stop the Ray head started here (its process session)
@@ -24,8 +27,9 @@ export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
 state=runs/node
 
 case "${1:-}" in
-start)
-  profile=${2:?usage: node-pipeline.sh start PROFILE [m1 pipeline args]}; shift 2
+start|branches)
+  mode=$1
+  profile=${2:?usage: node-pipeline.sh $mode PROFILE [m1 pipeline args]}; shift 2
   run_dir=$("$py" -c "from components.config import load_config as c; print(c('$profile').run_dir)")
   mkdir -p "$run_dir" "$state"
   if [ "${M1_RAY_HEAD:-1}" = 1 ]; then
@@ -49,8 +53,19 @@ start)
   export PREFECT_HOME=$PWD/$run_dir/prefect
   export MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///$PWD/$run_dir/mlflow.db}
   rm -f "$run_dir/pipeline.rc"
-  printf -v cmd '%q ' "$py" -m components.cli pipeline --profile "$profile" \
-    --summary-json "$run_dir/pipeline_summary.json" "$@"
+  printf -v m1 '%q ' "$py" -m components.cli pipeline --profile "$profile"
+  args=""; [ $# -eq 0 ] || printf -v args '%q ' "$@"
+  cmd="$m1 --summary-json $run_dir/pipeline_summary.json $args"
+  if [ "$mode" = branches ]; then
+    # Each branch is its own flow run (its own MLflow parent run) on the shared Prefect and MLflow stores; curate
+    # runs first so that the branches only read it. A failed branch stops the whole run before the last flow.
+    branches=() pids=""
+    for target in ${M1_BRANCHES:-grpo transformer_grpo}; do
+      branches+=("$m1 --stages $target --summary-json $run_dir/branch-$target.json $args > $run_dir/branch-$target.log 2>&1 & pids=\"\$pids \$!\"")
+    done
+    cmd="$m1 --stages curate $args && { pids=''; $(printf '%s; ' "${branches[@]}") ok=0; \
+for p in \$pids; do wait \$p || ok=1; done; [ \$ok = 0 ]; } && $cmd"
+  fi
   setsid nohup bash -c "$cmd; echo \$? > $run_dir/pipeline.rc" >> "$run_dir/pipeline.log" 2>&1 < /dev/null &
   echo "started: $cmd (log $run_dir/pipeline.log)" ;;
 wait)
