@@ -2,7 +2,7 @@
 the columns the docs use, the figure, the arms comparison (components/evaluate/arms.py) and each arm's measured
 generation throughput at the batch size it was timed at.
 
-    python bench/time_budget_report.py --profile gpu2 --out docs/results/time_budget_gpu
+    python bench/time_budget_report.py --profile gpu2-arms --out docs/results/time_budget_gpu
 
 writes <out>.csv (arm, strategy, budget_s, accuracy, se, samples, max_new_tokens, capped, tokens_per_s),
 <out>.png and <out>.json. Reads what the evaluate stage wrote under the profile's run_dir/eval; runs nothing."""

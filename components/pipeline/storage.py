@@ -106,12 +106,13 @@ def download_dir(uri: str, local: str | Path, client=None) -> int:
 
 def mirror_outputs(config, stage: str, paths: dict[str, Path]) -> list[str]:
     """Upload a finished stage's outputs to <pipeline.checkpoint_uri>/<run_dir name>/<stage>/<field>/."""
-    from boto3.exceptions import S3UploadFailedError
-    from botocore.exceptions import BotoCoreError, ClientError, ConnectTimeoutError, EndpointConnectionError
-
     base = config.pipeline.mirror_location()
     if not base:
         return []
+    # imported only when there is a mirror: a node that keeps its outputs local may have no boto3
+    from boto3.exceptions import S3UploadFailedError
+    from botocore.exceptions import BotoCoreError, ClientError, ConnectTimeoutError, EndpointConnectionError
+
     client = s3_client(config)
     run = Path(config.run_dir).resolve().name
     uris = []
