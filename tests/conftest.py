@@ -1,4 +1,5 @@
 import os
+import sys
 
 import pytest
 import torch
@@ -13,6 +14,56 @@ for k, v in {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "DVC_NO
              "HF_HUB_DISABLE_TELEMETRY": "1"}.items():
     os.environ.setdefault(k, v)
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+# MLflow keeps process-wide state that a test can leave behind for every later test of its process (with
+# pytest-xdist, whichever file runs next in that worker): the fluent tracking and registry URIs (set_registry_uri,
+# which use_store(registry=True) calls, also writes MLFLOW_REGISTRY_URI, and a client made without a registry_uri
+# then reads another test's database), the active experiment (set_experiment also writes MLFLOW_EXPERIMENT_ID),
+# MLFLOW_RUN_ID and open runs. Each module and each test gets them back as it found them.
+_MLFLOW_GLOBALS = (("mlflow.tracking._tracking_service.utils", "_tracking_uri"),
+                   ("mlflow.tracking._model_registry.utils", "_registry_uri"),
+                   ("mlflow.tracking.fluent", "_active_experiment_id"))
+
+
+def _mlflow_state():
+    fluent = sys.modules.get("mlflow.tracking.fluent")
+    return ({k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")},
+            {(m, n): getattr(sys.modules[m], n) for m, n in _MLFLOW_GLOBALS if m in sys.modules},
+            len(fluent._active_run_stack.get()) if fluent is not None else 0)
+
+
+def _restore_mlflow(state) -> None:
+    env, globs, open_runs = state
+    fluent = sys.modules.get("mlflow.tracking.fluent")
+    if fluent is not None:
+        stack = fluent._active_run_stack.get()
+        while len(stack) > open_runs:  # a run the test left open (on its own store)
+            try:
+                fluent.end_run()
+            except Exception:  # its store may be gone with the test's tmp_path
+                if len(stack) > open_runs:
+                    stack.pop()
+    for k in [k for k in os.environ if k.startswith("MLFLOW_") and k not in env]:
+        del os.environ[k]
+    os.environ.update(env)
+    for m, n in _MLFLOW_GLOBALS:
+        if m in sys.modules:  # None: mlflow was imported during the test (its default: nothing set)
+            setattr(sys.modules[m], n, globs.get((m, n)))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _mlflow_state_per_module():
+    state = _mlflow_state()
+    yield
+    _restore_mlflow(state)
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_state_per_test():
+    state = _mlflow_state()
+    yield
+    _restore_mlflow(state)
 
 
 @pytest.fixture(scope="session")
