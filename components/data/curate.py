@@ -331,7 +331,7 @@ def _pack_output(name, seq_len, cfg, fmt, staging, out_dir, rejects, stats, seed
     writer = ShardWriter(str(out_dir), PACKED_SCHEMA, cfg.packing.rows_per_shard, count_tokens=real_tokens)
     packer = Packer(seq_len, pad_id, cfg.packing.window, writer.write)
     per_source: dict[str, Counter] = {}
-    docs = loss_tokens = 0
+    docs = loss_tokens = end_of_turn = 0
     rng = random.Random(f"{seed}/{name}")
     lengths = stats.lengths[name]
     stream = _shuffled(staging.read(f"clean__{name}"), cfg.shuffle_buffer, rng)
@@ -362,16 +362,24 @@ def _pack_output(name, seq_len, cfg, fmt, staging, out_dir, rejects, stats, seed
             lengths.append(len(ids))
             docs += 1
             loss_tokens += sum(mask)
+            end_of_turn += enc.end_of_turn and len(ids) == len(enc.input_ids)  # a truncated one lost it
             c = per_source.setdefault(rec.source, Counter())
             c["documents"] += 1
             c["tokens"] += len(ids)
             stats.add(rec.source, f"kept:{name}")
     packer.flush()
     files = writer.close()
+    if docs and not end_of_turn:
+        # The loss on the token that closes the assistant turn is all that teaches a model to stop: without it the
+        # fine-tuned model writes on to max_new_tokens.
+        raise M1Error(f"{name}: no document's end-of-turn token carries loss: none of the {docs} documents has a "
+                      f"special token right after the assistant's content (tokenizer {type(fmt.tok).__name__}, "
+                      f"eos {fmt.tok.eos_token!r})")
     stats.timings[f"pack:{name}"] = time.time() - t0
     return {
         "kind": "packed", "dir": name, "seq_len": seq_len, "records": docs, "rows": sum(f["rows"] for f in files),
-        "tokens": sum(f["tokens"] for f in files), "loss_tokens": loss_tokens, "pad_token_id": pad_id,
+        "tokens": sum(f["tokens"] for f in files), "loss_tokens": loss_tokens, "end_of_turn_documents": end_of_turn,
+        "pad_token_id": pad_id,
         "files": files, "per_source": {s: dict(c) for s, c in sorted(per_source.items())},
     }
 

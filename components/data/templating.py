@@ -19,6 +19,7 @@ class Encoded:
     input_ids: list[int]
     loss_mask: list[int]
     prompt_tokens: int
+    end_of_turn: bool = False  # the special token closing the assistant turn carries loss (it teaches stopping)
 
 
 class Formatter:
@@ -26,7 +27,11 @@ class Formatter:
         self.tok = tokenizer
         self.instruction = instruction
         self.system_prompt = system_prompt
-        self.special_ids = set(tokenizer.all_special_ids)
+        # The end-of-turn token after the assistant's content is found among the special tokens: the named ones
+        # (bos, eos, pad...) and every added token marked special, so that a tokenizer whose named EOS is another
+        # token (transformers 5.17 loads SmolLM2's GGUF with EOS = <|im_start|>) still gets <|im_end|> its loss.
+        added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+        self.special_ids = set(tokenizer.all_special_ids) | {i for i, t in added.items() if getattr(t, "special", False)}
 
     def user_text(self, problem: str) -> str:
         return f"{problem}\n{self.instruction}" if self.instruction else problem
@@ -85,9 +90,10 @@ class Formatter:
             nxt = last + 1
             while 0 <= last and nxt < len(ids) and offs[nxt][0] < offs[nxt][1] and text[offs[nxt][0]:offs[nxt][1]].isspace():
                 nxt += 1
-            if last >= 0 and nxt < len(ids) and ids[nxt] in self.special_ids:
+            eot = last >= 0 and nxt < len(ids) and ids[nxt] in self.special_ids
+            if eot:
                 mask[nxt] = 1
-            out.append(Encoded(list(ids), mask, prompt_tokens))
+            out.append(Encoded(list(ids), mask, prompt_tokens, eot))
         return out
 
     def count_tokens(self, texts: list[str]) -> list[int]:

@@ -17,6 +17,11 @@ from components.model.teacher import load_tokenizer, resolve_source
 # transformers is imported where a tokenizer is loaded: seconds of start-up otherwise.
 
 
+# Part of the key: entries written by an older load_tokenizer are not reused. 2: a GGUF tokenizer's BOS / EOS / pad come
+# from the file's ids (entries of 1 written under transformers 5.17 name <|im_start|> as SmolLM2's EOS).
+FORMAT = 2
+
+
 def cache_root() -> str:
     return os.path.join(os.environ.get("M1_CACHE_DIR") or os.path.expanduser("~/.cache/m1"), "tokenizers")
 
@@ -27,7 +32,7 @@ def _key(source: str) -> str | None:
         return None  # the hub client has its own cache
     path = os.path.join(src.location, src.gguf_file) if src.gguf_file else os.path.join(src.location, "config.json")
     st = os.stat(path)
-    return hashlib.sha256(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:24]
+    return hashlib.sha256(f"{FORMAT}|{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:24]
 
 
 _LOADED: dict[str, object] = {}

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import glob
 import importlib.util
+import mmap
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,7 +102,8 @@ def load_teacher(source: str | os.PathLike, dtype: str = "float32"):
 
 
 def load_tokenizer(source: str | os.PathLike):
-    """The teacher's tokenizer with its chat template; a pad token is set (to EOS) when the model has none."""
+    """The teacher's tokenizer with its chat template; a pad token is set (to EOS) when the model has none. A GGUF
+    file's tokenizer gets its BOS / EOS / pad tokens from the file's own ids (gguf_special_ids)."""
     from transformers import AutoTokenizer
 
     src = resolve_source(source)
@@ -108,9 +111,60 @@ def load_tokenizer(source: str | os.PathLike):
         tok = AutoTokenizer.from_pretrained(src.location, **_kwargs(src))
     except (OSError, ValueError) as e:
         raise M1Error(f"cannot load tokenizer from {src.describe()}: {str(e).splitlines()[0]}") from e
+    if src.gguf_file:
+        # transformers' GGUF tokenizer conversion does not always take them: 5.17 (the H200 image's) names SmolLM2's
+        # <|im_start|> (id 1) EOS as well as BOS and sets no pad, where the file says EOS = pad = <|im_end|> (id 2).
+        # The model's config (and so generation's EOS) has the file's ids; the tokenizer must agree, or curation's
+        # loss mask skips the end-of-turn token and the fine-tuned model never learns to stop.
+        for name, i in gguf_special_ids(src.describe()).items():
+            if 0 <= i < len(tok):
+                setattr(tok, f"{name}_token", tok.convert_ids_to_tokens(i))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_GGUF_SPECIALS = {"tokenizer.ggml.bos_token_id": "bos", "tokenizer.ggml.eos_token_id": "eos",
+                  "tokenizer.ggml.padding_token_id": "pad"}
+
+
+def gguf_special_ids(path: str | os.PathLike) -> dict[str, int]:
+    """{"bos" | "eos" | "pad": token id} as a GGUF file's metadata records them (tokenizer.ggml.*_token_id), read
+    from its key/value header alone (GGUF v2/v3, little-endian): no tensor is touched."""
+    out: dict[str, int] = {}
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        if m[:4] != b"GGUF" or struct.unpack_from("<I", m, 4)[0] < 2:
+            raise M1Error(f"{path}: not a GGUF v2/v3 file")
+        n_kv = struct.unpack_from("<Q", m, 16)[0]
+        pos = 24
+
+        def string(p: int) -> tuple[bytes, int]:
+            n = struct.unpack_from("<Q", m, p)[0]
+            return m[p + 8:p + 8 + n], p + 8 + n
+
+        def skip(kind: int, p: int) -> int:
+            if kind == 8:
+                return string(p)[1]
+            if kind == 9:
+                sub, count = struct.unpack_from("<IQ", m, p)
+                p += 12
+                if sub in _GGUF_SCALARS:
+                    return p + count * struct.calcsize(_GGUF_SCALARS[sub])
+                for _ in range(count):
+                    p = skip(sub, p)
+                return p
+            return p + struct.calcsize(_GGUF_SCALARS[kind])
+
+        for _ in range(n_kv):
+            key, pos = string(pos)
+            kind = struct.unpack_from("<I", m, pos)[0]
+            pos += 4
+            name = _GGUF_SPECIALS.get(key.decode("utf-8", "replace"))
+            if name and kind in _GGUF_SCALARS and kind not in (6, 7, 12):
+                out[name] = int(struct.unpack_from(_GGUF_SCALARS[kind], m, pos)[0])
+            pos = skip(kind, pos)
+    return out
 
 
 # Shapes of randomly initialised Llama teachers ("random:<name>"): tests and speed benchmarks need no weights.
