@@ -154,7 +154,7 @@ def fit_problems(config, nodes: list[dict], entry_cpus: float, entry_gpus: float
         return [f"no node holds the driver's {entry_cpus:g} CPU, {entry_gpus:g} GPU"]
     problems = []
     for node in where:
-        for s in registered_stages():
+        for s in registered_stages(config):  # the stages this config runs (its arms, its optional stages)
             r = stage_resources(config, s)
             d, ray = r["driver"], {k: sum(g["count"] * g[k] for g in r["ray"]) for k in ("cpus", "gpus")}
             if r["nodes"] != 1:
