@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,36 +13,52 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "infra" / "offline" / "node-pipeline.sh"
+SCRIPT = Path("infra") / "offline" / "node-pipeline.sh"
+REPORT = Path("bench") / "gpu_pipeline_report.py"
 
 
-def _node(*args: str, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+def checkout(tmp_path: Path) -> Path:
+    """A copy of what the script runs, as a checkout on the node holds it. The script works in the checkout it
+    lives in (runs/<profile>, its Prefect home and cache there): run from the repository itself, an earlier run of
+    the tiny profile there (this test's own, last time) served the first run from its cache."""
+    repo = tmp_path / "repo"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for d in ("components", "flows", "configs"):
+        shutil.copytree(ROOT / d, repo / d, ignore=ignore)
+    for f in ("params.yaml", SCRIPT, REPORT):
+        (repo / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / f, repo / f)
+    return repo
+
+
+def _node(repo: Path, *args: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(repo / SCRIPT), *args], cwd=repo, env=env, capture_output=True, text=True,
                           timeout=600)
 
 
 @pytest.mark.slow
 def test_detached_flow_summary_report_and_second_run_from_cache(tmp_path):
-    run_dir = Path("runs/tiny")
+    repo = checkout(tmp_path)
+    run_dir = repo / "runs" / "tiny"
     env = {**os.environ, "M1_RAY_HEAD": "0", "M1_PYTHON": sys.executable, "MLFLOW_TRACKING_URI":
            f"sqlite:///{tmp_path}/mlflow.db", "PREFECT_HOME": str(tmp_path / "prefect")}
     summaries = []
     for _ in range(2):
-        (ROOT / run_dir / "pipeline.rc").unlink(missing_ok=True)
-        started = _node("start", "tiny", "--stages", "curate", env=env)
+        (run_dir / "pipeline.rc").unlink(missing_ok=True)
+        started = _node(repo, "start", "tiny", "--stages", "curate", env=env)
         assert started.returncode == 0, started.stderr
-        waited = _node("wait", "tiny", "300", env=env)
+        waited = _node(repo, "wait", "tiny", "300", env=env)
         assert waited.stdout.strip().endswith("finished with exit status 0"), waited.stdout + waited.stderr
-        summaries.append(json.loads((ROOT / run_dir / "pipeline_summary.json").read_text()))
+        summaries.append(json.loads((run_dir / "pipeline_summary.json").read_text()))
     first, second = summaries
     assert [s["stage"] for s in first["stages"]] == ["curate"]
     assert first["flow_run_id"] != second["flow_run_id"]
     assert second["stages"][0]["cached"] is True and second["stages"][0]["cache_key"] == first["stages"][0]["cache_key"]
     (tmp_path / "first.json").write_text(json.dumps(first))
     out = tmp_path / "report.json"
-    rep = subprocess.run([sys.executable, "bench/gpu_pipeline_report.py", "--profile", "tiny", "--summary",
-                          str(tmp_path / "first.json"), "--cached-summary", str(ROOT / run_dir / "pipeline_summary.json"),
-                          "--out", str(out)], cwd=ROOT, capture_output=True, text=True, env=env)
+    rep = subprocess.run([sys.executable, str(REPORT), "--profile", "tiny", "--summary", str(tmp_path / "first.json"),
+                          "--cached-summary", str(run_dir / "pipeline_summary.json"), "--out", str(out)],
+                         cwd=repo, capture_output=True, text=True, env=env)
     assert rep.returncode == 0, rep.stderr
     rec = json.loads(out.read_text())
     assert rec["prefect_flow_run"] == first["flow_run_id"] and rec["gpus"] == 0
