@@ -15,8 +15,13 @@ env:
 run: env
 	.venv/bin/m1 pipeline --profile $(PROFILE)
 
+# Two test processes, a test file each at a time (module fixtures stay in one process): the slow end-to-end tests
+# spend much of their time waiting on servers and subprocesses, so two at once fit 2 cores (`make test XDIST=`:
+# one process). Files are handed out in the order tests/conftest.py gives them (longest first), not re-sorted by
+# their number of tests.
+XDIST ?= -n 2 --dist loadfile --no-loadscope-reorder
 test: env
-	.venv/bin/python -m pytest -q $(PYTEST_ARGS)
+	.venv/bin/python -m pytest -q $(XDIST) $(PYTEST_ARGS)
 
 test-fast: env
 	.venv/bin/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
