@@ -61,18 +61,20 @@ def tracking_uri(cfg: TrackingConfig) -> str:
 
 def use_store(uri: str, registry: bool = False) -> None:
     """Point MLflow's fluent API at `uri` without touching the environment: mlflow.set_tracking_uri() also writes
-    MLFLOW_TRACKING_URI (MLflow 3), which would make every later tracking_uri() in this process return this
-    store instead of the user's setting."""
+    MLFLOW_TRACKING_URI and mlflow.set_registry_uri() MLFLOW_REGISTRY_URI (MLflow 3), which would make every later
+    tracking_uri() or client in this process use this store instead of the user's setting."""
     import mlflow
 
-    before = os.environ.get("MLFLOW_TRACKING_URI")
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    before = {name: os.environ.get(name) for name in names}
     mlflow.set_tracking_uri(uri)
     if registry:
         mlflow.set_registry_uri(uri)
-    if before is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = before
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 def absolute_uri(uri: str) -> str:

@@ -41,10 +41,9 @@ def pytest_collection_modifyitems(config, items):
 
 
 # MLflow keeps process-wide state that a test can leave behind for every later test of its process (with
-# pytest-xdist, whichever file runs next in that worker): the fluent tracking and registry URIs (set_registry_uri,
-# which use_store(registry=True) calls, also writes MLFLOW_REGISTRY_URI, and a client made without a registry_uri
-# then reads another test's database), the active experiment (set_experiment also writes MLFLOW_EXPERIMENT_ID),
-# MLFLOW_RUN_ID and open runs. Each module and each test gets them back as it found them.
+# pytest-xdist, whichever file runs next in that worker): the fluent tracking and registry URIs (a client made
+# without a registry_uri then reads another test's database), the active experiment (set_experiment also writes
+# MLFLOW_EXPERIMENT_ID), MLFLOW_RUN_ID and open runs. Each module and each test gets them back as it found them.
 _MLFLOW_GLOBALS = (("mlflow.tracking._tracking_service.utils", "_tracking_uri"),
                    ("mlflow.tracking._model_registry.utils", "_registry_uri"),
                    ("mlflow.tracking.fluent", "_active_experiment_id"))
