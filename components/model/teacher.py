@@ -131,7 +131,9 @@ _GGUF_SPECIALS = {"tokenizer.ggml.bos_token_id": "bos", "tokenizer.ggml.eos_toke
 
 def gguf_special_ids(path: str | os.PathLike) -> dict[str, int]:
     """{"bos" | "eos" | "pad": token id} as a GGUF file's metadata records them (tokenizer.ggml.*_token_id), read
-    from its key/value header alone (GGUF v2/v3, little-endian): no tensor is touched."""
+    from its key/value header alone (GGUF v2/v3, little-endian): no tensor is touched. gguf.GGUFReader reads the
+    same fields but first parses every array in the file (a 49k-token vocabulary and its merges): 9 s against
+    0.06 s for SmolLM2; tests/test_gguf_header.py checks this parser against it."""
     out: dict[str, int] = {}
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
         if m[:4] != b"GGUF" or struct.unpack_from("<I", m, 4)[0] < 2:
