@@ -3,7 +3,9 @@ bad input (M1Error) is printed as one line and exits 2, never as a traceback."""
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import importlib
+import signal
 import sys
 
 from components.errors import M1Error
@@ -35,6 +37,9 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if argv is None and hasattr(signal, "SIGUSR1"):  # the `m1` process itself, not a caller of main()
+        # `kill -USR1 <pid>` prints every thread's stack to stderr and the run goes on: for a run that seems stuck
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         out = args.func(args)
     except M1Error as e:

@@ -103,12 +103,14 @@ def test_ctrl_c_during_distill_exits_130_with_one_line(tmp_path):
             rc = proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             rc = None
+            os.kill(proc.pid, signal.SIGUSR1)  # the CLI prints every thread's stack: where it is stuck
+            time.sleep(5)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     stderr = err.read_text()
-    assert rc is not None, "still running 60 s after Ctrl-C:\n" + stderr[-3000:]
+    assert rc is not None, "still running 60 s after Ctrl-C:\n" + stderr[-12000:]
     assert rc == 130, stderr[-3000:]
     assert "Traceback" not in stderr, stderr[-3000:]
     last = stderr.strip().splitlines()[-1]
