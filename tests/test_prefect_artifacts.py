@@ -151,3 +151,34 @@ def test_task_runs_carry_artifacts_edges_progress_and_cached_mark(prefect_home, 
     assert progress.description == "distill: 2 steps, a checkpoint every 1; finished: 2/2 steps"
     assert updates[0] == (50.0, "distill: 2 steps, a checkpoint every 1; checkpoint step 1/2")
     assert updates[-1][0] == 100.0
+
+
+def test_an_interrupted_stage_does_not_wait_for_its_progress_update(tmp_path, monkeypatch):
+    """Ctrl-C inside a training stage: the progress block re-raises while its last update ("stopped at step ...")
+    is still waiting on the API (Prefect's client retries a busy server for about a minute), instead of holding
+    the run until it returns."""
+    import threading
+
+    import prefect.artifacts
+
+    from components.pipeline import prefect_progress
+
+    release, events = threading.Event(), []
+
+    def update(artifact_id, progress, description=None, **kw):
+        events.append(("update", description))
+        release.wait(30)  # a request that does not come back
+        events.append(("update returned", description))
+
+    monkeypatch.setattr(prefect.artifacts, "create_progress_artifact", lambda *a, **k: "artifact-id")
+    monkeypatch.setattr(prefect.artifacts, "update_progress_artifact", update)
+    monkeypatch.setattr(prefect_progress, "STOP_GRACE_S", 0.2)
+    config = SimpleNamespace(run_dir=str(tmp_path), distill=SimpleNamespace(checkpoint_every=1, max_steps=4,
+                                                                           checkpoint_storage=None))
+    with pytest.raises(KeyboardInterrupt):
+        with prefect_progress.stage_progress(config, get_stage("distill"), interval=0.05):
+            raise KeyboardInterrupt
+    events.append(("raised", None))
+    release.set()
+    assert events[:2] == [("update", "distill: 4 steps, a checkpoint every 1; stopped at step 0/4 (newest checkpoint)"),
+                          ("raised", None)]

@@ -433,9 +433,12 @@ class PipelineRuns:
             ended = True
         finally:
             done.set()
-            thread.join()
-            with suppress(Exception):
-                look()
+            # interrupted or failed: a few seconds at most for a checkpoint being logged, so that the run ends
+            # promptly (the next run of the stage logs what this one could not)
+            thread.join(None if ended else 5.0)
+            if not thread.is_alive():
+                with suppress(Exception):
+                    look()
             if ended:
                 with suppress(Exception):  # each model's logging reports its own failure (CheckpointModels._try)
                     models.finish()

@@ -20,6 +20,8 @@ from pathlib import Path
 from components.pipeline.prefect_artifacts import artifact_key
 from components.pipeline.stages import Stage
 
+STOP_GRACE_S = 5.0  # how long a stopping stage waits for its progress bookkeeping
+
 
 def training_section(config, stage: Stage):
     """The config section a training stage trains with (its first config key: transformer_sft1 trains with sft1),
@@ -99,10 +101,19 @@ def stage_progress(config, stage: Stage, interval: float = 2.0):
         finished = True
     finally:
         done.set()
-        if thread is not None:
-            thread.join()
         if finished:
+            if thread is not None:
+                thread.join()
             update(100.0, f"finished: {total}/{total} steps")
         else:
+            # interrupted or failed: the run must end promptly whatever a request in flight is doing (Prefect's
+            # client retries a busy server with backoff for about a minute), so this waits a few seconds at most
+            if thread is not None:
+                thread.join(STOP_GRACE_S)
             step = tracker.step if tracker else 0
-            update(tracker.percent() if tracker else 0.0, f"stopped at step {step}/{total} (newest checkpoint)")
+            note = f"stopped at step {step}/{total} (newest checkpoint)"
+            last = threading.Thread(target=contextvars.copy_context().run, daemon=True,
+                                    args=(update, tracker.percent() if tracker else 0.0, note),
+                                    name=f"m1-progress-end-{stage.name}")
+            last.start()
+            last.join(STOP_GRACE_S)
