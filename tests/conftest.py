@@ -27,9 +27,9 @@ torch.set_num_threads(_THREADS)
 # collection order whenever it runs short. The longest files go first, so that the two workers end together instead
 # of one running the longest file alone at the end; the rest keep their order. Ranked by the time each file took in
 # a 2-core run of `make test` (the order of the short ones hardly matters).
-LONGEST_FIRST = ["test_pipeline_s3", "test_pipeline_interrupts", "test_pipeline_flow", "test_infra_stack",
-                 "test_pipeline_dvc", "test_train_loop", "test_model", "test_grpo_loop", "test_cli_errors",
-                 "test_node_pipeline", "test_grpo_learning", "test_checkpoint_models", "test_registry_promotion",
+LONGEST_FIRST = ["test_pipeline_s3", "test_pipeline_interrupts", "test_node_pipeline", "test_pipeline_flow",
+                 "test_infra_stack", "test_pipeline_dvc", "test_train_loop", "test_model", "test_grpo_loop",
+                 "test_cli_errors", "test_grpo_learning", "test_checkpoint_models", "test_registry_promotion",
                  "test_serving", "test_data_curate", "test_sft_learns_eos", "test_prefect_artifacts", "test_eval_run"]
 
 

@@ -1,6 +1,7 @@
 """infra/offline/node-pipeline.sh on CPU (no Ray head: the flow starts its own local Ray instance): the flow runs
 detached, `wait` sees it finish, `m1 pipeline --summary-json` records it, and the GPU-run report reads it back.
-A second start completes from the Prefect cache."""
+A second start completes from the Prefect cache. `branches` runs the arms' branches as flow runs side by side
+and then a last flow that finds them in the cache."""
 from __future__ import annotations
 
 import json
@@ -65,3 +66,27 @@ def test_detached_flow_summary_report_and_second_run_from_cache(tmp_path):
     assert [(s["stage"], s["status"]) for s in rec["stages"]] == [("curate", "completed")]
     assert rec["second_run"]["stages"] == [{"stage": "curate", "cached": True,
                                             "seconds": round(second["stages"][0]["seconds"], 2)}]
+
+
+@pytest.mark.slow
+def test_branches_run_side_by_side_and_the_last_flow_takes_them_from_the_cache(tmp_path):
+    """`branches`: curate, then one flow run per branch at once (each its target and what it depends on), then
+    the last flow, here limited by --stages to the branches' targets, finds every stage in the cache."""
+    repo = checkout(tmp_path)
+    run_dir = repo / "runs" / "tiny"
+    env = {**os.environ, "M1_RAY_HEAD": "0", "M1_PYTHON": sys.executable, "M1_BRANCHES": "distill transformer_init",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "PREFECT_HOME": str(tmp_path / "prefect")}
+    started = _node(repo, "branches", "tiny", "--stages", "distill", "transformer_init", env=env)
+    assert started.returncode == 0, started.stderr
+    waited = _node(repo, "wait", "tiny", "500", env=env)
+    logs = "".join((p.name + ":\n" + p.read_text()[-2000:]) for p in sorted(run_dir.glob("*.log")))
+    assert waited.stdout.strip().endswith("finished with exit status 0"), waited.stdout + logs
+
+    def stages(name: str) -> dict[str, bool]:
+        return {s["stage"]: s["cached"] for s in json.loads((run_dir / name).read_text())["stages"]}
+
+    # each branch found curate in the cache (the run before them made it) and ran its own stages
+    assert stages("branch-distill.json") == {"curate": True, "convert": False, "distill": False}
+    assert stages("branch-transformer_init.json") == {"transformer_init": False}
+    assert stages("pipeline_summary.json") == {"curate": True, "convert": True, "distill": True,
+                                               "transformer_init": True}

@@ -5,7 +5,9 @@
 #        then the Prefect flow `m1-pipeline` detached (it outlives the shell; log and exit status under the run dir)
 #   infra/offline/node-pipeline.sh branches PROFILE [m1 pipeline args]  the same, the arms' branches at once: curate,
 #        then one flow run per branch (M1_BRANCHES, default "grpo transformer_grpo": each run takes its target and
-#        what it depends on), side by side on the node's GPUs, then the whole flow, which finds them in the cache
+#        what it depends on), side by side on the node's GPUs, then the whole flow, which finds them in the cache.
+#        The m1 pipeline args go to every run; a --stages among them limits the last one only (curate and each
+#        branch run their own stages)
 #   infra/offline/node-pipeline.sh wait PROFILE SECONDS              wait for it, print the log's tail
 #   infra/offline/node-pipeline.sh report PROFILE OUT.json            the run's record (bench/gpu_pipeline_report.py)
 #   infra/offline/node-pipeline.sh stop                              stop the Ray head started here (its process session)
@@ -61,9 +63,9 @@ start|branches)
     # runs first so that the branches only read it. A failed branch stops the whole run before the last flow.
     branches=() pids=""
     for target in ${M1_BRANCHES:-grpo transformer_grpo}; do
-      branches+=("$m1 --stages $target --summary-json $run_dir/branch-$target.json $args > $run_dir/branch-$target.log 2>&1 & pids=\"\$pids \$!\"")
+      branches+=("$m1 $args --stages $target --summary-json $run_dir/branch-$target.json > $run_dir/branch-$target.log 2>&1 & pids=\"\$pids \$!\"")
     done
-    cmd="$m1 --stages curate $args && { pids=''; $(printf '%s; ' "${branches[@]}") ok=0; \
+    cmd="$m1 $args --stages curate && { pids=''; $(printf '%s; ' "${branches[@]}") ok=0; \
 for p in \$pids; do wait \$p || ok=1; done; [ \$ok = 0 ]; } && $cmd"
   fi
   setsid nohup bash -c "$cmd; echo \$? > $run_dir/pipeline.rc" >> "$run_dir/pipeline.log" 2>&1 < /dev/null &
