@@ -48,7 +48,7 @@ def script_env(tmp_path, stack) -> tuple[dict, dict]:
 def sourced(stack: Path, env: dict) -> dict:
     """The environment after `source <stack>/env.sh` in a shell started with `env`."""
     out = subprocess.run(["bash", "-c", f"source {stack}/env.sh && env -0"], env=env, capture_output=True,
-                         check=True).stdout.decode()
+                         check=True, timeout=60).stdout.decode()
     return dict(item.partition("=")[::2] for item in out.split("\0") if item)
 
 
@@ -120,7 +120,7 @@ def test_restart_with_another_artifact_destination_is_refused(tmp_path):
         assert lines[-1].strip() == (f"source {stack}/env.sh && prefect deployment run m1-pipeline/local "
                                      "-p profile=tiny --watch")
         fresh = sourced(stack, {**env, "PATH": "/usr/bin:/bin"})
-        assert subprocess.run(["prefect", "--version"], env=fresh, capture_output=True).returncode == 0
+        assert subprocess.run(["prefect", "--version"], env=fresh, capture_output=True, timeout=120).returncode == 0
     finally:
         assert sh("stop", timeout=120).returncode == 0
     assert (stack / "mlflow.db").is_file()

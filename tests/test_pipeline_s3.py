@@ -292,7 +292,7 @@ def test_dvc_push_pull_with_s3_remote(s3, tmp_path):
     env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
 
     def sh(*cmd):
-        r = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, check=False)
+        r = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, check=False, timeout=300)
         assert r.returncode == 0, (cmd, r.stdout, r.stderr)
         return r.stdout
 
