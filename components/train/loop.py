@@ -303,6 +303,8 @@ def train_loop(run: LoopContext) -> dict:
                 if on_policy else {})}
         if peak:
             m["mfu"] = tokens_s * fpt / (peak * 1e12 * ctx.world)
+        if dev.type == "cuda":  # the mean over workers of each one's peak since it started (FSDP2 shards evenly)
+            m["peak_memory_gb"] = ctx.all_sum([torch.cuda.max_memory_allocated(dev) / 2**30])[0] / ctx.world
         history.append({"step": step + 1, **m})
         if tracker and ((step + 1) % train.log_every == 0 or step + 1 == train.max_steps):
             tracker.log_metrics(m, step=step + 1)
