@@ -38,8 +38,15 @@ def start(tmp_path: Path, name: str, steps: int) -> tuple[subprocess.Popen, Path
            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
     env.pop("PREFECT_API_URL", None)
     out, err = tmp_path / f"{name}.out", tmp_path / f"{name}.err"
-    with out.open("w") as o, err.open("w") as e:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=o, stderr=e, start_new_session=True)
+    # A terminal's job starts with SIGINT at its default. This test process may have inherited it ignored (as a
+    # background job of a shell without job control does: `make test &`), an ignored signal stays ignored across
+    # exec, and Python then installs no KeyboardInterrupt handler: the child gets Python's handler here instead.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with out.open("w") as o, err.open("w") as e:
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=o, stderr=e, start_new_session=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     return proc, out, err
 
 
