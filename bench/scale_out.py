@@ -101,7 +101,8 @@ def plot(record: dict, png: Path) -> None:
         line, = ax.plot(n, [r["tokens_per_s"] for r in rows], "o-", label=stage)
         ax.plot(n, [rows[0]["tokens_per_s"] * k / n[0] for k in n], ":", color=line.get_color(),
                 label=f"{stage}, linear")
-    ax.set_xlabel("GPUs (Ray Train workers)")
+    ax.set_xticks(sorted({r["workers"] for r in record["training"]}))
+    ax.set_xlabel("Ray Train workers (one GPU each on a GPU node)")
     ax.set_ylabel("training tokens/s")
     ax.set_title(f"{record['profile']} on {record['device']}", fontsize=10)
     ax.grid(alpha=0.3)
@@ -193,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         return 0
     for r in record["training"]:
-        print(f"{r['stage']:8s} {r['workers']} GPU(s): {r['tokens_per_s']} tok/s, MFU {r['mfu']}, "
+        print(f"{r['stage']:8s} {r['workers']} worker(s): {r['tokens_per_s']} tok/s, MFU {r['mfu']}, "
               f"peak {r['peak_memory_gb']} GB, efficiency {r['scaling_efficiency']}")
     for r in record["grpo"]:
         print(f"grpo {r['learner_workers']}:{r['rollout_workers']}: rollout {r['rollout_tokens_per_s']} tok/s, "

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-import scale_out  # noqa: E402
+import scale_out
 
 
 def _write(path: Path, rows: list[dict]) -> Path:
