@@ -144,12 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = ap.parse_args(argv)
 
+    from components.commands.pipeline import overrides_from, parse_assignment
     from components.config import load_config
 
-    run_dir = Path(load_config(args.profile, overrides=None).run_dir)
-    for s in args.sets:
-        if s.startswith("run_dir="):
-            run_dir = Path(s.partition("=")[2])
+    # the run_dir the flow runs will use: the profile's, with the same --set overrides parsed as m1 parses them
+    config = load_config(args.profile, overrides=overrides_from([parse_assignment(s) for s in args.sets]) or None)
+    run_dir = Path(config.run_dir)
     logs = run_dir / "scale_out"
     grpo_runs = []
     for spec in args.grpo:

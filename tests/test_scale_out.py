@@ -58,6 +58,9 @@ def test_dry_run_names_one_flow_run_per_count_and_split(capsys):
         "runs/m1-3b-scale/scale_out/w2.json --set distill.num_workers=2 --set sft1.num_workers=2",
         "components.cli pipeline --profile m1-3b-scale --stages grpo --summary-json "
         "runs/m1-3b-scale/scale_out/grpo1-1.json --set grpo.learner_workers=1 --set grpo.rollout_workers=1"]
+    # a run_dir set for the flow runs is where their summaries and histories are read
+    assert scale_out.main(["--profile", "tiny", "--workers", "1", "--set", "run_dir=/x/run", "--dry-run"]) == 0
+    assert "--summary-json /x/run/scale_out/w1.json" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         scale_out.main(["--grpo", "2", "--dry-run"])
 

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 
-def _assignment(text: str) -> tuple[str, object]:
+def parse_assignment(text: str) -> tuple[str, object]:
     import yaml
 
     key, sep, value = text.partition("=")
@@ -47,7 +47,7 @@ def register(sub) -> None:
     add_config_args(p)
     p.add_argument("--stages", nargs="+", default=None, metavar="STAGE",
                    help="run these stages (and, from cache when unchanged, what they depend on)")
-    p.add_argument("--set", dest="overrides", type=_assignment, action="append", metavar="KEY=VALUE",
+    p.add_argument("--set", dest="overrides", type=parse_assignment, action="append", metavar="KEY=VALUE",
                    help="override a config value, e.g. --set run_dir=runs/x (repeatable)")
     p.add_argument("--dry-run", action="store_true",
                    help="validate the config and print the stages, their cache keys and the resources they ask for")
@@ -59,12 +59,12 @@ def register(sub) -> None:
     s = sub.add_parser("stage", help="run one registered stage directly, without Prefect (what dvc.yaml runs)")
     s.add_argument("name", help="stage name (see m1 pipeline --dry-run)")
     add_config_args(s)
-    s.add_argument("--set", dest="overrides", type=_assignment, action="append", metavar="KEY=VALUE")
+    s.add_argument("--set", dest="overrides", type=parse_assignment, action="append", metavar="KEY=VALUE")
     s.set_defaults(func=_stage)
 
     r = sub.add_parser("promote", help="register a model as candidate and/or gate the candidate to champion")
     add_config_args(r)
-    r.add_argument("--set", dest="overrides", type=_assignment, action="append", metavar="KEY=VALUE")
+    r.add_argument("--set", dest="overrides", type=parse_assignment, action="append", metavar="KEY=VALUE")
     r.add_argument("--model-dir", default=None, help="register this hybrid model directory as a new candidate first")
     r.add_argument("--metric", type=_metric, action="append", default=[], metavar="NAME=VALUE",
                    help="evaluation metric of --model-dir (repeatable)")

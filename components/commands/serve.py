@@ -17,12 +17,12 @@ from pathlib import Path
 
 def register(sub) -> None:
     from components.cli import add_config_args
-    from components.commands.pipeline import _assignment
+    from components.commands.pipeline import parse_assignment
 
     p = sub.add_parser("serve", help="serve a registered version (default: the champion) over REST "
                                      "(mlflow models serve, POST /invocations)")
     add_config_args(p)
-    p.add_argument("--set", dest="overrides", type=_assignment, action="append", metavar="KEY=VALUE")
+    p.add_argument("--set", dest="overrides", type=parse_assignment, action="append", metavar="KEY=VALUE")
     p.add_argument("--alias", default=None, help="alias to serve (default: pipeline.promotion.champion_alias)")
     p.add_argument("--version", default=None, help="serve this version instead of an alias")
     p.add_argument("--host", default="127.0.0.1")

@@ -101,15 +101,13 @@ def stage_progress(config, stage: Stage, interval: float = 2.0):
         finished = True
     finally:
         done.set()
+        # interrupted or failed: the run must end promptly whatever a request in flight is doing (Prefect's client
+        # retries a busy server with backoff for about a minute), so this waits a few seconds at most
+        if thread is not None:
+            thread.join(None if finished else STOP_GRACE_S)
         if finished:
-            if thread is not None:
-                thread.join()
             update(100.0, f"finished: {total}/{total} steps")
         else:
-            # interrupted or failed: the run must end promptly whatever a request in flight is doing (Prefect's
-            # client retries a busy server with backoff for about a minute), so this waits a few seconds at most
-            if thread is not None:
-                thread.join(STOP_GRACE_S)
             step = tracker.step if tracker else 0
             note = f"stopped at step {step}/{total} (newest checkpoint)"
             last = threading.Thread(target=contextvars.copy_context().run, daemon=True,
