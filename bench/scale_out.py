@@ -11,7 +11,7 @@ and of the step's rollout, weight-sync and learning seconds.
 
 Simplifications: the runs share one run_dir, so curate and convert run once (Prefect cache) and each N trains
 from the same converted model; the global batch is the profile's (strong scaling: each worker takes 1/N of it);
-a few dozen steps, so the medians are steady-state speed, not the cost of a whole run. The results are
+ten steps a stage in m1-3b-scale, so the medians are steady-state speed, not the cost of a whole run. The results are
 written after every run, so a run that fails or runs out of time keeps the ones before it.
 
     python bench/scale_out.py --profile m1-3b-scale --workers 1 2 --grpo 1:1 --out docs/results/scale_out_2x.json
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from flow_runs import device_name, pipeline_cmd, versions  # noqa: E402
 
 GRPO_FIELDS = ("rollout_tokens_per_s", "learner_tokens_per_s", "rollout_seconds", "sync_seconds", "learn_seconds",
                "step_seconds")
@@ -77,12 +79,6 @@ def with_efficiency(rows: list[dict]) -> list[dict]:
     return out
 
 
-def pipeline_cmd(python: str, profile: str, stages: list[str], sets: list[str], summary: Path) -> list[str]:
-    cmd = [python, "-m", "components.cli", "pipeline", "--profile", profile, "--stages", *stages,
-           "--summary-json", str(summary)]
-    for s in sets:
-        cmd += ["--set", s]
-    return cmd
 
 
 def plot(record: dict, png: Path) -> None:
@@ -112,24 +108,8 @@ def plot(record: dict, png: Path) -> None:
     plt.close(fig)
 
 
-def device_name() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
-    return f"CPU ({platform.machine()})"
 
 
-def versions() -> dict:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for name in ("torch", "ray", "prefect", "mlflow", "transformers"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:

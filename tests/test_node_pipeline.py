@@ -1,7 +1,7 @@
 """infra/offline/node-pipeline.sh on CPU (no Ray head: the flow starts its own local Ray instance): the flow runs
 detached, `wait` sees it finish, `m1 pipeline --summary-json` records it, and the GPU-run report reads it back.
 A second start completes from the Prefect cache. `branches` runs the arms' branches as flow runs side by side
-and then a last flow that finds them in the cache."""
+and then a last flow that finds them in the cache; `bench` runs any command in place of the flow."""
 from __future__ import annotations
 
 import json
@@ -90,3 +90,24 @@ def test_branches_run_side_by_side_and_the_last_flow_takes_them_from_the_cache(t
     assert stages("branch-transformer_init.json") == {"transformer_init": False}
     assert stages("pipeline_summary.json") == {"curate": True, "convert": True, "distill": True,
                                                "transformer_init": True}
+
+
+def test_bench_runs_a_command_detached_with_the_run_dirs_stores(tmp_path):
+    """`bench`: any command in place of the flow, detached, with the profile's Prefect home and MLflow store in its
+    environment; `wait` reports its exit status, which is the command's own."""
+    repo = checkout(tmp_path)
+    run_dir = repo / "runs" / "tiny"
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PREFECT_HOME")}
+    env.update({"M1_RAY_HEAD": "0", "M1_PYTHON": sys.executable})
+    show = "import os; print('home', os.environ['PREFECT_HOME']); print('mlflow', os.environ['MLFLOW_TRACKING_URI'])"
+    started = _node(repo, "bench", "tiny", sys.executable, "-c", show, env=env)
+    assert started.returncode == 0, started.stderr
+    waited = _node(repo, "wait", "tiny", "120", env=env)
+    assert waited.stdout.strip().endswith("finished with exit status 0"), waited.stdout + waited.stderr
+    assert f"home {run_dir}/prefect" in waited.stdout
+    assert f"mlflow sqlite:///{run_dir}/mlflow.db" in waited.stdout
+    started = _node(repo, "bench", "tiny", sys.executable, "-c", "raise SystemExit(3)", env=env)
+    assert started.returncode == 0, started.stderr
+    assert _node(repo, "wait", "tiny", "120", env=env).stdout.strip().endswith("finished with exit status 3")
+    refused = _node(repo, "bench", "tiny", env=env)
+    assert refused.returncode == 2 and "usage: node-pipeline.sh bench PROFILE COMMAND" in refused.stderr

@@ -8,6 +8,8 @@
 #        what it depends on), side by side on the node's GPUs, then the whole flow, which finds them in the cache.
 #        The m1 pipeline args go to every run; a --stages among them limits the last one only (curate and each
 #        branch run their own stages)
+#   infra/offline/node-pipeline.sh bench PROFILE COMMAND [ARGS...]   the same head and stores, COMMAND detached in place
+#        of the flow (e.g. python3 bench/distill_recovery.py --parallel 2 ...: flow runs that share the head's GPUs)
 #   infra/offline/node-pipeline.sh wait PROFILE SECONDS              wait for it, print the log's tail
 #   infra/offline/node-pipeline.sh report PROFILE OUT.json            the run's record (bench/gpu_pipeline_report.py)
 #   infra/offline/node-pipeline.sh stop                              stop the Ray head started here (its process session)
@@ -29,9 +31,10 @@ export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
 state=runs/node
 
 case "${1:-}" in
-start|branches)
+start|branches|bench)
   mode=$1
-  profile=${2:?usage: node-pipeline.sh $mode PROFILE [m1 pipeline args]}; shift 2
+  profile=${2:?usage: node-pipeline.sh $mode PROFILE [m1 pipeline args | COMMAND]}; shift 2
+  if [ "$mode" = bench ] && [ $# -eq 0 ]; then echo "usage: node-pipeline.sh bench PROFILE COMMAND [ARGS...]" >&2; exit 2; fi
   run_dir=$("$py" -c "from components.config import load_config as c; print(c('$profile').run_dir)")
   mkdir -p "$run_dir" "$state"
   if [ "${M1_RAY_HEAD:-1}" = 1 ]; then
@@ -58,6 +61,7 @@ start|branches)
   printf -v m1 '%q ' "$py" -m components.cli pipeline --profile "$profile"
   args=""; [ $# -eq 0 ] || printf -v args '%q ' "$@"
   cmd="$m1 --summary-json $run_dir/pipeline_summary.json $args"
+  if [ "$mode" = bench ]; then printf -v cmd '%q ' "$@"; fi
   if [ "$mode" = branches ]; then
     # Each branch is its own flow run (its own MLflow parent run) on the shared Prefect and MLflow stores; curate
     # runs first so that the branches only read it. A failed branch stops the whole run before the last flow.
@@ -87,5 +91,5 @@ stop)
     # what `ray stop` would clear: the address file that would point later clients at the stopped head
     grep -qs ":$port\$" /tmp/ray/ray_current_cluster && rm -f /tmp/ray/ray_current_cluster
   fi ;;
-*) sed -n 2,10p "$0" >&2; exit 2 ;;
+*) sed -n 2,15p "$0" >&2; exit 2 ;;
 esac

@@ -1,0 +1,324 @@
+"""How much of the teacher each distillation recipe recovers (issue 21): the same profile's distillation run
+through the Prefect flow once per variant, each in its own run_dir, with the held-out perplexity and reverse KL
+to the teacher read back from the distill stage.
+
+Variants (--variants, any of):
+  base            the profile's recipe without the align stage
+  align           the align stage first (layer-wise MSE), then distill; with --equal-steps (default) the align
+                  steps come out of distill's, so both variants take the same number of optimiser steps
+  kl_layers       attention kept at the KL-guided layers (--kl-layers, --kl-json, or ranked here first with
+                  bench/attn_layer_choice.py --method kl_guided on base's curated data), align off
+  kl_layers+align both
+
+Variants run in waves (those without KL-guided layers, then the ranking, then the kl_layers pair), at most
+--parallel flow runs at a time. Then, with --downstream, the base variant and the best one (lowest held-out perplexity) go on through sft1 and sft2
+and `m1 eval` scores both SFT-2 models on the profile's held-out sets (pass@1 with its SE).
+
+Simplifications: one run per variant (no seeds), so a difference smaller than the run-to-run spread reads as a
+difference; the teacher's perplexity is the one each run measures on its own held-out rows (the same rows: every
+run curates the same sources with the same seed). Results are written after every run, so a run that fails or runs
+out of time keeps the ones before it.
+
+    python bench/distill_recovery.py --profile gpu2 --kl-guided --downstream --out docs/results/distill_recovery_gpu.json
+    # on a node with 2 GPUs, two flow runs at a time on one Ray head, one GPU each:
+    infra/offline/node-pipeline.sh bench gpu2-arms python3 bench/distill_recovery.py --profile gpu2-arms \
+        --kl-guided --downstream --parallel 2 --out $OUT/distill_recovery_gpu.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from flow_runs import device_name, pipeline_cmd, versions  # noqa: E402
+
+VARIANTS = ("base", "align", "kl_layers", "kl_layers+align")
+TARGET_RATIO = 1.10  # issue 21: the best variant's held-out perplexity within 10% of the teacher's
+
+
+def variant_sets(name: str, distill_steps: int, align_steps: int, kl_layers: list[int] | None,
+                 equal_steps: bool) -> list[str]:
+    """The `--set` overrides that make variant `name` out of the profile."""
+    if name not in VARIANTS:
+        raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
+    sets = []
+    if "kl_layers" in name:
+        if not kl_layers:
+            raise ValueError(f"variant {name} needs the KL-guided layers (--kl-layers, --kl-json or --kl-guided)")
+        sets.append(f"convert.attn_layers=[{','.join(str(i) for i in kl_layers)}]")
+    if name.endswith("align"):
+        if equal_steps and align_steps >= distill_steps:
+            raise ValueError(f"--align-steps {align_steps} leaves no distill steps of {distill_steps}")
+        sets += ["align.enabled=true", f"align.max_steps={align_steps}"]
+        if equal_steps:
+            sets.append(f"distill.max_steps={distill_steps - align_steps}")
+    else:
+        sets.append("align.enabled=false")
+    return sets
+
+
+def distill_result(summary: dict) -> dict:
+    """The distill stage's held-out numbers (and align's, when it ran) from an `m1 pipeline --summary-json`."""
+    rows = {r["stage"]: r for r in summary.get("stages", [])}
+    if "distill" not in rows:
+        raise ValueError("the run's summary has no distill stage")
+    m = rows["distill"]["all_metrics"]
+    student, teacher = m.get("heldout/ppl"), m.get("heldout/teacher_ppl")
+    if student is None or teacher is None:
+        raise ValueError("the distill stage recorded no held-out perplexity (is distill.heldout set?)")
+    out = {"student_ppl": round(student, 4), "teacher_ppl": round(teacher, 4),
+           "ppl_ratio": round(student / teacher, 4), "heldout_kl": _round(m.get("heldout/kl")),
+           "heldout_kl_before": _round(m.get("heldout/kl_before")), "distill_steps": int(m.get("steps", 0)),
+           "distill_seconds": round(rows["distill"]["seconds"], 1)}
+    if "align" in rows:
+        a = rows["align"]["all_metrics"]
+        out["align_steps"] = int(a.get("steps", 0))
+        out["align_seconds"] = round(rows["align"]["seconds"], 1)
+        out["align_mse"] = {k.split("/")[-1]: round(v, 6) for k, v in sorted(a.items())
+                            if k.startswith("align_mse/")}
+    return out
+
+
+def best_variant(variants: list[dict]) -> dict | None:
+    done = [v for v in variants if v.get("student_ppl") is not None]
+    return min(done, key=lambda v: v["student_ppl"]) if done else None
+
+
+def _round(v):
+    return None if v is None else round(v, 4)
+
+
+def run_many(jobs: list[tuple[list[str], Path]], parallel: int = 1) -> list[int]:
+    """Runs each (command, log) from the repository root, at most `parallel` at a time; their exit codes."""
+    pending, running, rcs = list(enumerate(jobs)), {}, [0] * len(jobs)
+    while pending or running:
+        while pending and len(running) < max(1, parallel):
+            i, (cmd, log) = pending.pop(0)
+            log.parent.mkdir(parents=True, exist_ok=True)
+            print(f"[distill_recovery] {' '.join(cmd[1:])} (log {log})", flush=True)
+            with open(log, "w") as f:
+                running[i] = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+        for i, proc in list(running.items()):
+            if proc.poll() is not None:
+                rcs[i] = proc.returncode
+                del running[i]
+        if running:
+            time.sleep(1)
+    return rcs
+
+
+def _failed(record: dict, name: str, rc: int, log: Path) -> None:
+    tail = log.read_text().splitlines()[-5:]
+    print(f"[distill_recovery] {name} failed (exit {rc}); last lines:\n  " + "\n  ".join(tail), file=sys.stderr)
+    record.setdefault("failed", []).append({"run": name, "exit": rc, "log": str(log)})
+
+
+def plot(record: dict, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [v for v in record["variants"] if v.get("student_ppl") is not None]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    ax.bar([v["name"] for v in rows], [v["student_ppl"] for v in rows], color="tab:red", alpha=0.8,
+           label="distilled hybrid")
+    teacher = rows[0]["teacher_ppl"]
+    ax.axhline(teacher, color="tab:blue", label=f"teacher ({teacher:.2f})")
+    ax.axhline(teacher * TARGET_RATIO, color="tab:blue", ls=":", label=f"teacher x {TARGET_RATIO}")
+    for i, v in enumerate(rows):
+        ax.text(i, v["student_ppl"], f"{v['student_ppl']:.2f}", ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel("held-out perplexity after distillation")
+    ax.set_title(f"{record['profile']} on {record['device']}", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--profile", default="gpu2")
+    ap.add_argument("--variants", nargs="+", default=None, choices=VARIANTS,
+                    help="default: base and align, and the kl_layers pair when KL-guided layers are given")
+    ap.add_argument("--align-steps", type=int, default=None, help="default: the profile's align.max_steps")
+    ap.add_argument("--no-equal-steps", dest="equal_steps", action="store_false",
+                    help="align steps on top of distill's instead of out of them")
+    ap.add_argument("--kl-layers", default=None, help="comma-separated attention layers of the kl_layers variants")
+    ap.add_argument("--kl-json", default=None, help="a bench/attn_layer_choice.py output: its attn_layers")
+    ap.add_argument("--kl-guided", action="store_true",
+                    help="rank the layers here first (attn_layer_choice.py --method kl_guided on base's data)")
+    ap.add_argument("--kl-distill-steps", type=int, default=50, help="--kl-guided: steps per candidate layer")
+    ap.add_argument("--downstream", action="store_true",
+                    help="base and the best variant through sft1 and sft2, then `m1 eval` on the held-out sets")
+    ap.add_argument("--parallel", type=int, default=1,
+                    help="flow runs at once (one GPU each with a 1-worker profile such as gpu2-arms; they must share "
+                         "one Ray head: RAY_ADDRESS, e.g. infra/offline/node-pipeline.sh bench)")
+    ap.add_argument("--set", dest="sets", action="append", default=[], help="more m1 pipeline --set overrides")
+    ap.add_argument("--out", default="docs/results/distill_recovery.json")
+    ap.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    args = ap.parse_args(argv)
+
+    from components.commands.pipeline import overrides_from, parse_assignment
+    from components.config import load_config
+
+    config = load_config(args.profile, overrides=overrides_from([parse_assignment(s) for s in args.sets]) or None)
+    root = Path(f"{config.run_dir}-recovery")
+    root = root if root.is_absolute() else ROOT / root  # the flow runs start in the repository root
+    distill_steps = config.distill.max_steps
+    align_steps = args.align_steps if args.align_steps is not None else config.align.max_steps
+    kl_layers = [int(x) for x in args.kl_layers.split(",")] if args.kl_layers else None
+    if args.kl_json:
+        kl_layers = json.loads(Path(args.kl_json).read_text())["attn_layers"]
+    variants = args.variants or (list(VARIANTS) if (kl_layers or args.kl_guided) else ["base", "align"])
+    if any("kl_layers" in v for v in variants) and not (kl_layers or args.kl_guided):
+        ap.error("the kl_layers variants need --kl-layers, --kl-json or --kl-guided")
+    if args.kl_guided and "base" not in variants:
+        ap.error("--kl-guided ranks layers on the base variant's curated data: keep base in --variants")
+    if args.parallel > 1 and not os.environ.get("RAY_ADDRESS") and not args.dry_run:
+        ap.error("--parallel > 1 needs one Ray head for all the flow runs (set RAY_ADDRESS, or start it through "
+                 "infra/offline/node-pipeline.sh bench): each flow would otherwise start a Ray instance that sees "
+                 "every GPU as its own")
+    try:
+        for v in variants:  # every variant's overrides checked before any work starts
+            variant_sets(v, distill_steps, align_steps, kl_layers or [0], args.equal_steps)
+    except ValueError as e:
+        ap.error(str(e))
+    order = ["base"] + [v for v in variants if v != "base"] if "base" in variants else variants
+
+    record = {"command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv or sys.argv[1:])]),
+              "profile": args.profile, "device": device_name() if not args.dry_run else "-",
+              "versions": versions(), "run_root": str(root), "distill_steps": distill_steps,
+              "align_steps": align_steps, "equal_steps": args.equal_steps,
+              "profile_attn_layers": list(config.convert.attn_layers), "kl_layers": kl_layers,
+              "target_ratio": TARGET_RATIO, "variants": []}
+    out = Path(args.out)
+
+    def save():
+        best = best_variant(record["variants"])
+        record["best"] = best["name"] if best else None
+        record["best_ppl_ratio"] = best["ppl_ratio"] if best else None
+        record["target_reached"] = bool(best and best["ppl_ratio"] <= TARGET_RATIO)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(record, indent=1) + "\n")
+        plot(record, out.with_suffix(".png"))
+
+    # Waves of flow runs, at most --parallel at a time: the variants that need no KL-guided layers, then (once
+    # base's curated rows exist to rank them on) the kl_layers variants.
+    waves = [[v for v in order if "kl_layers" not in v], [v for v in order if "kl_layers" in v]]
+    for wave in waves:
+        if not wave:
+            continue
+        if "kl_layers" in wave[0] and kl_layers is None:
+            if args.dry_run:
+                print(" ".join(_rank_cmd(args, config, root / "base", len(config.convert.attn_layers))[1:]))
+                kl_layers = ["KL_LAYERS"]
+            else:
+                kl_layers = _rank_layers(args, config, root / "base", record, len(config.convert.attn_layers))
+                if kl_layers is None:
+                    break
+                record["kl_layers"] = kl_layers
+        jobs = []
+        for name in wave:
+            run_dir = root / name.replace("+", "_")
+            sets = [*args.sets, f"run_dir={run_dir}",
+                    *variant_sets(name, distill_steps, align_steps, kl_layers, args.equal_steps)]
+            jobs.append((name, run_dir, sets, pipeline_cmd(sys.executable, args.profile, ["distill"], sets,
+                                                           run_dir / "recovery_summary.json")))
+        if args.dry_run:
+            for *_, cmd in jobs:
+                print(" ".join(cmd))
+            continue
+        t0 = time.time()
+        rcs = run_many([(cmd, run_dir / "recovery.log") for _, run_dir, _, cmd in jobs], args.parallel)
+        for (name, run_dir, sets, _), rc in zip(jobs, rcs):
+            entry = {"name": name, "sets": sets, "run_dir": str(run_dir), "wave_seconds": round(time.time() - t0, 1)}
+            if rc != 0:
+                _failed(record, name, rc, run_dir / "recovery.log")
+            else:
+                entry.update(distill_result(json.loads((run_dir / "recovery_summary.json").read_text())))
+                print(f"[distill_recovery] {name}: held-out ppl {entry['student_ppl']} (teacher "
+                      f"{entry['teacher_ppl']}, x{entry['ppl_ratio']}), KL {entry['heldout_kl']}", flush=True)
+            record["variants"].append(entry)
+        save()
+    if args.dry_run:
+        return 0
+
+    if args.downstream:
+        best = best_variant(record["variants"])
+        chosen = [v for v in record["variants"] if v.get("student_ppl") is not None
+                  and (v["name"] == "base" or v is best)]
+        record["downstream"] = downstream(args, chosen)
+
+    save()
+    for v in record["variants"]:
+        if v.get("student_ppl") is not None:
+            print(f"{v['name']:16s} ppl {v['student_ppl']:.3f} (teacher {v['teacher_ppl']:.3f}, x{v['ppl_ratio']:.3f}) "
+                  f"KL {v['heldout_kl']}")
+    print(f"best: {record['best']} x{record['best_ppl_ratio']} (target x{TARGET_RATIO}: "
+          f"{'reached' if record['target_reached'] else 'not reached'})")
+    return 1 if record.get("failed") else 0
+
+
+def _rank_cmd(args, config, base_dir: Path, k: int) -> list[str]:
+    data = base_dir / "data"
+    return [sys.executable, str(Path("bench") / "attn_layer_choice.py"), "--method", "kl_guided",
+            "--teacher", config.teacher.source, "--train-rows", str(data / config.distill.data),
+            "--rows", str(data / config.distill.heldout), "--k", str(k),
+            "--distill-steps", str(args.kl_distill_steps), "--out", str(base_dir / "kl_guided.json")]
+
+
+def _rank_layers(args, config, base_dir: Path, record: dict, k: int) -> list[int] | None:
+    """KL-guided layers ranked on the base variant's curated rows (attn_layer_choice.py --method kl_guided)."""
+    cmd = _rank_cmd(args, config, base_dir, k)
+    rc = run_many([(cmd, base_dir / "kl_guided.log")])[0]
+    if rc != 0:
+        _failed(record, "kl_guided", rc, base_dir / "kl_guided.log")
+        return None
+    ranked = json.loads((base_dir / "kl_guided.json").read_text())
+    record["kl_guided"] = {"json": str(base_dir / "kl_guided.json"), "seconds": ranked.get("seconds"),
+                           "command": " ".join(cmd[1:])}
+    return ranked["attn_layers"]
+
+
+def downstream(args, variants: list[dict]) -> list[dict]:
+    """Each variant's distilled model through sft1 and sft2 (same run_dir: distill comes from the cache), then
+    `m1 eval` of its SFT-2 model on the profile's held-out sets; the variants side by side (--parallel)."""
+    out = [{"name": v["name"]} for v in variants]
+    dirs = [Path(v["run_dir"]) for v in variants]
+    rcs = run_many([(pipeline_cmd(sys.executable, args.profile, ["sft2"], v["sets"], d / "sft_summary.json"),
+                     d / "sft.log") for v, d in zip(variants, dirs)], args.parallel)
+    evals = []
+    for entry, d, rc in zip(out, dirs, rcs):
+        if rc != 0:
+            entry["failed"] = f"sft exit {rc}: {d / 'sft.log'}"
+            continue
+        stages = {r["stage"]: r["all_metrics"] for r in json.loads((d / "sft_summary.json").read_text())["stages"]}
+        entry["sft1_heldout_ppl"] = _round(stages.get("sft1", {}).get("heldout/ppl"))
+        evals.append((entry, d, [sys.executable, "-m", "components.cli", "eval", "--profile", args.profile,
+                                 "--model", f"hybrid={d / 'sft2' / 'model'}", "--data-dir", str(d / "data"),
+                                 "--out", str(d / "recovery_eval"), "--no-teacher", "--no-speed", "--no-time-budget"]))
+    rcs = run_many([(cmd, d / "eval.log") for _, d, cmd in evals], args.parallel)
+    for (entry, d, _), rc in zip(evals, rcs):
+        if rc != 0:
+            entry["failed"] = f"eval exit {rc}: {d / 'eval.log'}"
+            continue
+        m = json.loads((d / "recovery_eval" / "metrics.json").read_text())
+        entry.update({"pass_at_1": _round(m.get("hybrid/all/pass_at_1")),
+                      "pass_at_1_se": _round(m.get("hybrid/all/pass_at_1_se")), "problems": m.get("hybrid/all/problems")})
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
