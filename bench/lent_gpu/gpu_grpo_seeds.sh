@@ -6,6 +6,8 @@
 # At most $M1_PARALLEL (default 2) run at once: with the gpu profile's dynamic sampling a run holds ~31 GiB of
 # an H100's 79 (2048 sequences' caches in a refill round), so a third does not fit beside them.
 # Usage: bench/lent_gpu/gpu_grpo_seeds.sh SEED ...   (--set flags in $M1_SET apply to every seed; $M1_PROFILE, default gpu)
+# M1_GPUS=N (default 1): the seeds go round-robin over N GPUs (CUDA_VISIBLE_DEVICES), so with M1_PARALLEL=3 and
+# M1_GPUS=2 three seeds run at once on a 2-GPU node. Summarise with bench/grpo_seeds_report.py.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 [ $# -gt 0 ] || { echo "usage: bench/lent_gpu/gpu_grpo_seeds.sh SEED ..." >&2; exit 2; }
@@ -17,12 +19,16 @@ M1_EXTRA_WHEELS="$stash/wheels" source bench/lent_gpu/gpu_setup.sh
 teacher=()
 [ -f "$stash/teacher.gguf" ] && teacher=(--set teacher.source="$stash/teacher.gguf")
 pids=()
+started=()
 rc=0
 for s in "$@"; do
   d=$root/seed$s
   mkdir -p "$d" && ln -sfn ../sft2 "$d/sft2" && ln -sfn ../data "$d/data"
+  gpu=()
+  [ "${M1_GPUS:-1}" -gt 1 ] && gpu=(env CUDA_VISIBLE_DEVICES=$(( ${#started[@]} % M1_GPUS )))
+  started+=("$s")
   # shellcheck disable=SC2086
-  python3 -m components.cli stage grpo --profile "${M1_PROFILE:-gpu}" --set tracking.enabled=false \
+  "${gpu[@]}" python3 -m components.cli stage grpo --profile "${M1_PROFILE:-gpu}" --set tracking.enabled=false \
     --set run_dir="$d" --set seed="$s" "${teacher[@]}" ${M1_SET:-} > "$d/grpo.log" 2>&1 &
   pids+=($!)
   echo "seed $s: pid $! (log $d/grpo.log)"
