@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from components.figures import save_figure
 from flow_runs import device_name, pipeline_cmd, versions
 
 VARIANTS = ("base", "align", "kl_layers", "kl_layers+align")
@@ -142,9 +143,7 @@ def plot(record: dict, png: Path) -> None:
     ax.set_title(f"{record['profile']} on {record['device']}", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
+    save_figure(fig, png)
 
 
 def main(argv: list[str] | None = None) -> int:

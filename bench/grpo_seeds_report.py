@@ -19,6 +19,10 @@ import statistics
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from components.figures import save_figure
+
 TARGET_GAIN = 0.03
 
 
@@ -91,9 +95,7 @@ def plot(rec: dict, png: Path) -> None:
     ax.set_ylabel("held-out pass@1 gain (points)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
+    save_figure(fig, png)
 
 
 def main(argv: list[str] | None = None) -> int:

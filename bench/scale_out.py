@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from components.figures import save_figure
 from flow_runs import device_name, pipeline_cmd, versions
 
 GRPO_FIELDS = ("rollout_tokens_per_s", "learner_tokens_per_s", "rollout_seconds", "sync_seconds", "learn_seconds",
@@ -103,9 +104,7 @@ def plot(record: dict, png: Path) -> None:
     ax.set_title(f"{record['profile']} on {record['device']}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
+    save_figure(fig, png)
 
 
 
