@@ -38,8 +38,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from components.figures import save_figure
 from flow_runs import device_name, pipeline_cmd, versions
+
+from components.figures import save_figure
 
 VARIANTS = ("base", "align", "kl_layers", "kl_layers+align")
 TARGET_RATIO = 1.10  # issue 21: the best variant's held-out perplexity within 10% of the teacher's

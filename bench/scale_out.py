@@ -30,8 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from components.figures import save_figure
 from flow_runs import device_name, pipeline_cmd, versions
+
+from components.figures import save_figure
 
 GRPO_FIELDS = ("rollout_tokens_per_s", "learner_tokens_per_s", "rollout_seconds", "sync_seconds", "learn_seconds",
                "step_seconds")
