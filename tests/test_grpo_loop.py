@@ -61,6 +61,7 @@ def test_grpo_runs_and_resumes_onto_the_same_weights(rl_setup):
     # the learner (fp32) reads the sampled tokens' log-probabilities as the rollout workers recorded them
     steps = [json.loads(ln) for ln in lines if "rollout_logprob_gap_max" in ln]
     assert len(steps) == 3 and all(s["rollout_logprob_gap_max"] < 1e-3 for s in steps)
+    assert [s["policy_lag"] for s in steps] == [0, 0, 0]  # on-policy: sampled with the learner's own weights
     assert (root / "straight" / "grpo" / "grpo_curves.png").stat().st_size > 10_000
 
 
@@ -78,6 +79,36 @@ def test_rollout_workers_generate_with_synced_weights(rl_setup):
     assert all(torch.equal(w[k], v) for k, v in new.state_dict().items())
     after = pool.generate(prompts, 2, 5, 0.0, 1.0, seed=0)["tokens"]
     assert after != before
+
+
+def test_one_step_off_policy_samples_one_update_behind_and_resumes_exactly(rl_setup):
+    """Step t+1's batch is generated (in a thread, while step t learns) with the weights before step t's update:
+    the measured lag is one update after the first step; a run killed after a checkpoint resumes with the batch
+    that was in flight and ends on the straight run's weights."""
+    root = rl_setup
+    inputs = {"model_dir": root / "policy", "data_dir": root / "data"}
+    straight = run(_cfg(root, "offp", one_step_off_policy=True, entropy_coef=0.5), inputs)
+    rows = [json.loads(ln) for ln in (root / "offp" / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "policy_lag" in r]
+    assert [s["policy_lag"] for s in steps] == [0, 1, 1]
+    assert [s["rollout_weights_version"] for s in steps] == [0, 0, 1]
+    os.environ["M1_FAIL_AFTER_STEP"] = "2"
+    try:
+        with pytest.raises(RuntimeError, match="injected failure"):
+            run(_cfg(root, "offp_killed", one_step_off_policy=True, entropy_coef=0.5), inputs)
+    finally:
+        del os.environ["M1_FAIL_AFTER_STEP"]
+    resumed = run(_cfg(root, "offp_killed", one_step_off_policy=True, entropy_coef=0.5), inputs)
+    assert resumed.metrics["resumed_from"] == 2
+    a = HybridForCausalLM.from_pretrained(straight.model_dir).state_dict()
+    b = HybridForCausalLM.from_pretrained(resumed.model_dir).state_dict()
+    start = HybridForCausalLM.from_pretrained(root / "policy").state_dict()
+    assert any(not torch.equal(a[k], start[k]) for k in a)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    last = [json.loads(ln) for ln in (root / "offp_killed" / "grpo" / "metrics.jsonl").read_text().splitlines()
+            if "policy_lag" in ln][-1]
+    assert last["policy_lag"] == 1 and last["reward_mean"] == steps[-1]["reward_mean"]
+    assert last["prompt_cursor"] == steps[-1]["prompt_cursor"]
 
 
 def test_empty_dynamic_sampling_batch_stops_with_a_message(rl_setup):

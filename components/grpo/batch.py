@@ -63,7 +63,7 @@ def collect(pool, rows: list[dict], cursor: int, grpo: GRPOConfig, seed: int):
     G, want = grpo.group_size, grpo.prompts_per_step
     groups: list[dict] = []
     gen_tokens, gen_s, rounds = 0, 0.0, 0
-    all_rewards, all_shaping, reasons, lens, trunc, zero_var = [], [], [], [], 0, 0
+    all_rewards, all_shaping, reasons, lens, trunc, zero_var, versions = [], [], [], [], 0, 0, []
     while True:
         need = refill_count(want - len(groups), len(groups), len(all_rewards) // G, grpo.refill_max_factor * want) \
             if grpo.dynamic_sampling and rounds else want
@@ -78,6 +78,7 @@ def collect(pool, rows: list[dict], cursor: int, grpo: GRPOConfig, seed: int):
                    for t in ro["tokens"]]
         gen_tokens += sum(len(t) for t in ro["tokens"])
         gen_s += ro["seconds"]
+        versions += ro["versions"]
         rg = (rew + torch.tensor(shaping, dtype=torch.float32)).view(len(prompts), G)  # shaped: what advantages see
         info = informative_groups(rg)
         zero_var += int((~info).sum())
@@ -116,6 +117,7 @@ def collect(pool, rows: list[dict], cursor: int, grpo: GRPOConfig, seed: int):
              "no_think_fraction": reasons.count("no_think") / n, "reward_errors": float(reasons.count("error")),
              "unevaluated_fraction": reasons.count("unevaluated") / n,
              "rollout_tokens_per_s": gen_tokens / max(gen_s, 1e-9), "rollout_seconds": gen_s,
+             "rollout_weights_version": float(min(versions)),
              "rollout_rounds": float(rounds),
              "batch_prompts": float(len(groups))}
     return batch, cursor, stats

@@ -103,6 +103,12 @@ class GRPOConfig(Section):
     mismatch_correction: Literal["none", "tis", "mask"] = "none"
     tis_cap: float = Field(2.0, ge=1)  # >= 1: a cap below 1 would shrink every token's weight, not just outliers'
     mask_threshold: float = Field(1.0, gt=0)  # nats; also the threshold of the rollout_gap_seqs_*_over metrics
+    # One-step off-policy rollouts: the sampler generates step t+1's batch (with the weights of step t) while the
+    # learner trains on step t's, so generation and learning overlap. The staleness is one update, measured per step
+    # as policy_lag; the learner recomputes the old log-probabilities itself, so the sampler/learner gap above
+    # (corrected by mismatch_correction: "tis" is the natural pairing) also covers the one-step lag. The batch in
+    # flight is saved with each checkpoint, so a resumed run equals a straight one.
+    one_step_off_policy: bool = False
 
     @model_validator(mode="after")
     def _check(self):

@@ -15,6 +15,7 @@ import math
 import shutil
 import tempfile
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -126,10 +127,11 @@ def grpo_loop(run: LoopContext) -> dict:
     if not train_rows:
         raise M1Error(f"no usable RL prompts in {run.data_dir} ({rejected} rejected without a reference answer)")
 
-    start, cursor, first_eval = 0, 0, None
+    start, cursor, first_eval, pending = 0, 0, None, None
     resume = ctx.resume_dir(run.checkpoint_root, run.fingerprint, run.checkpoint_mirror)
     if resume is not None:
         meta, state = checkpoint.read_state(resume)
+        pending = state.get("pending_batch")  # one-step off-policy: the batch that was in flight, as it was
         policy.load_state_dict(HybridForCausalLM.from_pretrained(resume, device=str(dev)).state_dict())
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -140,9 +142,14 @@ def grpo_loop(run: LoopContext) -> dict:
     core = policy
     model = parallel.wrap(policy, "ddp", ctx.world, dev)
 
-    pool = None
+    pool = prefetch = None
     if ctx.rank == 0:
         pool = RolloutPool(run.model_dir, grpo.rollout_workers, grpo.rollout_resources, str(dev))
+        if grpo.one_step_off_policy:
+            if not pool.remote and dev.type == "cuda":
+                raise M1Error("grpo.one_step_off_policy on a GPU needs rollout actors (rollout_workers >= 1): an "
+                              "in-process sampler would capture CUDA graphs while the learner runs")
+            prefetch = ThreadPoolExecutor(1, thread_name_prefix="m1-rollout")
         if start:
             pool.set_weights(core.state_dict(), start)
         if tracker:
@@ -162,7 +169,15 @@ def grpo_loop(run: LoopContext) -> dict:
         batch = None
         t_step = time.time()
         if ctx.rank == 0:
-            batch, cursor, roll_stats = collect(pool, train_rows, cursor, grpo, run.seed + step)
+            if pending is not None:  # generated during the last step, with the weights before its update
+                batch, cursor, roll_stats = pending.result() if isinstance(pending, Future) else pending
+            else:
+                batch, cursor, roll_stats = collect(pool, train_rows, cursor, grpo, run.seed + step)
+            pending = None
+            if prefetch is not None and step + 1 < grpo.max_steps:
+                pending = prefetch.submit(collect, pool, train_rows, cursor, grpo, run.seed + step + 1)
+            # updates the sampler's weights are behind the learner's: 0 on-policy, 1 with one-step off-policy
+            roll_stats = {**roll_stats, "policy_lag": step - roll_stats["rollout_weights_version"]}
         if ctx.world > 1:
             obj = [batch, cursor]
             dist.broadcast_object_list(obj, src=0)
@@ -231,6 +246,8 @@ def grpo_loop(run: LoopContext) -> dict:
         learn_s = time.time() - t_learn
         totals = ctx.all_sum([stats_acc.get(k, 0.0) for k in ("pg_loss", "clip_fraction", "approx_kl_old", "entropy")])
         if ctx.rank == 0:
+            if isinstance(pending, Future):
+                pending = pending.result()  # the next batch is done before the sampler's weights change
             sync_s = pool.set_weights(core.state_dict(), step + 1)
             step_s = time.time() - t_step
             lens = [len(t) for t in batch["tokens"]]
@@ -252,9 +269,12 @@ def grpo_loop(run: LoopContext) -> dict:
         if (step + 1) % grpo.checkpoint_every == 0 or last:
             if ctx.rank == 0:
                 local = Path(tempfile.mkdtemp(prefix="m1-grpo-")) / "ckpt"
-                checkpoint.write_local(local, core, opt, sched, step + 1, cursor,
-                                       {"fingerprint": run.fingerprint, "prompt_cursor": cursor,
-                                        "first_eval": first_eval, "stage": run.stage}, run.model_dir)
+                # with a batch in flight, the cursor after it, and the batch itself: resuming consumes it as is
+                at = pending[1] if pending is not None else cursor
+                checkpoint.write_local(local, core, opt, sched, step + 1, at,
+                                       {"fingerprint": run.fingerprint, "prompt_cursor": at,
+                                        "first_eval": first_eval, "stage": run.stage}, run.model_dir,
+                                       trainer_extra={"pending_batch": pending} if pending is not None else None)
             ctx.report({"step": step + 1}, local, run.checkpoint_root, step + 1, grpo.keep_checkpoints,
                        run.checkpoint_mirror)
             if local is not None:
@@ -265,6 +285,8 @@ def grpo_loop(run: LoopContext) -> dict:
         if step + 1 == fail_after:
             raise RuntimeError(f"M1_FAIL_AFTER_STEP={fail_after}: injected failure after step {step + 1}")
 
+    if prefetch is not None:
+        prefetch.shutdown()
     if ctx.rank != 0:
         return {}
     out = Path(run.out_dir)

@@ -99,14 +99,16 @@ def publish_model(model, out_dir: Path, tokenizer_dir: str | Path, state_dict: d
 
 def write_local(directory: Path, model, optimizer, scheduler, step: int, samples: int, extra: dict | None = None,
                 tokenizer_dir: str | None = None, model_state: dict | None = None,
-                optimizer_state: dict | None = None) -> Path:
-    """model_state / optimizer_state: full states gathered from a sharded model (else the objects' own)."""
+                optimizer_state: dict | None = None, trainer_extra: dict | None = None) -> Path:
+    """model_state / optimizer_state: full states gathered from a sharded model (else the objects' own);
+    trainer_extra: more trainer state beside the optimizer's (tensors and plain data only: read_state refuses
+    anything else)."""
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory, state_dict=model_state)
     if tokenizer_dir:
         copy_tokenizer(tokenizer_dir, directory)
     optim = optimizer_state if optimizer_state is not None else optimizer.state_dict()
-    torch.save({"optimizer": optim, "scheduler": scheduler.state_dict(), "rng": rng_state()},
+    torch.save({"optimizer": optim, "scheduler": scheduler.state_dict(), "rng": rng_state(), **(trainer_extra or {})},
                directory / STATE_PT)
     (directory / STATE_JSON).write_text(json.dumps({"step": step, "samples_consumed": samples, **(extra or {})}))
     return directory
