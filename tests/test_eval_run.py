@@ -97,6 +97,13 @@ def test_same_seed_same_metrics_and_outputs(tmp_path, hybrid_dir, monkeypatch):
     info = json.loads((out / "models.json").read_text())
     assert info["teacher"]["kind"] == "teacher" and info["teacher"]["attn_layers"] == [0, 1, 2, 3]
     assert info["hybrid"]["kind"] == "hybrid" and info["hybrid"]["attn_layers"] == [1, 3]
+    # a batch decodes until its longest sample ends: each sample's tokens after its first cost one row-step, and
+    # rows that stopped early keep costing until then, so generated - samples <= row-steps <= samples x (max - 1)
+    for m, ps in by_model.items():
+        generated, n = sum(sum(p.n_tokens) for p in ps), sum(len(p.n_tokens) for p in ps)
+        assert a.metrics[f"{m}/timing/generated_tokens"] == generated
+        assert generated - n <= a.metrics[f"{m}/timing/decode_row_steps"] <= n * (EVAL["max_new_tokens"] - 1)
+        assert a.metrics[f"{m}/timing/decode_s"] > 0 and a.metrics[f"{m}/timing/prefill_s"] > 0
 
 
 def _one_line(e: pytest.ExceptionInfo) -> str:

@@ -214,6 +214,10 @@ def run(config, inputs: dict | None = None) -> EvalOutputs:
             metrics[report.key(name, "timing", "load_s")] = info[name]["load_s"]
             metrics[report.key(name, "timing", "generate_s")] = info[name]["generate_s"]
             metrics[report.key(name, "timing", "effective_tokens_per_s")] = info[name]["effective_tokens_per_s"]
+            # where a batch's time goes, and how many row-steps went to rows that had already stopped (a batch
+            # decodes until its longest sample ends): decode_row_steps against generated_tokens
+            for k in ("prefill_s", "capture_s", "decode_s", "generated_tokens", "decode_row_steps"):
+                metrics[report.key(name, "timing", k)] = info[name][k]
             if name in throughput:
                 metrics[report.key(name, "timing", "throughput_tokens_per_s")] = throughput[name]
         for b in benches:

@@ -113,6 +113,7 @@ def sample_completions(em, prompt_ids: list[list[int]], cfg: EvalConfig, seed: i
              "effective_tokens_per_s": tokens / gen_s if gen_s > 0 else 0.0,
              "prefill_s": laps["prefill"], "capture_s": laps["capture"], "decode_s": laps["decode"],
              "decode_tokens_per_s": decode_steps / laps["decode"] if laps["decode"] > 0 else 0.0,
+             "decode_row_steps": float(decode_steps),
              "prompt_tokens_mean": sum(len(p) for p in prompt_ids) / max(1, len(prompt_ids)),
              "batch_size": float(batch_size), "oom_splits": float(splits)}
     return out, stats
