@@ -9,6 +9,7 @@ Variants (--variants, any of):
   kl_layers       attention kept at the KL-guided layers (--kl-layers, --kl-json, or ranked here first with
                   bench/attn_layer_choice.py --method kl_guided on base's curated data), align off
   kl_layers+align both
+  --custom NAME KEY=VALUE...   the base recipe with these overrides (e.g. kl_ce: distill.ce_weight=0.1)
 
 Variants run in waves (those without KL-guided layers, then the ranking, then the kl_layers pair), at most
 --parallel flow runs at a time. Then, with --downstream, the base variant and the best one (lowest held-out perplexity) go on through sft1 and sft2
@@ -152,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", default="gpu2")
     ap.add_argument("--variants", nargs="+", default=None, choices=VARIANTS,
                     help="default: base and align, and the kl_layers pair when KL-guided layers are given")
+    ap.add_argument("--custom", nargs="+", action="append", default=[], metavar=("NAME", "KEY=VALUE"),
+                    help="one more variant: the base recipe with these overrides, e.g. "
+                         "--custom kl_ce distill.ce_weight=0.1 (repeatable)")
     ap.add_argument("--align-steps", type=int, default=None, help="default: the profile's align.max_steps")
     ap.add_argument("--no-equal-steps", dest="equal_steps", action="store_false",
                     help="align steps on top of distill's instead of out of them")
@@ -190,12 +194,24 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--parallel > 1 needs one Ray head for all the flow runs (set RAY_ADDRESS, or start it through "
                  "infra/offline/node-pipeline.sh bench): each flow would otherwise start a Ray instance that sees "
                  "every GPU as its own")
+    customs: dict[str, list[str]] = {}
+    for name, *sets in args.custom:
+        if name in VARIANTS or name in customs or not name.replace("_", "").isalnum():
+            ap.error(f"--custom {name!r}: a new variant needs a new name of letters, digits and _")
+        if not sets:
+            ap.error(f"--custom {name}: no KEY=VALUE overrides (it would repeat base)")
+        customs[name] = ["align.enabled=false", *sets]
     try:
         for v in variants:  # every variant's overrides checked before any work starts
             variant_sets(v, distill_steps, align_steps, kl_layers or [0], args.equal_steps)
+        for name, sets in customs.items():  # and each custom variant's config validated
+            load_config(args.profile, overrides=overrides_from([parse_assignment(s) for s in [*args.sets, *sets]]))
     except ValueError as e:
         ap.error(str(e))
-    order = ["base"] + [v for v in variants if v != "base"] if "base" in variants else variants
+    except Exception as e:  # a wrong key or value in --custom: the config's own one-line message
+        ap.error(f"--custom: {e}".splitlines()[0])
+    order = ["base"] + [v for v in variants if v != "base"] if "base" in variants else list(variants)
+    order += list(customs)
 
     record = {"command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv or sys.argv[1:])]),
               "profile": args.profile, "device": device_name() if not args.dry_run else "-",
@@ -216,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # Waves of flow runs, at most --parallel at a time: the variants that need no KL-guided layers, then (once
     # base's curated rows exist to rank them on) the kl_layers variants.
-    waves = [[v for v in order if "kl_layers" not in v], [v for v in order if "kl_layers" in v]]
+    waves = [[v for v in order if "kl_layers" not in v or v in customs],
+             [v for v in order if "kl_layers" in v and v not in customs]]
     for wave in waves:
         if not wave:
             continue
@@ -233,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in wave:
             run_dir = root / name.replace("+", "_")
             sets = [*args.sets, f"run_dir={run_dir}",
-                    *variant_sets(name, distill_steps, align_steps, kl_layers, args.equal_steps)]
+                    *(customs[name] if name in customs else
+                      variant_sets(name, distill_steps, align_steps, kl_layers, args.equal_steps))]
             jobs.append((name, run_dir, sets, pipeline_cmd(sys.executable, args.profile, ["distill"], sets,
                                                            run_dir / "recovery_summary.json")))
         if args.dry_run:

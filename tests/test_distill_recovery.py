@@ -125,3 +125,18 @@ def test_parallel_needs_one_ray_head(capsys, monkeypatch, tmp_path):
     with pytest.raises(SystemExit):
         dr.main(["--profile", "tiny", "--parallel", "2", "--out", str(tmp_path / "r.json")])
     assert "--parallel > 1 needs one Ray head" in capsys.readouterr().err
+
+
+def test_custom_variants_run_beside_the_named_ones_and_are_validated_first(capsys, tmp_path):
+    assert dr.main(["--profile", "tiny", "--variants", "base", "--custom", "kl_ce", "distill.ce_weight=0.1",
+                    "--dry-run"]) == 0
+    base, custom = capsys.readouterr().out.strip().splitlines()
+    assert custom.split("run_dir=")[1].split()[0].endswith("runs/tiny-recovery/kl_ce")
+    assert custom.endswith("--set align.enabled=false --set distill.ce_weight=0.1")
+    for bad, message in ((["kl_ce", "distill.ce_wieght=0.1"], "--custom: invalid config: distill.ce_wieght"),
+                         (["align", "distill.ce_weight=0.1"], "--custom 'align': a new variant needs a new name"),
+                         (["kl_ce"], "--custom kl_ce: no KEY=VALUE overrides")):
+        with pytest.raises(SystemExit):
+            dr.main(["--profile", "tiny", "--variants", "base", "--custom", *bad, "--out", str(tmp_path / "r.json")])
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from components.model import HybridForCausalLM
 from components.tracking import Tracker
@@ -143,9 +144,14 @@ def flops_per_token(model, seq_len: int) -> float:
 
 @torch.no_grad()
 def heldout_metrics(model, teacher, rows: PackedRows, n_rows: int, micro: int, device, autocast) -> dict:
-    """Token-mean reverse KL(student || teacher) and CE of student (and teacher) on the first n_rows held-out rows."""
+    """Token-mean reverse KL(student || teacher) and CE of student (and teacher) on the first n_rows held-out rows;
+    the CE also apart for end-of-turn targets (the model's EOS ids) and the rest ("content"). Reverse KL is
+    mode-seeking: a student that gives the end of turn almost no mass where the teacher gives it much pays little
+    KL there but a large CE, so a few such targets can move the perplexity while the KL stays put."""
     idx = list(range(min(n_rows, len(rows))))
     kl = ce_s = ce_t = n = 0.0
+    eot_ids = torch.tensor(getattr(getattr(model, "config", None), "eos_ids", None) or [-1], device=device)
+    eot = {"n": 0.0, "ce_s": 0.0, "ce_t": 0.0}
     for i in range(0, len(idx), micro):
         b = rows.batch(idx[i:i + micro], device)
         with autocast:
@@ -154,13 +160,27 @@ def heldout_metrics(model, teacher, rows: PackedRows, n_rows: int, micro: int, d
         _, kls, ces, cnt = distill_loss_sums(s, t, b["input_ids"], b["loss_mask"], b["doc_ids"], 1.0, 1.0,
                                              "reverse", 1.0)
         kl, ce_s, n = kl + float(kls), ce_s + float(ces), n + float(cnt)
+        m = target_mask(b["loss_mask"], b["doc_ids"])
+        targets = b["input_ids"][:, 1:][m]
+        at_eot = torch.isin(targets, eot_ids)
+        eot["n"] += float(at_eot.sum())
+        if bool(at_eot.any()):
+            eot["ce_s"] += float(F.cross_entropy(s[:, :-1][m][at_eot].float(), targets[at_eot], reduction="sum"))
         if t is not None:
-            m = target_mask(b["loss_mask"], b["doc_ids"])
-            ce_t += float(torch.nn.functional.cross_entropy(t[:, :-1][m].float(), b["input_ids"][:, 1:][m], reduction="sum"))
+            ce_tok = F.cross_entropy(t[:, :-1][m].float(), targets, reduction="none")
+            ce_t += float(ce_tok.sum())
+            eot["ce_t"] += float(ce_tok[at_eot].sum())
     n = max(n, 1.0)
     out = {"heldout/ce": ce_s / n, "heldout/ppl": math.exp(min(ce_s / n, 50))}
+    rest = max(n - eot["n"], 1.0)
+    if eot["n"]:
+        out.update({"heldout/ce_end_of_turn": eot["ce_s"] / eot["n"],
+                    "heldout/ppl_content": math.exp(min((ce_s - eot["ce_s"]) / rest, 50))})
     if teacher is not None:
         out.update({"heldout/kl": kl / n, "heldout/teacher_ppl": math.exp(min(ce_t / n, 50))})
+        if eot["n"]:
+            out.update({"heldout/teacher_ce_end_of_turn": eot["ce_t"] / eot["n"],
+                        "heldout/teacher_ppl_content": math.exp(min((ce_t - eot["ce_t"]) / rest, 50))})
     return out
 
 
