@@ -81,6 +81,13 @@ def distill_result(summary: dict) -> dict:
            "ppl_ratio": round(student / teacher, 4), "heldout_kl": _round(m.get("heldout/kl")),
            "heldout_kl_before": _round(m.get("heldout/kl_before")), "distill_steps": int(m.get("steps", 0)),
            "distill_seconds": round(rows["distill"]["seconds"], 1)}
+    if m.get("heldout/ppl_content") is not None and m.get("heldout/teacher_ppl_content") is not None:
+        # without the end-of-turn targets, which reverse KL barely teaches (docs/train.md)
+        out.update({"student_ppl_content": round(m["heldout/ppl_content"], 4),
+                    "teacher_ppl_content": round(m["heldout/teacher_ppl_content"], 4),
+                    "ppl_ratio_content": round(m["heldout/ppl_content"] / m["heldout/teacher_ppl_content"], 4),
+                    "ce_end_of_turn": _round(m.get("heldout/ce_end_of_turn")),
+                    "teacher_ce_end_of_turn": _round(m.get("heldout/teacher_ce_end_of_turn"))})
     if "align" in rows:
         a = rows["align"]["all_metrics"]
         out["align_steps"] = int(a.get("steps", 0))
@@ -176,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from components.commands.pipeline import overrides_from, parse_assignment
     from components.config import load_config
+    from components.errors import M1Error
 
     config = load_config(args.profile, overrides=overrides_from([parse_assignment(s) for s in args.sets]) or None)
     root = Path(f"{config.run_dir}-recovery")
@@ -206,10 +214,10 @@ def main(argv: list[str] | None = None) -> int:
             variant_sets(v, distill_steps, align_steps, kl_layers or [0], args.equal_steps)
         for name, sets in customs.items():  # and each custom variant's config validated
             load_config(args.profile, overrides=overrides_from([parse_assignment(s) for s in [*args.sets, *sets]]))
+    except (M1Error, argparse.ArgumentTypeError) as e:  # a wrong key or value in --custom: the config's one line
+        ap.error(f"--custom: {e}".splitlines()[0])
     except ValueError as e:
         ap.error(str(e))
-    except Exception as e:  # a wrong key or value in --custom: the config's own one-line message
-        ap.error(f"--custom: {e}".splitlines()[0])
     order = ["base"] + [v for v in variants if v != "base"] if "base" in variants else list(variants)
     order += list(customs)
 

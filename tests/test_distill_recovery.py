@@ -48,6 +48,10 @@ def test_distill_result_reads_the_held_out_numbers():
                  "heldout_kl_before": 8.0, "distill_steps": 80, "distill_seconds": 100.3,
                  "align_steps": 40, "align_seconds": 30.0, "align_mse": {"layer_1": 0.5, "layer_2": 0.25}}
     assert "align_steps" not in dr.distill_result(_summary({"heldout/ppl": 5.0, "heldout/teacher_ppl": 4.0}))
+    split = dr.distill_result(_summary({"heldout/ppl": 7.28, "heldout/teacher_ppl": 3.99, "heldout/ppl_content": 5.5,
+                                        "heldout/teacher_ppl_content": 4.4, "heldout/ce_end_of_turn": 19.0,
+                                        "heldout/teacher_ce_end_of_turn": 0.2}))
+    assert (split["ppl_ratio_content"], split["ce_end_of_turn"], split["teacher_ce_end_of_turn"]) == (1.25, 19.0, 0.2)
     with pytest.raises(ValueError, match="no held-out perplexity"):
         dr.distill_result(_summary({"loss": 1.0}))
     with pytest.raises(ValueError, match="no distill stage"):
@@ -130,7 +134,7 @@ def test_parallel_needs_one_ray_head(capsys, monkeypatch, tmp_path):
 def test_custom_variants_run_beside_the_named_ones_and_are_validated_first(capsys, tmp_path):
     assert dr.main(["--profile", "tiny", "--variants", "base", "--custom", "kl_ce", "distill.ce_weight=0.1",
                     "--dry-run"]) == 0
-    base, custom = capsys.readouterr().out.strip().splitlines()
+    _, custom = capsys.readouterr().out.strip().splitlines()
     assert custom.split("run_dir=")[1].split()[0].endswith("runs/tiny-recovery/kl_ce")
     assert custom.endswith("--set align.enabled=false --set distill.ce_weight=0.1")
     for bad, message in ((["kl_ce", "distill.ce_wieght=0.1"], "--custom: invalid config: distill.ce_wieght"),
