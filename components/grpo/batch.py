@@ -28,7 +28,10 @@ def load_prompts(directory: str) -> list[dict]:
 def split_prompts(rows: list[dict], n_heldout: int, seed: int) -> tuple[list[dict], list[dict], int]:
     """Rejects rows without a reference answer (returns their count); held-out = the n rows of smallest hash."""
     good = [r for r in rows if isinstance(r.get("answer"), str) and r["answer"].strip() and r.get("prompt")]
-    key = lambda r: hashlib.sha256(f"{seed}:{r['id']}".encode()).hexdigest()  # noqa: E731
+
+    def key(r):
+        return hashlib.sha256(f"{seed}:{r['id']}".encode()).hexdigest()
+
     ordered = sorted(good, key=key)
     return ordered[n_heldout:], ordered[:n_heldout], len(rows) - len(good)
 

@@ -223,7 +223,9 @@ def grpo_loop(run: LoopContext) -> dict:
                                                                        grpo.micro_batch, True, autocast)):
                     ks = mine[sl]
                     T = lp.shape[1]
-                    pad = lambda t: F.pad(t, (0, T - t.shape[0]))  # noqa: E731
+                    def pad(t, T=T):
+                        return F.pad(t, (0, T - t.shape[0]))
+
                     old_lp = torch.stack([pad(old[k]) for k in ks])
                     ref_lp = torch.stack([pad(refs[k]) for k in ks]) if ref is not None else None
                     m = mask & torch.tensor([keep[k] for k in ks], device=dev)[:, None]
@@ -318,7 +320,9 @@ def grpo_loop(run: LoopContext) -> dict:
 
 def _log_samples(tracker, out_dir, step, batch, k: int = 8):
     rows = ["| problem | answer | completion | reward |", "|---|---|---|---|"]
-    esc = lambda s: str(s).replace("|", "\\|").replace("\n", " ")[:400]  # noqa: E731
+    def esc(s):
+        return str(s).replace("|", "\\|").replace("\n", " ")[:400]
+
     for i in range(min(k, len(batch["texts"]))):
         rows.append(f"| {esc(batch['problems'][i])} | {esc(batch['answers'][i])} | {esc(batch['texts'][i])} | "
                     f"{batch['rewards'][i]:.1f} |")

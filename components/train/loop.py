@@ -302,7 +302,7 @@ def train_loop(run: LoopContext) -> dict:
                     elif train.kl_weight > 0:
                         with torch.no_grad():
                             t_logits = teacher(b["input_ids"], position_ids=b["position_ids"], doc_ids=b["doc_ids"])
-                loss, kl, ce, cnt = distill_loss_sums(logits, t_logits, b["input_ids"], b["loss_mask"], b["doc_ids"],
+                loss, kl, ce, _ = distill_loss_sums(logits, t_logits, b["input_ids"], b["loss_mask"], b["doc_ids"],
                                                       train.kl_weight, train.ce_weight, train.kl_kind,
                                                       train.temperature, train.js_beta)
                 (loss * ctx.world / n_glob).backward()
