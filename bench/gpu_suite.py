@@ -5,6 +5,7 @@
     python3 bench/gpu_suite.py decode   --out DIR   # prompt 256 / decode 4096 grid + floors (3B shape)
     python3 bench/gpu_suite.py train    --out DIR   # training tokens/s and MFU (SmolLM2 and 3B shapes)
     python3 bench/gpu_suite.py smollm2  --out DIR   # SmolLM2-sized pair, decode grid
+    python3 bench/gpu_suite.py long --batches 64 --out DIR   # decode 1k/4k/16k at batch 64 and the largest batch
 
 Imports only torch, transformers, numpy, matplotlib and components.model (the GPU image has no pydantic/Ray).
 Weights are random (bf16): speed does not depend on their values. Throughput = batch * decoded tokens /
@@ -14,8 +15,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
-import os
 import platform
 import sys
 import time
@@ -24,9 +23,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from components.model import HybridConfig, HybridForCausalLM, generate  # noqa: E402
-from components.model.kernels import active_backend  # noqa: E402
-from components.model.teacher import RANDOM_SHAPES, random_llama_config  # noqa: E402
+from components.model import HybridConfig, HybridForCausalLM, generate
+from components.model.kernels import active_backend
+from components.model.teacher import RANDOM_SHAPES, random_llama_config
 
 SHAPES = {"llama-3.2-3b": [3, 8, 13, 18, 23, 27], "smollm2-135m": [4, 9, 14, 19, 24, 29]}
 
@@ -219,6 +218,64 @@ def cmd_decode(a) -> dict:
     return {"meta": meta(), "shape": shape, "prompt": P, "decode": D, "hbm_bytes_per_s": bw, "rows": rows}
 
 
+def length_ratios(rows: list[dict], batch: int) -> list[dict]:
+    """Per decode length, the hybrid's tokens/s over the all-attention model's, at `batch` and at each model's
+    largest batch (rows of cmd_long; OOM rows and missing pairs left out)."""
+    out = []
+    for length in sorted({r["decode"] for r in rows}):
+        at = [r for r in rows if r["decode"] == length and "oom" not in r]
+        for kind, pick in ((f"batch {batch}", lambda r: r["batch"] == batch), ("largest", lambda r: r.get("largest"))):
+            pair = {r["model"]: r for r in at if pick(r)}
+            if "hybrid" in pair and "attention" in pair:
+                h, a = pair["hybrid"], pair["attention"]
+                out.append({"decode": length, "at": kind, "hybrid_batch": h["batch"], "attention_batch": a["batch"],
+                            "hybrid_tokens_per_s": h["tokens_per_s"], "attention_tokens_per_s": a["tokens_per_s"],
+                            "ratio": h["tokens_per_s"] / a["tokens_per_s"]})
+    return out
+
+
+def cmd_long(a) -> dict:
+    """Long generations (issue 20, item 3): prompt 256, decode each of --lengths, at --batches (default 64) and at
+    each model's largest batch; the hybrid/all-attention ratio per length, which should grow with length (the
+    attention model's KV cache grows, the hybrid's state does not)."""
+    rows = []
+    for length in a.lengths:
+        res = cmd_decode(argparse.Namespace(**{**vars(a), "decode": length}))
+        rows += [{**r, "decode": length} for r in res["rows"]]
+    out = {"meta": meta(), "shape": a.shape, "prompt": 256, "lengths": a.lengths, "rows": rows,
+           "ratios": length_ratios(rows, a.batches[0])}
+    _plot_long(out, Path(a.out) / f"long_{a.shape}{a.tag}.png")
+    return out
+
+
+def _plot_long(res: dict, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
+    for model in ("hybrid", "attention"):
+        for kind, ls in ((lambda r: not r.get("largest"), "-"), (lambda r: r.get("largest"), ":")):
+            pts = sorted((r["decode"], r["tokens_per_s"]) for r in res["rows"]
+                         if r.get("model") == model and "oom" not in r and kind(r))
+            if pts:
+                ax.plot(*zip(*pts), "o" + ls, label=f"{model}, {'largest batch' if ls == ':' else 'fixed batch'}")
+    for kind in dict.fromkeys(r["at"] for r in res["ratios"]):
+        pts = sorted((r["decode"], r["ratio"]) for r in res["ratios"] if r["at"] == kind)
+        bx.plot(*zip(*pts), "o-", label=kind)
+    for x, label in ((ax, "tokens/s"), (bx, "hybrid / all-attention tokens/s")):
+        x.set_xscale("log", base=2)
+        x.set_xlabel("decoded tokens (prompt 256)")
+        x.set_ylabel(label)
+        x.grid(True, which="both", alpha=0.3)
+        x.legend(fontsize=8)
+    fig.suptitle(f"long generations, {res['shape']} shape on {res['meta']['device']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
 def cmd_train(a) -> dict:
     from components.train.loop import flops_per_token
 
@@ -253,7 +310,8 @@ def cmd_train(a) -> dict:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["anchors", "decode", "train", "smollm2"])
+    ap.add_argument("what", choices=["anchors", "decode", "train", "smollm2", "long"])
+    ap.add_argument("--lengths", default="1024,4096,16384", help="long: decode lengths")
     ap.add_argument("--out", required=True)
     ap.add_argument("--batches", default="1,16,64,128,256")
     ap.add_argument("--decode", type=int, default=4096)
@@ -263,11 +321,13 @@ def main():
     a = ap.parse_args()
     a.batches = [int(x) for x in a.batches.split(",") if x]
     a.models = a.models.split(",")
+    a.lengths = [int(x) for x in a.lengths.split(",") if x]
     if a.what == "smollm2":
         a.shape = "smollm2-135m"
-    res = {"anchors": cmd_anchors, "decode": cmd_decode, "train": cmd_train, "smollm2": cmd_decode}[a.what](a)
     Path(a.out).mkdir(parents=True, exist_ok=True)
-    name = (a.what if a.what not in ("decode", "smollm2") else f"decode_{a.shape}") + a.tag
+    res = {"anchors": cmd_anchors, "decode": cmd_decode, "train": cmd_train, "smollm2": cmd_decode,
+           "long": cmd_long}[a.what](a)
+    name = {"decode": f"decode_{a.shape}", "smollm2": f"decode_{a.shape}", "long": f"long_{a.shape}"}.get(a.what, a.what) + a.tag
     (Path(a.out) / f"{name}.json").write_text(json.dumps(res, indent=1))
 
 
