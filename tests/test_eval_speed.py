@@ -90,3 +90,42 @@ def test_bench_script_runs_without_pydantic_mlflow_ray(tmp_path):
     assert [r["engine"] for r in rows] == ["hybrid", "attention"]
     assert rows[0]["command"].startswith("python3 bench/speed.py --device cpu --shape tiny")
     assert (out / "speed.png").is_file() and (out / "speed.json").is_file()
+
+
+def test_compiled_hf_warms_every_shape_it_times(monkeypatch):
+    """A compiled static-cache run compiles per cache length: the warm-up covers the full-length run and the one-token
+    run that times the first token, so neither timed call compiles; the stage's config reaches run_speed."""
+    calls = []
+
+    def fake_run_once(engine, model, ids, decode_len, device, decode_engine="auto", hf_compile=False):
+        calls.append((decode_len, hf_compile))
+        return {"wall": 0.5 if decode_len > 1 else 0.1}
+
+    monkeypatch.setattr(speed, "_run_once", fake_run_once)
+    model = speed.build_model("hf_static", speed.hybrid_config("tiny"), torch.device("cpu"), torch.float32, 0)
+    r = speed.time_generation("hf_static", model, 2, 8, 16, torch.device("cpu"), hf_compile=True)
+    assert calls == [(16, True), (1, True), (1, True), (16, True)]  # warm-ups, then the two timed runs
+    assert r["tokens_per_s"] == 2 * 16 / 0.5
+    calls.clear()
+    speed.time_generation("hf_static", model, 2, 8, 16, torch.device("cpu"))
+    assert calls == [(4, False), (1, False), (16, False)]  # uncompiled: a short warm-up is enough
+
+    from components.config import load_config
+    assert load_config("gpu2-arms").evaluate.speed.hf_compile and not load_config().evaluate.speed.hf_compile
+
+
+def test_the_stage_passes_hf_compile_to_the_speed_run(monkeypatch, tmp_path):
+    from components.config import load_config
+    from components.evaluate import run as eval_run
+
+    seen = {}
+
+    def fake_run_speed(*args, **kwargs):
+        seen.update(kwargs)
+        return []
+
+    monkeypatch.setattr(eval_run.speed, "run_speed", fake_run_speed)
+    monkeypatch.setattr(eval_run.speed_report, "write_outputs", lambda rows, out_dir, meta: None)
+    cfg = load_config("tiny", overrides={"evaluate": {"speed": {"shape": "tiny", "hf_compile": True}}})
+    assert eval_run._speed(cfg, None, tmp_path) == {}
+    assert seen["hf_compile"] is True

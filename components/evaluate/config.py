@@ -95,6 +95,9 @@ class SpeedConfig(Section):
     decode_lens: list[int] = Field(default_factory=lambda: [16])
     device: str = "auto"  # auto = cuda when available
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto = bf16 on CUDA, fp32 on CPU
+    # hf_static through torch.compile as well (what a careful transformers user runs): the outside reference for the
+    # transformer; compilation happens in a full-length warm-up of each shape, outside the timings
+    hf_compile: bool = False
 
 
 class EvalConfig(Section):

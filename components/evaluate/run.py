@@ -322,7 +322,7 @@ def _speed(config, hybrid_cfg, out_dir: Path) -> dict[str, float]:
     dev = resolve_device(sc.device)
     dtype = (torch.bfloat16 if dev.type == "cuda" else torch.float32) if sc.dtype == "auto" else getattr(torch, sc.dtype)
     rows = speed.run_speed(cfg, shape, list(sc.engines), list(sc.batch_sizes), sc.prompt_len, list(sc.decode_lens),
-                           dev, dtype, seed=config.seed, command="m1 eval (evaluate.speed)")
+                           dev, dtype, seed=config.seed, hf_compile=sc.hf_compile, command="m1 eval (evaluate.speed)")
     meta = {"shape": shape, "attn_layers": cfg.attn_layers, "mixer": cfg.mixer, "layers": cfg.num_hidden_layers,
             **speed.environment(dev, dtype, "m1 eval (evaluate.speed)")}
     speed_report.write_outputs(rows, out_dir, meta)

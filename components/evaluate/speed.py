@@ -155,6 +155,8 @@ def time_generation(engine: str, model, batch: int, prompt_len: int, decode_len:
     if warmup:
         # transformers compiles per static-cache shape: the warm-up of a compiled run must be the timed shape
         _run_once(engine, model, ids, decode_len if compiled else min(decode_len, 4), device, decode_engine, compiled)
+        if compiled:  # and the one-token run that times the first token has a static cache of its own length
+            _run_once(engine, model, ids, 1, device, decode_engine, compiled)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     capture = None
