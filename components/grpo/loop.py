@@ -281,9 +281,8 @@ def grpo_loop(run: LoopContext) -> dict:
                        run.checkpoint_mirror)
             if local is not None:
                 shutil.rmtree(local.parent, ignore_errors=True)
-        elif ctx.ray:
-            ctx.report({"step": step + 1}, None, run.checkpoint_root, step + 1, grpo.keep_checkpoints,
-                       run.checkpoint_mirror)
+        # Ray Train hears of checkpoints only: a report between them waits up to 2 s for the controller's poll
+        # (components/train/loop.py)
         if step + 1 == fail_after:
             raise RuntimeError(f"M1_FAIL_AFTER_STEP={fail_after}: injected failure after step {step + 1}")
 
