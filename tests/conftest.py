@@ -146,3 +146,27 @@ def rl_setup(tmp_path_factory, tiny_teacher, smollm2_tokenizer):
     pq.write_table(pa.Table.from_pylist(rows), root / "data" / "rl" / "part-00000.parquet")
     (root / "data" / "manifest.json").write_text("{}")
     return root
+
+
+@pytest.fixture
+def count_ray_reports(monkeypatch):
+    """patch(loop_module) -> calls: the module's loops then run as a Ray Train worker would (ctx.ray, no resume
+    lookup) and each report is recorded as (step, with a checkpoint) instead of reaching Ray."""
+    def patch(module):
+        calls = []
+
+        class RayLikeContext(module.Context):
+            def __init__(self, use_ray, use_gpu):
+                super().__init__(False, use_gpu)
+                self.ray = True
+
+            def resume_dir(self, root, fingerprint, mirror=None):
+                return None
+
+            def report(self, metrics, local_ckpt, root, step, keep, mirror=None):
+                calls.append((step, local_ckpt is not None))
+
+        monkeypatch.setattr(module, "Context", RayLikeContext)
+        return calls
+
+    return patch

@@ -172,24 +172,11 @@ def test_ray_learner_and_rollout_actor_equal_the_in_process_run(rl_setup, monkey
     assert len(steps) == 2 and all(0 < s["sync_share"] < 1 and s["step_seconds"] > 0 for s in steps)
 
 
-def test_ray_train_hears_of_grpo_checkpoints_only(rl_setup, monkeypatch):
+def test_ray_train_hears_of_grpo_checkpoints_only(rl_setup, count_ray_reports):
     """As in the trainer (tests/test_train_loop.py): a report per step would wait for Ray Train's 2 s poll."""
     from components.grpo import loop as grpo_loop
 
-    calls = []
-
-    class RayLikeContext(grpo_loop.Context):
-        def __init__(self, use_ray, use_gpu):
-            super().__init__(False, use_gpu)
-            self.ray = True
-
-        def resume_dir(self, root, fingerprint, mirror=None):
-            return None
-
-        def report(self, metrics, local_ckpt, root, step, keep, mirror=None):
-            calls.append((step, local_ckpt is not None))
-
-    monkeypatch.setattr(grpo_loop, "Context", RayLikeContext)
+    calls = count_ray_reports(grpo_loop)
     root = rl_setup
     run(_cfg(root, "reports", checkpoint_every=2, max_steps=3), {"model_dir": root / "policy", "data_dir": root / "data"})
     assert calls == [(2, True), (3, True)]

@@ -162,26 +162,13 @@ def test_ray_fsdp2_two_cpu_workers_match_in_process(train_setup):
     assert max(float((straight[k] - sharded[k]).abs().max()) for k in straight) < 1e-4
 
 
-def test_ray_train_hears_of_checkpoints_only(train_setup, monkeypatch):
+def test_ray_train_hears_of_checkpoints_only(train_setup, count_ray_reports):
     """Every ray.train.report waits until Ray Train's controller has taken the previous one (it polls every 2 s),
     so a report per step held Ray-run training to one step per 2 s: the loops report at checkpoints only. Run as a
     Ray worker would (ctx.ray) with the reports counted: 6 steps, a checkpoint every 2, 3 reports."""
     from components.train import loop as train_loop
 
-    calls = []
-
-    class RayLikeContext(train_loop.Context):
-        def __init__(self, use_ray, use_gpu):
-            super().__init__(False, use_gpu)
-            self.ray = True
-
-        def resume_dir(self, root, fingerprint, mirror=None):
-            return None
-
-        def report(self, metrics, local_ckpt, root, step, keep, mirror=None):
-            calls.append((step, local_ckpt is not None))
-
-    monkeypatch.setattr(train_loop, "Context", RayLikeContext)
+    calls = count_ray_reports(train_loop)
     root, data = train_setup
     run(_cfg(root, "reports"), {"model_dir": root / "conv", "data_dir": data}, "distill")
     assert calls == [(2, True), (4, True), (6, True)]
