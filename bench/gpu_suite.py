@@ -6,6 +6,7 @@
     python3 bench/gpu_suite.py train    --out DIR   # training tokens/s and MFU (SmolLM2 and 3B shapes)
     python3 bench/gpu_suite.py smollm2  --out DIR   # SmolLM2-sized pair, decode grid
     python3 bench/gpu_suite.py long --batches 64 --out DIR   # decode 1k/4k/16k at batch 64 and the largest batch
+                                                          # (plots: bench/plot_gpu_results.py DIR)
 
 Imports only torch, transformers, numpy, matplotlib and components.model (the GPU image has no pydantic/Ray).
 Weights are random (bf16): speed does not depend on their values. Throughput = batch * decoded tokens /
@@ -244,36 +245,7 @@ def cmd_long(a) -> dict:
         rows += [{**r, "decode": length} for r in res["rows"]]
     out = {"meta": meta(), "shape": a.shape, "prompt": 256, "lengths": a.lengths, "rows": rows,
            "ratios": length_ratios(rows, a.batches[0])}
-    _plot_long(out, Path(a.out) / f"long_{a.shape}{a.tag}.png")
     return out
-
-
-def _plot_long(res: dict, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
-    for model in ("hybrid", "attention"):
-        for kind, ls in ((lambda r: not r.get("largest"), "-"), (lambda r: r.get("largest"), ":")):
-            pts = sorted((r["decode"], r["tokens_per_s"]) for r in res["rows"]
-                         if r.get("model") == model and "oom" not in r and kind(r))
-            if pts:
-                ax.plot(*zip(*pts), "o" + ls, label=f"{model}, {'largest batch' if ls == ':' else 'fixed batch'}")
-    for kind in dict.fromkeys(r["at"] for r in res["ratios"]):
-        pts = sorted((r["decode"], r["ratio"]) for r in res["ratios"] if r["at"] == kind)
-        bx.plot(*zip(*pts), "o-", label=kind)
-    for x, label in ((ax, "tokens/s"), (bx, "hybrid / all-attention tokens/s")):
-        x.set_xscale("log", base=2)
-        x.set_xlabel("decoded tokens (prompt 256)")
-        x.set_ylabel(label)
-        x.grid(True, which="both", alpha=0.3)
-        x.legend(fontsize=8)
-    fig.suptitle(f"long generations, {res['shape']} shape on {res['meta']['device']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
 
 
 def cmd_train(a) -> dict:

@@ -3,7 +3,8 @@
     python3 bench/plot_gpu_results.py docs/results/speed
 
 speed_<shape>_h100.{csv,png}: tokens/s vs batch for prompt 256 + decode 4096 (m1 hybrid and all-attention);
-anchors_h100.{csv,png}: prompt 256 + decode 512, the m1 engine against HF static cache and mamba_ssm's engine."""
+anchors_h100.{csv,png}: prompt 256 + decode 512, the m1 engine against HF static cache and mamba_ssm's engine;
+long_<shape>.{csv,png}: the hybrid/all-attention ratio per decode length (gpu_suite.py long)."""
 from __future__ import annotations
 
 import csv
@@ -47,6 +48,33 @@ def plot_decode(res: dict, png: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _log2_axes(ax, xlabel: str, ylabel: str) -> None:
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def plot_long(res: dict, png: Path) -> None:
+    """gpu_suite.py long: tokens/s against decode length per model (fixed and largest batch), and the ratio."""
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
+    for model in ("hybrid", "attention"):
+        for largest, ls in ((False, "-"), (True, ":")):
+            pts = sorted((r["decode"], r["tokens_per_s"]) for r in res["rows"]
+                         if r.get("model") == model and "oom" not in r and bool(r.get("largest")) == largest)
+            if pts:
+                ax.plot(*zip(*pts), "o" + ls, label=f"{model}, {'largest batch' if largest else 'fixed batch'}")
+    for kind in dict.fromkeys(r["at"] for r in res["ratios"]):
+        bx.plot(*zip(*sorted((r["decode"], r["ratio"]) for r in res["ratios"] if r["at"] == kind)), "o-", label=kind)
+    _log2_axes(ax, "decoded tokens (prompt 256)", "tokens/s")
+    _log2_axes(bx, "decoded tokens (prompt 256)", "hybrid / all-attention tokens/s")
+    fig.suptitle(f"long generations, {res['shape']} shape on {res['meta']['device']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
 def plot_anchors(res: dict, png: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     series = {}
@@ -57,12 +85,8 @@ def plot_anchors(res: dict, png: Path) -> None:
     for name, pts in sorted(series.items()):
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
-    ax.set_xscale("log", base=2)
+    _log2_axes(ax, "batch size", "tokens/s (prompt 256, decode 512)")
     ax.set_yscale("log")
-    ax.set_xlabel("batch size")
-    ax.set_ylabel("tokens/s (prompt 256, decode 512)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
     ax.set_title(f"3B shape on {res['meta']['device']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(png, dpi=120)
@@ -83,6 +107,11 @@ def main(d: Path) -> None:
         write_csv(d / f"{stem}.csv", [{"shape": shape, **r} for r in res["rows"]])
         plot_decode(res, d / f"{stem}.png", f"{shape}: prompt {res['prompt']}, decode {res['decode']}, "
                                                    f"{res['meta']['device']}")
+    for f in sorted(d.glob("long_*.json")):
+        res = json.loads(f.read_text())
+        stem = f.name.removesuffix(".json")
+        write_csv(d / f"{stem}.csv", res["ratios"])
+        plot_long(res, d / f"{stem}.png")
     a = d / "anchors_h100.json"
     if a.is_file():
         res = json.loads(a.read_text())

@@ -1,5 +1,6 @@
 """bench/gpu_suite.py long (issue 20, item 3): the hybrid/all-attention ratio per decode length, at the fixed batch
-and at each model's largest, from hand-made rows; the plot is written."""
+and at each model's largest, from hand-made rows; the suite's plot script writes the table and the plot."""
+import json
 import sys
 from pathlib import Path
 
@@ -7,6 +8,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import gpu_suite
+import plot_gpu_results
 
 
 def _rows():
@@ -29,10 +31,12 @@ def test_ratios_per_length_at_the_fixed_and_the_largest_batch():
     assert r[1]["hybrid_batch"] == 900 and r[1]["attention_batch"] == 240
 
 
-def test_plot_is_written(tmp_path):
+def test_plot_and_table_are_written(tmp_path):
     res = {"meta": {"device": "test"}, "shape": "llama-3.2-3b", "rows": _rows(),
            "ratios": gpu_suite.length_ratios(_rows(), 64)}
-    gpu_suite._plot_long(res, tmp_path / "long.png")
-    assert (tmp_path / "long.png").stat().st_size > 10_000
+    (tmp_path / "long_llama-3.2-3b.json").write_text(json.dumps(res))
+    plot_gpu_results.main(tmp_path)
+    assert (tmp_path / "long_llama-3.2-3b.png").stat().st_size > 10_000
+    assert (tmp_path / "long_llama-3.2-3b.csv").read_text().splitlines()[0].startswith("at,attention_batch")
     with pytest.raises(KeyError):
         gpu_suite.length_ratios([{"model": "hybrid", "batch": 64, "tokens_per_s": 1.0}], 64)  # a row needs its length
