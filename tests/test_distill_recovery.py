@@ -113,7 +113,7 @@ def test_dry_run_with_kl_guided_ranks_on_base_data_between_the_waves(capsys, tmp
 def test_run_many_runs_side_by_side_and_keeps_each_exit_code(tmp_path):
     """The first job waits for a file only the second writes: it can only finish if both run at once."""
     flag = tmp_path / "flag"
-    wait = (f"import pathlib, time\nfor _ in range(200):\n    if pathlib.Path({str(flag)!r}).exists(): break\n"
+    wait = (f"import pathlib, time\nfor _ in range(60):\n    if pathlib.Path({str(flag)!r}).exists(): break\n"
             f"    time.sleep(0.05)\nelse: raise SystemExit(9)\nprint('saw it')")
     jobs = [([sys.executable, "-c", wait], tmp_path / "a.log"),
             ([sys.executable, "-c", f"import pathlib; pathlib.Path({str(flag)!r}).touch(); raise SystemExit(3)"],

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from components.model import HybridForCausalLM
 from components.tracking import Tracker
@@ -29,7 +28,7 @@ from components.train.align import alignment_sums, converted_layers
 from components.train.config import TrainConfig
 from components.train.data import PackedRows, rows_for_step
 from components.train.harness import LoopContext
-from components.train.losses import distill_loss_sums, target_mask
+from components.train.losses import ce_per_token, distill_loss_sums, target_mask
 from components.train.on_policy import completion_batch, prompts_of, sample_completions
 from components.train.teacher_engine import load_teacher_engine
 from components.train.teacher_topk import TopkStore
@@ -150,7 +149,7 @@ def heldout_metrics(model, teacher, rows: PackedRows, n_rows: int, micro: int, d
     KL there but a large CE, so a few such targets can move the perplexity while the KL stays put."""
     idx = list(range(min(n_rows, len(rows))))
     kl = ce_s = ce_t = n = 0.0
-    eot_ids = torch.tensor(getattr(getattr(model, "config", None), "eos_ids", None) or [-1], device=device)
+    eot_ids = torch.tensor(model.config.eos_ids or [-1], device=device)
     eot = {"n": 0.0, "ce_s": 0.0, "ce_t": 0.0}
     for i in range(0, len(idx), micro):
         b = rows.batch(idx[i:i + micro], device)
@@ -165,9 +164,9 @@ def heldout_metrics(model, teacher, rows: PackedRows, n_rows: int, micro: int, d
         at_eot = torch.isin(targets, eot_ids)
         eot["n"] += float(at_eot.sum())
         if bool(at_eot.any()):
-            eot["ce_s"] += float(F.cross_entropy(s[:, :-1][m][at_eot].float(), targets[at_eot], reduction="sum"))
+            eot["ce_s"] += float(ce_per_token(s[:, :-1][m][at_eot], targets[at_eot]).sum())
         if t is not None:
-            ce_tok = F.cross_entropy(t[:, :-1][m].float(), targets, reduction="none")
+            ce_tok = ce_per_token(t[:, :-1][m], targets)
             ce_t += float(ce_tok.sum())
             eot["ce_t"] += float(ce_tok[at_eot].sum())
     n = max(n, 1.0)
