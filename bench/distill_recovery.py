@@ -11,8 +11,8 @@ Variants (--variants, any of):
   kl_layers+align both
   --custom NAME KEY=VALUE...   the base recipe with these overrides (e.g. kl_ce: distill.ce_weight=0.1)
 
-Variants run in waves (those without KL-guided layers, then the ranking, then the kl_layers pair), at most
---parallel flow runs at a time. Then, with --downstream, the base variant and the best one (lowest held-out perplexity) go on through sft1 and sft2
+Variants run in waves, at most --parallel flow runs at a time: base and as many others as fit beside it; the
+ranking (on base's curated rows) beside the rest of the variants that need no KL-guided layers; the kl_layers pair. Then, with --downstream, the base variant and the best one (lowest held-out perplexity) go on through sft1 and sft2
 and `m1 eval` scores both SFT-2 models on the profile's held-out sets (pass@1 with its SE).
 
 Simplifications: one run per variant (no seeds), so a difference smaller than the run-to-run spread reads as a
@@ -238,36 +238,42 @@ def main(argv: list[str] | None = None) -> int:
         out.write_text(json.dumps(record, indent=1) + "\n")
         plot(record, out.with_suffix(".png"))
 
-    # Waves of flow runs, at most --parallel at a time: the variants that need no KL-guided layers, then (once
-    # base's curated rows exist to rank them on) the kl_layers variants.
-    waves = [[v for v in order if "kl_layers" not in v or v in customs],
-             [v for v in order if "kl_layers" in v and v not in customs]]
-    for wave in waves:
-        if not wave:
+    # Waves of flow runs, at most --parallel at a time. With --kl-guided the ranking needs base's curated rows, so
+    # the first wave is base and as many others as fit beside it; the ranking then runs beside the rest of the
+    # variants that need no KL-guided layers, and the kl_layers variants come last.
+    plain = [v for v in order if "kl_layers" not in v or v in customs]
+    kl_wave = [v for v in order if "kl_layers" in v and v not in customs]
+    rank_needed = bool(kl_wave) and kl_layers is None
+    split = max(1, args.parallel) if rank_needed else len(plain)
+    waves = [(plain[:split], False), (plain[split:], rank_needed), (kl_wave, False)]
+    k = len(config.convert.attn_layers)
+    for wave, rank_here in waves:
+        if not wave and not rank_here:
             continue
-        if "kl_layers" in wave[0] and kl_layers is None:
-            if args.dry_run:
-                print(" ".join(_rank_cmd(args, config, root / "base", len(config.convert.attn_layers))[1:]))
-                kl_layers = ["KL_LAYERS"]
-            else:
-                kl_layers = _rank_layers(args, config, root / "base", record, len(config.convert.attn_layers))
-                if kl_layers is None:
-                    break
-                record["kl_layers"] = kl_layers
+        if wave and "kl_layers" in wave[0] and wave[0] not in customs and kl_layers is None:
+            break  # the ranking failed (recorded)
+        rank_cmd = _rank_cmd(args, config, root / "base", k) if rank_here else None
         jobs = []
         for name in wave:
             run_dir = root / name.replace("+", "_")
             sets = [*args.sets, f"run_dir={run_dir}",
                     *(customs[name] if name in customs else
-                      variant_sets(name, distill_steps, align_steps, kl_layers, args.equal_steps))]
+                      variant_sets(name, distill_steps, align_steps, kl_layers or ["KL_LAYERS"], args.equal_steps))]
             jobs.append((name, run_dir, sets, pipeline_cmd(sys.executable, args.profile, ["distill"], sets,
                                                            run_dir / "recovery_summary.json")))
         if args.dry_run:
-            for *_, cmd in jobs:
-                print(" ".join(cmd))
+            for cmd in ([rank_cmd] if rank_cmd else []) + [c for *_, c in jobs]:
+                print(" ".join(cmd[1:] if cmd is rank_cmd else cmd))
+            if rank_here:
+                kl_layers = ["KL_LAYERS"]
             continue
         t0 = time.time()
-        rcs = run_many([(cmd, run_dir / "recovery.log") for _, run_dir, _, cmd in jobs], args.parallel)
+        extra = [(rank_cmd, root / "base" / "kl_guided.log")] if rank_cmd else []
+        rcs = run_many(extra + [(cmd, run_dir / "recovery.log") for _, run_dir, _, cmd in jobs], args.parallel)
+        if rank_cmd:
+            kl_layers = _ranked_layers(record, root / "base", rank_cmd, rcs.pop(0))
+            if kl_layers is not None:
+                record["kl_layers"] = kl_layers
         for (name, run_dir, sets, _), rc in zip(jobs, rcs):
             entry = {"name": name, "sets": sets, "run_dir": str(run_dir), "wave_seconds": round(time.time() - t0, 1)}
             if rc != 0:
@@ -305,10 +311,8 @@ def _rank_cmd(args, config, base_dir: Path, k: int) -> list[str]:
             "--distill-steps", str(args.kl_distill_steps), "--out", str(base_dir / "kl_guided.json")]
 
 
-def _rank_layers(args, config, base_dir: Path, record: dict, k: int) -> list[int] | None:
-    """KL-guided layers ranked on the base variant's curated rows (attn_layer_choice.py --method kl_guided)."""
-    cmd = _rank_cmd(args, config, base_dir, k)
-    rc = run_many([(cmd, base_dir / "kl_guided.log")])[0]
+def _ranked_layers(record: dict, base_dir: Path, cmd: list[str], rc: int) -> list[int] | None:
+    """The KL-guided layers the ranking run wrote (attn_layer_choice.py --method kl_guided), or None if it failed."""
     if rc != 0:
         _failed(record, "kl_guided", rc, base_dir / "kl_guided.log")
         return None

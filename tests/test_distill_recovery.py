@@ -102,12 +102,22 @@ def test_dry_run_with_kl_guided_ranks_on_base_data_between_the_waves(capsys, tmp
                     "--out", str(tmp_path / "r.json")]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 5
-    assert "--set align.enabled=false" in lines[0] and "align.enabled=true" in lines[1]
-    rank = lines[2]
+    # one at a time: base alone, then the ranking on its rows beside align, then the kl_layers pair
+    assert "--set align.enabled=false" in lines[0] and "align.enabled=true" in lines[2]
+    rank = lines[1]
     assert rank.startswith("bench/attn_layer_choice.py --method kl_guided --teacher random:tiny")
     assert rank.split("--train-rows ")[1].split()[0].endswith("runs/tiny-recovery/base/data/sft1")
     assert "--k 2 " in rank  # as many layers as the profile keeps attention in (tiny: [1, 3])
     assert all("convert.attn_layers=[KL_LAYERS]" in c for c in lines[3:])
+
+
+def test_kl_guided_waves_fill_the_parallel_slots(capsys, tmp_path):
+    """With 2 at a time: base beside align, then the ranking beside the custom variant, then the kl_layers pair."""
+    assert dr.main(["--profile", "tiny", "--kl-guided", "--align-steps", "1", "--dry-run", "--parallel", "2",
+                    "--custom", "kl_ce", "distill.ce_weight=0.1", "--out", str(tmp_path / "r.json")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    runs = [line.split("run_dir=")[1].split()[0].rsplit("/", 1)[1] if "run_dir=" in line else "rank" for line in lines]
+    assert runs == ["base", "align", "rank", "kl_ce", "kl_layers", "kl_layers_align"]
 
 
 def test_run_many_runs_side_by_side_and_keeps_each_exit_code(tmp_path):
