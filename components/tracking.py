@@ -121,6 +121,32 @@ def ensure_experiment(cfg: TrackingConfig, uri: str) -> str:
     """The id of cfg.experiment in the store at `uri`, created when missing, tagged as model training
     (EXPERIMENT_KIND_TAG) unless it already has a kind. Without an explicit artifact_location, a sqlite store
     keeps artifacts in mlruns/<experiment> beside the database file."""
+    with store_lock(uri):
+        return _ensure_experiment(cfg, uri)
+
+
+@contextmanager
+def store_lock(uri: str):
+    """Held while a process first opens a sqlite store: MLflow migrates a new database's schema on first use, and
+    two processes doing it at once collide (alembic: "table _alembic_tmp_experiments already exists", seen with
+    two flow runs started together on a fresh store). A lock file beside the database; other stores need none."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix) or ":memory:" in uri:
+        yield
+        return
+    import fcntl
+
+    db = Path(uri[len(prefix):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{db}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _ensure_experiment(cfg: TrackingConfig, uri: str) -> str:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
