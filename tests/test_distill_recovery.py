@@ -58,11 +58,23 @@ def test_distill_result_reads_the_held_out_numbers():
         dr.distill_result({"stages": []})
 
 
-def test_best_variant_is_the_lowest_perplexity_that_ran():
-    vs = [{"name": "base", "student_ppl": 7.3}, {"name": "align"}, {"name": "kl_layers", "student_ppl": 6.1},
-          {"name": "kl_layers+align", "student_ppl": 6.4}]
-    assert dr.best_variant(vs)["name"] == "kl_layers"
+def test_best_variant_is_the_lowest_kl_to_the_teacher_that_ran():
+    vs = [{"name": "base", "student_ppl": 7.3, "heldout_kl": 0.37}, {"name": "align"},
+          {"name": "kl_ce", "student_ppl": 2.9, "heldout_kl": 0.28},
+          {"name": "kl_layers+align", "student_ppl": 5.3, "heldout_kl": 0.26}]
+    assert dr.best_variant(vs)["name"] == "kl_layers+align"
+    assert dr.lowest_ppl(vs)["name"] == "kl_ce"  # below the teacher by fitting the data, not by recovering it
     assert dr.best_variant([{"name": "align"}]) is None
+
+
+def test_replot_draws_the_figure_beside_a_results_file(tmp_path):
+    v = {"teacher_ppl": 4.0, "ppl_ratio": 1.5, "student_ppl_content": 5.5}
+    rec = {"profile": "p", "device": "d", "distill_steps": 3, "best": "b",
+           "variants": [{"name": "a", "student_ppl": 6.0, "heldout_kl": 0.4, **v},
+                        {"name": "b", "student_ppl": 5.0, "heldout_kl": 0.3, **v}, {"name": "failed"}]}
+    (tmp_path / "r.json").write_text(json.dumps(rec))
+    assert dr.main(["--replot", str(tmp_path / "r.json")]) == 0
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_dry_run_commands(capsys, tmp_path):
