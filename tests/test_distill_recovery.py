@@ -75,6 +75,13 @@ def test_replot_draws_the_figure_beside_a_results_file(tmp_path):
     (tmp_path / "r.json").write_text(json.dumps(rec))
     assert dr.main(["--replot", str(tmp_path / "r.json")]) == 0
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "r.json").read_text())["reranked"] == {  # an old file: not ranked by KL yet
+        "best_then": "b", "downstream_chosen_by": "lowest student_ppl"}
+    rec = {**rec, "best": "a", "ranked_by": "lowest heldout_kl"}
+    (tmp_path / "r.json").write_text(json.dumps(rec))
+    assert dr.main(["--replot", str(tmp_path / "r.json")]) == 0
+    after = json.loads((tmp_path / "r.json").read_text())
+    assert after["best"] == "b" and after["best_heldout_kl"] == 0.3 and "reranked" not in after
 
 
 def test_dry_run_commands(capsys, tmp_path):
