@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from flow_runs import device_name, pipeline_cmd, versions
+from flow_runs import device_name, pipeline_cmd, run_many, versions
 
 from components.figures import save_figure
 
@@ -131,25 +130,6 @@ def lowest_ppl(variants: list[dict]) -> dict | None:
 
 def _round(v):
     return None if v is None else round(v, 4)
-
-
-def run_many(jobs: list[tuple[list[str], Path]], parallel: int = 1) -> list[int]:
-    """Runs each (command, log) from the repository root, at most `parallel` at a time; their exit codes."""
-    pending, running, rcs = list(enumerate(jobs)), {}, [0] * len(jobs)
-    while pending or running:
-        while pending and len(running) < max(1, parallel):
-            i, (cmd, log) = pending.pop(0)
-            log.parent.mkdir(parents=True, exist_ok=True)
-            print(f"[distill_recovery] {' '.join(cmd[1:])} (log {log})", flush=True)
-            with open(log, "w") as f:
-                running[i] = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-        for i, proc in list(running.items()):
-            if proc.poll() is not None:
-                rcs[i] = proc.returncode
-                del running[i]
-        if running:
-            time.sleep(1)
-    return rcs
 
 
 def _failed(record: dict, name: str, rc: int, log: Path) -> None:

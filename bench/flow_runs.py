@@ -1,9 +1,16 @@
-"""What the benches that drive the Prefect flow share: the `m1 pipeline` command they start, the device and the
-versions they record beside their numbers."""
+"""What the benches that drive the Prefect flow share: the `m1 pipeline` command they start, running such commands
+side by side, the device and the versions they record beside their numbers."""
 from __future__ import annotations
 
+import os
 import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def pipeline_cmd(python: str, profile: str, stages: list[str], sets: list[str], summary: Path) -> list[str]:
@@ -32,3 +39,33 @@ def versions() -> dict:
         except md.PackageNotFoundError:
             pass
     return out
+
+
+Job = tuple[list[str], Path] | tuple[list[str], Path, dict[str, str]]
+
+
+def run_many(jobs: list[Job], parallel: int = 1, on_done: Callable[[int, int], None] | None = None) -> list[int]:
+    """Runs each (command, log[, extra environment]) from the repository root, at most `parallel` at a time, and
+    returns their exit codes; `on_done(index, exit code)` is called as each one ends (e.g. to save partial results).
+    """
+    pending, running, rcs = list(enumerate(jobs)), {}, [0] * len(jobs)
+    tag = Path(sys.argv[0]).stem or "bench"
+    while pending or running:
+        while pending and len(running) < max(1, parallel):
+            i, (cmd, log, *env) = pending.pop(0)
+            log.parent.mkdir(parents=True, exist_ok=True)
+            extra = env[0] if env else {}
+            shown = " ".join(f"{k}={v}" for k, v in extra.items())
+            print(f"[{tag}] {shown + ' ' if shown else ''}{' '.join(cmd[1:])} (log {log})", flush=True)
+            with open(log, "w") as f:
+                running[i] = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                                              env={**os.environ, **extra} if extra else None)
+        for i, proc in list(running.items()):
+            if proc.poll() is not None:
+                rcs[i] = proc.returncode
+                del running[i]
+                if on_done:
+                    on_done(i, rcs[i])
+        if running:
+            time.sleep(1)
+    return rcs
