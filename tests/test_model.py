@@ -241,6 +241,25 @@ def test_static_decode_engine_equals_eager(tiny_teacher, mixer):
     assert max(abs(x - y) for r1, r2 in zip(a.logprobs, b.logprobs) for x, y in zip(r1, r2)) < 1e-4
 
 
+def test_compiled_decode_engine_equals_the_static_one(tiny_teacher):
+    """The decode step through torch.compile (Inductor's CPU backend here; Triton kernels on a GPU) gives the static
+    engine's tokens and logprobs over several buckets, and a second generate reuses the compiled step."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model = convert(tiny_teacher, [1], "mamba1")
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14]]
+    a = generate(model, prompts, 20, greedy=True, engine="static", bucket_size=8)
+    b = generate(model, prompts, 20, greedy=True, engine="compiled", bucket_size=8)
+    assert a.tokens == b.tokens
+    assert max(abs(x - y) for r1, r2 in zip(a.logprobs, b.logprobs) for x, y in zip(r1, r2)) < 1e-4
+    step = model.__dict__["_compiled_decode_step"]
+    c = generate(model, prompts, 20, greedy=True, engine="compiled", bucket_size=8)
+    assert c.tokens == a.tokens and model.__dict__["_compiled_decode_step"] is step
+    with pytest.raises(ValueError, match="unknown engine 'cuda_graph'"):
+        generate(model, prompts, 2, engine="cuda_graph")
+
+
 def test_convert_clears_a_crashed_runs_partial_folder_first(tmp_path):
     """Leftovers of a crashed convert in model.partial (a stray file, a stale chat template) are not published:
     the model equals a clean convert's, file for file."""

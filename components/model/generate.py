@@ -61,13 +61,17 @@ def sample_next(logits, temperature: float, top_k: int, top_p: float, greedy: bo
     return tok, torch.gather(F.log_softmax(scaled, -1), -1, tok[:, None])[:, 0]
 
 
+ENGINES = ("eager", "static", "graph", "compiled")
+
+
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], max_new_tokens: int = 64, *, temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 0, greedy: bool = False, seed: int | None = 0,
              eos_token_ids: list[int] | None = None, stop_strings: list[str] | None = None, tokenizer=None,
              pad_token_id: int | None = None, sync_every: int = 16, progress: bool = False,
              engine: str = "auto", bucket_size: int = 256) -> GenerationOutput:
-    """engine: "eager" (growing masks, any device), "static" (fixed-shape steps), "graph" (static + CUDA graphs);
+    """engine: "eager" (growing masks, any device), "static" (fixed-shape steps), "graph" (static + CUDA graphs),
+    "compiled" (graph with the step compiled by torch.compile first; static + compiled off CUDA);
     "auto" = graph on CUDA, eager elsewhere."""
     if not prompts:
         return GenerationOutput([], [], [], [] if tokenizer else None)
@@ -85,12 +89,15 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int = 64, *, tempe
     gen.manual_seed(0 if seed is None else seed)
     if engine == "auto":
         engine = "graph" if dev.type == "cuda" else "eager"
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r} (choose from auto, {', '.join(ENGINES)})")
     clock = _Clock(dev)
     cache = model.new_cache(b, P + max_new_tokens)
     logits = model(ids, attention_mask=mask, cache=cache, logits_to_keep=1)[:, -1]
     clock.lap("prefill")
-    decoder = EagerDecoder(model, cache) if engine == "eager" else StaticDecoder(model, cache, bucket_size, engine == "graph")
-    if engine == "graph" and max_new_tokens > 1:
+    decoder = EagerDecoder(model, cache) if engine == "eager" else \
+        StaticDecoder(model, cache, bucket_size, graphs=engine in ("graph", "compiled"), compiled=engine == "compiled")
+    if engine in ("graph", "compiled") and max_new_tokens > 1:
         decoder.capture_all(P + max_new_tokens)
     clock.lap("capture")
     eos_t = torch.tensor(eos or [-1], device=dev)
