@@ -12,7 +12,8 @@ from components.errors import M1Error
 from components.pipeline.keys import cache_key, extract_metrics
 from components.pipeline.stages import get_stage, plan, registered_stages, stage_names
 
-PROFILES = ["default", "tiny", "gpu", "gpu2", "gpu2-arms", "m1-3b", "m1-3b-scale"]  # gpu2 extends gpu, *-arms and *-scale their base
+PROFILES = ["default", "tiny", "gpu", "gpu2", "gpu2-arms", "gpu2-grpo", "m1-3b", "m1-3b-scale"]  # gpu2 extends gpu,
+# *-arms, *-grpo and *-scale their base
 
 
 def m1(*argv) -> int:
