@@ -8,6 +8,7 @@
     python3 bench/gpu_suite.py long --batches 64 --out DIR   # decode 1k/4k/16k at batch 64 and the largest batch
                                                           # (plots: bench/plot_gpu_results.py DIR)
     python3 bench/gpu_suite.py smollm2 --engine compiled --tag _compiled --out DIR   # our step via torch.compile
+    python3 bench/gpu_suite.py decode --decode-attention triton --tag _triton --out DIR  # split-KV Triton attention
 
 Imports only torch, transformers, numpy, matplotlib and components.model (the GPU image has no pydantic/Ray).
 Weights are random (bf16): speed does not depend on their values. Throughput = batch * decoded tokens /
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import sys
 import time
@@ -299,8 +301,11 @@ def main():
     ap.add_argument("--tag", default="")
     ap.add_argument("--engine", choices=["graph", "compiled"], default="graph",
                     help="our decode engine: CUDA graphs of the step, or of the step compiled by torch.compile first")
+    ap.add_argument("--decode-attention", choices=["sdpa", "triton"], default="sdpa",
+                    help="the decode step's attention: SDPA, or the split-KV Triton kernel (flash_decode.py)")
     a = ap.parse_args()
     ENGINE["name"] = a.engine
+    os.environ["M1_DECODE_ATTENTION"] = a.decode_attention  # recorded in meta()'s kernels
     a.batches = [int(x) for x in a.batches.split(",") if x]
     a.models = a.models.split(",")
     a.lengths = [int(x) for x in a.lengths.split(",") if x]

@@ -3,7 +3,8 @@ packages import, else the pure-PyTorch path in components.model.scan (always the
 
 mamba_ssm's package __init__ imports its CUDA extension, so it cannot even be imported on a machine without
 CUDA: the import happens lazily, once, on the first CUDA call. Set M1_KERNELS=torch to force the torch path
-(used by the GPU tests that compare both paths on the same weights)."""
+(used by the GPU tests that compare both paths on the same weights); M1_DECODE_ATTENTION=triton switches the
+decode step's attention from SDPA to the split-KV Triton kernel (flash_decode.py)."""
 from __future__ import annotations
 
 import functools
@@ -49,11 +50,19 @@ def _cuda(t: torch.Tensor) -> bool:
     return t.is_cuda and os.environ.get("M1_KERNELS", "auto") != "torch"
 
 
+def triton_decode_attention(t: torch.Tensor) -> bool:
+    """Whether the decode step's attention runs the split-KV Triton kernel (components/model/flash_decode.py)
+    instead of SDPA: opt-in with M1_DECODE_ATTENTION=triton on CUDA until it is measured there."""
+    return _cuda(t) and os.environ.get("M1_DECODE_ATTENTION", "sdpa") == "triton"
+
+
 def active_backend(device: torch.device | str) -> dict[str, str]:
     """Which implementation each op uses on `device` (for logs and benchmark records)."""
     cuda = torch.device(device).type == "cuda" and os.environ.get("M1_KERNELS", "auto") != "torch"
     m, c = cuda and _mamba_ops() is not None, cuda and _conv_ops() is not None
-    return {"ssm": "mamba_ssm" if m else "torch", "conv": "causal_conv1d" if c else "torch"}
+    flash = cuda and os.environ.get("M1_DECODE_ATTENTION", "sdpa") == "triton"
+    return {"ssm": "mamba_ssm" if m else "torch", "conv": "causal_conv1d" if c else "torch",
+            "decode_attention": "triton" if flash else "sdpa"}
 
 
 def causal_conv1d(x, weight, bias):

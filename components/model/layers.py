@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from components.model.config import HybridConfig
-from components.model.kernels import rms_norm
+from components.model.flash_decode import flash_decode
+from components.model.kernels import rms_norm, triton_decode_attention
 
 
 class RMSNorm(nn.Module):
@@ -135,8 +136,11 @@ def decode_attention(attn: "Attention", x, rope, cache, bucket: int):
     kc, vc = cache.kv[attn.layer_idx]
     kc.index_copy_(2, cache.write_pos, k.to(kc.dtype))
     vc.index_copy_(2, cache.write_pos, v.to(vc.dtype))
-    mask = cache.key_mask[:, None, None, :bucket] & (cache.slot_index[:bucket] <= cache.write_pos)
     rep = attn.n_heads // attn.n_kv
+    if triton_decode_attention(x):  # exactly the written slots, whatever the bucket
+        out = flash_decode(q.reshape(b, attn.n_kv, rep, attn.hd), kc, vc, cache.key_mask, cache.write_pos)
+        return attn.o_proj(out.reshape(b, 1, attn.n_heads * attn.hd))
+    mask = cache.key_mask[:, None, None, :bucket] & (cache.slot_index[:bucket] <= cache.write_pos)
     out = F.scaled_dot_product_attention(q.reshape(b, attn.n_kv, rep, attn.hd), kc[:, :, :bucket], vc[:, :, :bucket],
                                          attn_mask=mask)
     return attn.o_proj(out.reshape(b, 1, attn.n_heads * attn.hd))
