@@ -301,8 +301,10 @@ def main():
     ap.add_argument("--tag", default="")
     ap.add_argument("--engine", choices=["graph", "compiled"], default="graph",
                     help="our decode engine: CUDA graphs of the step, or of the step compiled by torch.compile first")
-    ap.add_argument("--decode-attention", choices=["sdpa", "triton"], default="sdpa",
-                    help="the decode step's attention: SDPA, or the split-KV Triton kernel (flash_decode.py)")
+    ap.add_argument("--decode-attention", choices=["sdpa", "triton"],
+                    default=os.environ.get("M1_DECODE_ATTENTION", "sdpa"),
+                    help="the decode step's attention: SDPA, or the split-KV Triton kernel (flash_decode.py); "
+                         "default: M1_DECODE_ATTENTION, else sdpa")
     a = ap.parse_args()
     ENGINE["name"] = a.engine
     os.environ["M1_DECODE_ATTENTION"] = a.decode_attention  # recorded in meta()'s kernels

@@ -50,17 +50,21 @@ def _cuda(t: torch.Tensor) -> bool:
     return t.is_cuda and os.environ.get("M1_KERNELS", "auto") != "torch"
 
 
+def _triton_attention_asked() -> bool:
+    return os.environ.get("M1_DECODE_ATTENTION", "sdpa") == "triton"
+
+
 def triton_decode_attention(t: torch.Tensor) -> bool:
     """Whether the decode step's attention runs the split-KV Triton kernel (components/model/flash_decode.py)
     instead of SDPA: opt-in with M1_DECODE_ATTENTION=triton on CUDA until it is measured there."""
-    return _cuda(t) and os.environ.get("M1_DECODE_ATTENTION", "sdpa") == "triton"
+    return _cuda(t) and _triton_attention_asked()
 
 
 def active_backend(device: torch.device | str) -> dict[str, str]:
     """Which implementation each op uses on `device` (for logs and benchmark records)."""
     cuda = torch.device(device).type == "cuda" and os.environ.get("M1_KERNELS", "auto") != "torch"
     m, c = cuda and _mamba_ops() is not None, cuda and _conv_ops() is not None
-    flash = cuda and os.environ.get("M1_DECODE_ATTENTION", "sdpa") == "triton"
+    flash = cuda and _triton_attention_asked()
     return {"ssm": "mamba_ssm" if m else "torch", "conv": "causal_conv1d" if c else "torch",
             "decode_attention": "triton" if flash else "sdpa"}
 
