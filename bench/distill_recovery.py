@@ -38,7 +38,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from flow_runs import device_name, pipeline_cmd, run_many, versions
+from flow_runs import (
+    device_name,
+    named_overrides,
+    pipeline_cmd,
+    run_many,
+    validate_settings,
+    versions,
+)
 
 from components.figures import save_figure
 
@@ -218,7 +225,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from components.commands.pipeline import overrides_from, parse_assignment
     from components.config import load_config
-    from components.errors import M1Error
 
     config = load_config(args.profile, overrides=overrides_from([parse_assignment(s) for s in args.sets]) or None)
     root = Path(f"{config.run_dir}-recovery")
@@ -237,22 +243,17 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--parallel > 1 needs one Ray head for all the flow runs (set RAY_ADDRESS, or start it through "
                  "infra/offline/node-pipeline.sh bench): each flow would otherwise start a Ray instance that sees "
                  "every GPU as its own")
-    customs: dict[str, list[str]] = {}
-    for name, *sets in args.custom:
-        if name in VARIANTS or name in customs or not name.replace("_", "").isalnum():
-            ap.error(f"--custom {name!r}: a new variant needs a new name of letters, digits and _")
-        if not sets:
-            ap.error(f"--custom {name}: no KEY=VALUE overrides (it would repeat base)")
-        customs[name] = ["align.enabled=false", *sets]
     try:
+        customs = {name: ["align.enabled=false", *sets]
+                   for name, sets in named_overrides("--custom", args.custom, set(VARIANTS)).items()}
         for v in variants:  # every variant's overrides checked before any work starts
             variant_sets(v, distill_steps, align_steps, kl_layers or [0], args.equal_steps)
-        for name, sets in customs.items():  # and each custom variant's config validated
-            load_config(args.profile, overrides=overrides_from([parse_assignment(s) for s in [*args.sets, *sets]]))
-    except (M1Error, argparse.ArgumentTypeError) as e:  # a wrong key or value in --custom: the config's one line
-        ap.error(f"--custom: {e}".splitlines()[0])
     except ValueError as e:
         ap.error(str(e))
+    try:  # and each custom variant's config validated
+        validate_settings(args.profile, [[*args.sets, *sets] for sets in customs.values()])
+    except ValueError as e:  # a wrong key or value in --custom: the config's one line
+        ap.error(f"--custom: {e}")
     order = ["base"] + [v for v in variants if v != "base"] if "base" in variants else list(variants)
     order += list(customs)
 

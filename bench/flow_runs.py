@@ -1,5 +1,6 @@
-"""What the benches that drive the Prefect flow share: the `m1 pipeline` command they start, running such commands
-side by side, the device and the versions they record beside their numbers."""
+"""What the benches that drive the Prefect flow share: the `m1 pipeline` command they start, named variants of a
+profile checked before any run, running such commands side by side, the device and the versions they record
+beside their numbers."""
 from __future__ import annotations
 
 import os
@@ -39,6 +40,35 @@ def versions() -> dict:
         except md.PackageNotFoundError:
             pass
     return out
+
+
+def named_overrides(flag: str, specs: list[list[str]], taken: set[str]) -> dict[str, list[str]]:
+    """`flag NAME KEY=VALUE...` arguments as {name: overrides}; a ValueError naming the problem for a name already
+    taken (or not of letters, digits and _) or for a variant without overrides."""
+    out: dict[str, list[str]] = {}
+    for name, *sets in specs:
+        if name in taken or name in out or not name.replace("_", "").isalnum():
+            raise ValueError(f"{flag} {name!r}: a new variant needs a new name of letters, digits and _")
+        if not sets:
+            raise ValueError(f"{flag} {name}: no KEY=VALUE overrides (it would repeat base)")
+        out[name] = sets
+    return out
+
+
+def validate_settings(profile: str, override_lists: list[list[str]]) -> None:
+    """Loads the profile's config with each list of KEY=VALUE overrides, so that every run's settings are checked
+    before any starts; a ValueError with the config error's first line."""
+    import argparse
+
+    from components.commands.pipeline import overrides_from, parse_assignment
+    from components.config import load_config
+    from components.errors import M1Error
+
+    for sets in override_lists:
+        try:
+            load_config(profile, overrides=overrides_from([parse_assignment(s) for s in sets]))
+        except (M1Error, argparse.ArgumentTypeError, ValueError) as e:
+            raise ValueError(str(e).splitlines()[0]) from None
 
 
 Job = tuple[list[str], Path] | tuple[list[str], Path, dict[str, str]]

@@ -33,7 +33,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from flow_runs import device_name, run_many, versions
+from flow_runs import (
+    device_name,
+    named_overrides,
+    run_many,
+    validate_settings,
+    versions,
+)
 from grpo_seeds_report import _metrics, seed_row, summary
 
 from components.figures import save_figure
@@ -153,22 +159,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = ap.parse_args(argv)
 
-    from components.commands.pipeline import overrides_from, parse_assignment
-    from components.config import load_config
-    from components.errors import M1Error
-
+    try:
+        variants = named_overrides("--variant", args.variant, {"base"})
+    except ValueError as e:
+        ap.error(str(e))
     plan: list[tuple[str, list[str], list[int]]] = [("base", [], args.seeds)]
-    for name, *sets in args.variant:
-        if name == "base" or name in {p[0] for p in plan} or not name.replace("_", "").isalnum():
-            ap.error(f"--variant {name!r}: a new variant needs a new name of letters, digits and _")
-        if not sets:
-            ap.error(f"--variant {name}: no KEY=VALUE overrides (it would repeat base)")
-        plan.append((name, sets, args.variant_seeds or args.seeds))
+    plan += [(name, sets, args.variant_seeds or args.seeds) for name, sets in variants.items()]
     try:  # every run's settings checked before any work starts
-        for name, sets, _ in plan:
-            load_config(args.profile, overrides=overrides_from([parse_assignment(s) for s in [*args.sets, *sets]]))
-    except (M1Error, argparse.ArgumentTypeError, ValueError) as e:
-        ap.error(f"--variant/--set: {e}".splitlines()[0])
+        validate_settings(args.profile, [[*args.sets, *sets] for _, sets, _ in plan])
+    except ValueError as e:
+        ap.error(f"--variant/--set: {e}")
     root = args.root if args.root.is_absolute() else ROOT / args.root
     if not args.report_only and not args.dry_run and not (root / "sft2" / "model").is_dir():
         ap.error(f"{root / 'sft2' / 'model'} does not exist: run the stages up to sft2 first")
