@@ -7,8 +7,11 @@ import pytest
 
 from components import mathcheck as mc
 
-# Expanding two degree-3000 polynomials keeps sympy busy far beyond any timeout used here.
+# Expanding two degree-3000 polynomials keeps sympy busy far beyond any timeout used here. A call that ran its
+# expansion to the end inside C before the timer could raise leaves it in sympy's cache, so a second call on the same
+# pair can finish in time: each timed call below gets a pair of its own.
 SLOW_GOLD, SLOW_PRED = r"(x+1)^{3000}", r"(x+2)^{3000}"
+SLOW_GOLD_2, SLOW_PRED_2 = r"(x+3)^{3000}", r"(x+4)^{3000}"
 
 
 def test_extract_boxed_last_nested_and_fbox():
@@ -59,7 +62,7 @@ def test_main_thread_timeout_returns_false_and_keeps_outer_timer(monkeypatch):
     try:
         assert mc.verify(SLOW_GOLD, SLOW_PRED, timeout_s=0.5) is False
         assert timeouts == [signal.SIGALRM] and fired == []
-        assert mc._call("verify", (SLOW_GOLD, SLOW_PRED), 0.5) is None  # cut off, not a completed "unequal"
+        assert mc._call("verify", (SLOW_GOLD_2, SLOW_PRED_2), 0.5) is None  # cut off, not a completed "unequal"
         remaining, _ = signal.getitimer(signal.ITIMER_REAL)
         assert 0 < remaining <= 600.0  # the outer timer was re-armed, not cancelled
     finally:
@@ -75,7 +78,7 @@ def test_worker_thread_calls_and_timeout():
             mc.answers_equivalent(r"\frac{3}{4}", "0.75"),
             mc.parse_answer(r"\boxed{7}")[0] == 7,
             mc.verify(SLOW_GOLD, SLOW_PRED, timeout_s=0.5),
-            mc._call("verify", (SLOW_GOLD, SLOW_PRED), 0.5),  # None: cut off, not a completed "unequal"
+            mc._call("verify", (SLOW_GOLD_2, SLOW_PRED_2), 0.5),  # None: cut off, not a completed "unequal"
             mc.verify("3", "4"),
             mc.verify("10", r"\boxed{10}"),
         )
