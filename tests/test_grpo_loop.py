@@ -111,6 +111,29 @@ def test_one_step_off_policy_samples_one_update_behind_and_resumes_exactly(rl_se
     assert last["prompt_cursor"] == steps[-1]["prompt_cursor"]
 
 
+def test_a_failing_step_stops_the_rollout_prefetch_thread(rl_setup, monkeypatch):
+    """With one-step off-policy the next batch is generated in a thread while the learner runs; when learning fails,
+    that thread ends instead of idling on beside the failed stage (the traceback keeps the loop's frame alive)."""
+    import threading
+    import time
+
+    from components.grpo import loop
+
+    def failing_loss(*a, **k):
+        raise RuntimeError("learner failed")
+
+    monkeypatch.setattr(loop, "policy_loss", failing_loss)
+    root = rl_setup
+    inputs = {"model_dir": root / "policy", "data_dir": root / "data"}
+    with pytest.raises(RuntimeError, match="learner failed") as failed:
+        run(_cfg(root, "offp_fail", one_step_off_policy=True), inputs)
+    deadline = time.time() + 60
+    while time.time() < deadline and any(t.name.startswith("m1-rollout") for t in threading.enumerate()):
+        time.sleep(0.1)
+    assert failed.value is not None  # the traceback, and with it the loop's executor, is still referenced here
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("m1-rollout")]
+
+
 def test_empty_dynamic_sampling_batch_stops_with_a_message(rl_setup):
     root = rl_setup
     cfg = _cfg(root, "dyn", dynamic_sampling=True, max_refill_rounds=0, max_steps=1)

@@ -165,126 +165,133 @@ def grpo_loop(run: LoopContext) -> dict:
 
     fail_after = run.fail_after_step
     G = grpo.group_size
-    for step in range(start, grpo.max_steps):
-        batch = None
-        t_step = time.time()
-        if ctx.rank == 0:
-            if pending is not None:  # generated during the last step, with the weights before its update
-                batch, cursor, roll_stats = pending.result() if isinstance(pending, Future) else pending
-            else:
-                batch, cursor, roll_stats = collect(pool, train_rows, cursor, grpo, run.seed + step)
-            pending = None
-            if prefetch is not None and step + 1 < grpo.max_steps:
-                pending = prefetch.submit(collect, pool, train_rows, cursor, grpo, run.seed + step + 1)
-            # updates the sampler's weights are behind the learner's: 0 on-policy, 1 with one-step off-policy
-            roll_stats = {**roll_stats, "policy_lag": step - roll_stats["rollout_weights_version"]}
-        if ctx.world > 1:
-            obj = [batch, cursor]
-            dist.broadcast_object_list(obj, src=0)
-            batch, cursor = obj
-        t_learn = time.time()
-        n_seq = len(batch["tokens"])
-        # old log-probabilities, recomputed by the learner before any update of this step
-        old = [None] * n_seq
-        for sl, lp, _, _ in sequence_stats(core, batch["prompt_ids"], batch["tokens"], grpo.temperature, dev,
-                                           grpo.micro_batch, False, autocast):
-            for r, k in enumerate(range(sl.start, sl.stop)):
-                old[k] = lp[r]
-        # sampler/learner mismatch over the kept tokens, measured always, corrected per mismatch_correction
-        gaps = token_gaps(batch["logprobs"], old, batch["keep"])
-        mismatch = gap_stats(gaps, grpo.mask_threshold)
-        tis = tis_weights(old, batch["logprobs"], grpo.tis_cap)
-        mismatch.update(tis_stats(tis, batch["keep"], grpo.tis_cap))
-        keep = batch["keep"]
-        if grpo.mismatch_correction == "mask":
-            keep = [k and not d for k, d in zip(keep, over_threshold(gaps, grpo.mask_threshold))]
-        mismatch["mismatch_masked_fraction"] = 1 - sum(keep) / max(sum(batch["keep"]), 1)
-        use_tis = grpo.mismatch_correction == "tis"
-        refs = [None] * n_seq
-        if ref is not None:
-            for sl, lp, _, _ in sequence_stats(ref, batch["prompt_ids"], batch["tokens"], grpo.temperature, dev,
+    try:
+        for step in range(start, grpo.max_steps):
+            batch = None
+            t_step = time.time()
+            if ctx.rank == 0:
+                if pending is not None:  # generated during the last step, with the weights before its update
+                    batch, cursor, roll_stats = pending.result() if isinstance(pending, Future) else pending
+                else:
+                    batch, cursor, roll_stats = collect(pool, train_rows, cursor, grpo, run.seed + step)
+                pending = None
+                if prefetch is not None and step + 1 < grpo.max_steps:
+                    pending = prefetch.submit(collect, pool, train_rows, cursor, grpo, run.seed + step + 1)
+                # updates the sampler's weights are behind the learner's: 0 on-policy, 1 with one-step off-policy
+                roll_stats = {**roll_stats, "policy_lag": step - roll_stats["rollout_weights_version"]}
+            if ctx.world > 1:
+                obj = [batch, cursor]
+                dist.broadcast_object_list(obj, src=0)
+                batch, cursor = obj
+            t_learn = time.time()
+            n_seq = len(batch["tokens"])
+            # old log-probabilities, recomputed by the learner before any update of this step
+            old = [None] * n_seq
+            for sl, lp, _, _ in sequence_stats(core, batch["prompt_ids"], batch["tokens"], grpo.temperature, dev,
                                                grpo.micro_batch, False, autocast):
                 for r, k in enumerate(range(sl.start, sl.stop)):
-                    refs[k] = lp[r]
-        adv = batch["adv"]
-        stats_acc: dict[str, float] = {}
-        n_upd = 0
-        mb = grpo.minibatch_prompts * G
-        no_signal = grpo.skip_no_signal and not any(a != 0 and k for a, k in zip(adv, keep))
-        for _ in range(0 if no_signal else grpo.ppo_epochs):
-            for m0 in range(0, n_seq, mb):
-                idx = list(range(m0, min(n_seq, m0 + mb)))
-                n_tok = float(sum(len(batch["tokens"][k]) for k in idx if keep[k]))
-                n_kept = float(sum(keep[k] for k in idx))
-                mine = idx[ctx.rank::ctx.world]
-                sub_p = [batch["prompt_ids"][k] for k in mine]
-                sub_c = [batch["tokens"][k] for k in mine]
-                for j, (sl, lp, ent, mask) in enumerate(sequence_stats(model, sub_p, sub_c, grpo.temperature, dev,
-                                                                       grpo.micro_batch, True, autocast)):
-                    ks = mine[sl]
-                    T = lp.shape[1]
-                    def pad(t, T=T):
-                        return F.pad(t, (0, T - t.shape[0]))
+                    old[k] = lp[r]
+            # sampler/learner mismatch over the kept tokens, measured always, corrected per mismatch_correction
+            gaps = token_gaps(batch["logprobs"], old, batch["keep"])
+            mismatch = gap_stats(gaps, grpo.mask_threshold)
+            tis = tis_weights(old, batch["logprobs"], grpo.tis_cap)
+            mismatch.update(tis_stats(tis, batch["keep"], grpo.tis_cap))
+            keep = batch["keep"]
+            if grpo.mismatch_correction == "mask":
+                keep = [k and not d for k, d in zip(keep, over_threshold(gaps, grpo.mask_threshold))]
+            mismatch["mismatch_masked_fraction"] = 1 - sum(keep) / max(sum(batch["keep"]), 1)
+            use_tis = grpo.mismatch_correction == "tis"
+            refs = [None] * n_seq
+            if ref is not None:
+                for sl, lp, _, _ in sequence_stats(ref, batch["prompt_ids"], batch["tokens"], grpo.temperature, dev,
+                                                   grpo.micro_batch, False, autocast):
+                    for r, k in enumerate(range(sl.start, sl.stop)):
+                        refs[k] = lp[r]
+            adv = batch["adv"]
+            stats_acc: dict[str, float] = {}
+            n_upd = 0
+            mb = grpo.minibatch_prompts * G
+            no_signal = grpo.skip_no_signal and not any(a != 0 and k for a, k in zip(adv, keep))
+            for _ in range(0 if no_signal else grpo.ppo_epochs):
+                for m0 in range(0, n_seq, mb):
+                    idx = list(range(m0, min(n_seq, m0 + mb)))
+                    n_tok = float(sum(len(batch["tokens"][k]) for k in idx if keep[k]))
+                    n_kept = float(sum(keep[k] for k in idx))
+                    mine = idx[ctx.rank::ctx.world]
+                    sub_p = [batch["prompt_ids"][k] for k in mine]
+                    sub_c = [batch["tokens"][k] for k in mine]
+                    for j, (sl, lp, ent, mask) in enumerate(sequence_stats(model, sub_p, sub_c, grpo.temperature, dev,
+                                                                           grpo.micro_batch, True, autocast)):
+                        ks = mine[sl]
+                        T = lp.shape[1]
+                        def pad(t, T=T):
+                            return F.pad(t, (0, T - t.shape[0]))
 
-                    old_lp = torch.stack([pad(old[k]) for k in ks])
-                    ref_lp = torch.stack([pad(refs[k]) for k in ks]) if ref is not None else None
-                    m = mask & torch.tensor([keep[k] for k in ks], device=dev)[:, None]
-                    a = torch.tensor([adv[k] for k in ks], device=dev, dtype=torch.float32)
-                    w_is = torch.stack([pad(tis[k]) for k in ks]).to(dev) if use_tis else None
-                    loss, st = policy_loss(lp, old_lp, a, m, ent, ref_lp, clip_low=grpo.clip_low,
-                                           clip_high=grpo.clip_high, entropy_coef=grpo.entropy_coef,
-                                           kl_coef=grpo.kl_coef, n_tokens=max(n_tok, 1.0),
-                                           dual_clip=grpo.dual_clip, loss_agg=grpo.loss_agg,
-                                           n_seqs=max(n_kept, 1.0), max_len=grpo.max_new_tokens,
-                                           ratio_level=grpo.ratio_level, is_weight=w_is)
-                    (loss * ctx.world).backward()
-                    for k, v in st.items():
-                        stats_acc[k] = stats_acc.get(k, 0.0) + v
-                torch.nn.utils.clip_grad_norm_([p for p in core.parameters() if p.requires_grad], grpo.grad_clip)
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-                n_upd += 1
-        learn_s = time.time() - t_learn
-        totals = ctx.all_sum([stats_acc.get(k, 0.0) for k in ("pg_loss", "clip_fraction", "approx_kl_old", "entropy")])
-        if ctx.rank == 0:
-            if isinstance(pending, Future):
-                pending = pending.result()  # the next batch is done before the sampler's weights change
-            sync_s = pool.set_weights(core.state_dict(), step + 1)
-            step_s = time.time() - t_step
-            lens = [len(t) for t in batch["tokens"]]
-            n_upd = max(n_upd, 1)
-            m = {**roll_stats, "pg_loss": totals[0] / n_upd, "clip_fraction": totals[1] / n_upd,
-                 "approx_kl": totals[2] / n_upd, "entropy": totals[3] / n_upd, "skipped_update": float(no_signal),
-                 **mismatch,
-                 "learner_tokens_per_s": sum(lens) * grpo.ppo_epochs / max(learn_s, 1e-9), "sync_seconds": sync_s,
-                 "learn_seconds": learn_s, "step_seconds": step_s, "sync_share": sync_s / max(step_s, 1e-9),
-                 "prompt_cursor": cursor}
-            if tracker:
-                tracker.log_metrics(m, step=step + 1)
-                if (step + 1) % grpo.samples_every == 0:
-                    _log_samples(tracker, run.out_dir, step + 1, batch)
-            print(f"[{run.stage}] step {step + 1}/{grpo.max_steps} reward {m['reward_mean']:.3f} acc {m['accuracy']:.3f} "
-                  f"len {m['response_length_mean']:.0f} ent {m['entropy']:.3f} sync {sync_s:.2f}s", flush=True)
-        last = step + 1 == grpo.max_steps
-        local = None
-        if (step + 1) % grpo.checkpoint_every == 0 or last:
+                        old_lp = torch.stack([pad(old[k]) for k in ks])
+                        ref_lp = torch.stack([pad(refs[k]) for k in ks]) if ref is not None else None
+                        m = mask & torch.tensor([keep[k] for k in ks], device=dev)[:, None]
+                        a = torch.tensor([adv[k] for k in ks], device=dev, dtype=torch.float32)
+                        w_is = torch.stack([pad(tis[k]) for k in ks]).to(dev) if use_tis else None
+                        loss, st = policy_loss(lp, old_lp, a, m, ent, ref_lp, clip_low=grpo.clip_low,
+                                               clip_high=grpo.clip_high, entropy_coef=grpo.entropy_coef,
+                                               kl_coef=grpo.kl_coef, n_tokens=max(n_tok, 1.0),
+                                               dual_clip=grpo.dual_clip, loss_agg=grpo.loss_agg,
+                                               n_seqs=max(n_kept, 1.0), max_len=grpo.max_new_tokens,
+                                               ratio_level=grpo.ratio_level, is_weight=w_is)
+                        (loss * ctx.world).backward()
+                        for k, v in st.items():
+                            stats_acc[k] = stats_acc.get(k, 0.0) + v
+                    torch.nn.utils.clip_grad_norm_([p for p in core.parameters() if p.requires_grad], grpo.grad_clip)
+                    opt.step()
+                    sched.step()
+                    opt.zero_grad(set_to_none=True)
+                    n_upd += 1
+            learn_s = time.time() - t_learn
+            totals = ctx.all_sum([stats_acc.get(k, 0.0) for k in ("pg_loss", "clip_fraction", "approx_kl_old", "entropy")])
             if ctx.rank == 0:
-                local = Path(tempfile.mkdtemp(prefix="m1-grpo-")) / "ckpt"
-                # with a batch in flight, the cursor after it, and the batch itself: resuming consumes it as is
-                at = pending[1] if pending is not None else cursor
-                checkpoint.write_local(local, core, opt, sched, step + 1, at,
-                                       {"fingerprint": run.fingerprint, "prompt_cursor": at,
-                                        "first_eval": first_eval, "stage": run.stage}, run.model_dir,
-                                       trainer_extra={"pending_batch": pending} if pending is not None else None)
-            ctx.report({"step": step + 1}, local, run.checkpoint_root, step + 1, grpo.keep_checkpoints,
-                       run.checkpoint_mirror)
-            if local is not None:
-                shutil.rmtree(local.parent, ignore_errors=True)
-        # Ray Train hears of checkpoints only: a report between them waits up to 2 s for the controller's poll
-        # (components/train/loop.py)
-        if step + 1 == fail_after:
-            raise RuntimeError(f"M1_FAIL_AFTER_STEP={fail_after}: injected failure after step {step + 1}")
+                if isinstance(pending, Future):
+                    pending = pending.result()  # the next batch is done before the sampler's weights change
+                sync_s = pool.set_weights(core.state_dict(), step + 1)
+                step_s = time.time() - t_step
+                lens = [len(t) for t in batch["tokens"]]
+                n_upd = max(n_upd, 1)
+                m = {**roll_stats, "pg_loss": totals[0] / n_upd, "clip_fraction": totals[1] / n_upd,
+                     "approx_kl": totals[2] / n_upd, "entropy": totals[3] / n_upd, "skipped_update": float(no_signal),
+                     **mismatch,
+                     "learner_tokens_per_s": sum(lens) * grpo.ppo_epochs / max(learn_s, 1e-9), "sync_seconds": sync_s,
+                     "learn_seconds": learn_s, "step_seconds": step_s, "sync_share": sync_s / max(step_s, 1e-9),
+                     "prompt_cursor": cursor}
+                if tracker:
+                    tracker.log_metrics(m, step=step + 1)
+                    if (step + 1) % grpo.samples_every == 0:
+                        _log_samples(tracker, run.out_dir, step + 1, batch)
+                print(f"[{run.stage}] step {step + 1}/{grpo.max_steps} reward {m['reward_mean']:.3f} acc {m['accuracy']:.3f} "
+                      f"len {m['response_length_mean']:.0f} ent {m['entropy']:.3f} sync {sync_s:.2f}s", flush=True)
+            last = step + 1 == grpo.max_steps
+            local = None
+            if (step + 1) % grpo.checkpoint_every == 0 or last:
+                if ctx.rank == 0:
+                    local = Path(tempfile.mkdtemp(prefix="m1-grpo-")) / "ckpt"
+                    # with a batch in flight, the cursor after it, and the batch itself: resuming consumes it as is
+                    at = pending[1] if pending is not None else cursor
+                    checkpoint.write_local(local, core, opt, sched, step + 1, at,
+                                           {"fingerprint": run.fingerprint, "prompt_cursor": at,
+                                            "first_eval": first_eval, "stage": run.stage}, run.model_dir,
+                                           trainer_extra={"pending_batch": pending} if pending is not None else None)
+                ctx.report({"step": step + 1}, local, run.checkpoint_root, step + 1, grpo.keep_checkpoints,
+                           run.checkpoint_mirror)
+                if local is not None:
+                    shutil.rmtree(local.parent, ignore_errors=True)
+            # Ray Train hears of checkpoints only: a report between them waits up to 2 s for the controller's poll
+            # (components/train/loop.py)
+            if step + 1 == fail_after:
+                raise RuntimeError(f"M1_FAIL_AFTER_STEP={fail_after}: injected failure after step {step + 1}")
+    except BaseException:
+        # a batch in flight must not keep generating (and holding the rollout actors) after the stage failed:
+        # queued work is dropped, a running collect finishes on its own without being waited for
+        if prefetch is not None:
+            prefetch.shutdown(wait=False, cancel_futures=True)
+        raise
 
     if prefetch is not None:
         prefetch.shutdown()
