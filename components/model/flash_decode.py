@@ -43,7 +43,8 @@ def _kernels():
     def split_kernel(Q, K, V, KM, WP, M_out, L_out, ACC_out, n_kv, rep, max_len, n_splits, scale,
                      HD: tl.constexpr, REP_P: tl.constexpr, SPLIT_: tl.constexpr, BLOCK: tl.constexpr,
                      EXACT: tl.constexpr):
-        bh = tl.program_id(0)
+        # int64: at the 3B shape's largest batch the caches hold more than 2**31 elements (902 x 8 x 4352 x 128)
+        bh = tl.program_id(0).to(tl.int64)
         sp = tl.program_id(1)
         b = bh // n_kv
         length = tl.load(WP) + 1
@@ -88,7 +89,7 @@ def _kernels():
 
     @triton.jit
     def combine_kernel(M_in, L_in, ACC_in, O, rep, n_splits, HD: tl.constexpr, REP_P: tl.constexpr):
-        bh = tl.program_id(0)
+        bh = tl.program_id(0).to(tl.int64)
         r = tl.arange(0, REP_P)
         d = tl.arange(0, HD)
         m = tl.full([REP_P], float("-inf"), tl.float32)
@@ -108,6 +109,7 @@ def _kernels():
     return split_kernel, combine_kernel
 
 
+@torch.compiler.disable  # the compiled decode engine launches it as it is (kernels._opaque says why)
 def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, key_mask: torch.Tensor,
                  write_pos: torch.Tensor, split: int = SPLIT, block: int = BLOCK_N) -> torch.Tensor:
     """The same attention as `reference`, by the split-KV kernels; no host sync (CUDA-graph safe)."""

@@ -24,7 +24,7 @@ def _mamba_ops():
         from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
     except Exception:  # not installed, or no CUDA extension for this machine
         return None
-    return {"selective_scan_fn": selective_scan_fn, "selective_state_update": selective_state_update,
+    return {"selective_scan_fn": selective_scan_fn, "selective_state_update": _opaque(selective_state_update),
             "mamba_chunk_scan_combined": mamba_chunk_scan_combined}
 
 
@@ -43,7 +43,15 @@ def _conv_update():
         from causal_conv1d import causal_conv1d_update
     except Exception:
         return None
-    return causal_conv1d_update
+    return _opaque(causal_conv1d_update)
+
+
+def _opaque(fn):
+    """The compiled decode engine (decode.compiled_decode_step) calls the packages' decode kernels as they are:
+    dynamo does not trace into their Python launch code (device guards, heuristics, a C++ extension) but breaks
+    the graph around them, and the CUDA graph captured afterwards replays both sides. Outside torch.compile the
+    wrapper only calls fn."""
+    return torch.compiler.disable(fn)
 
 
 def _cuda(t: torch.Tensor) -> bool:
