@@ -3,7 +3,8 @@
     python3 bench/gpu_suite.py anchors  --out DIR   # prompt 256 / decode 512: ours vs HF static cache (uncompiled
                                                     # and compiled) vs mamba_ssm engine, warm-ups reported apart
     python3 bench/gpu_suite.py decode   --out DIR   # prompt 256 / decode 4096 grid + floors (3B shape)
-    python3 bench/gpu_suite.py train    --out DIR   # training tokens/s and MFU (SmolLM2 and 3B shapes)
+    python3 bench/gpu_suite.py train    --out DIR   # training tokens/s and MFU (SmolLM2 and 3B shapes; micro-batch,
+                                                    # checkpointing, chunked LM-head CE, compiled MLPs: --train-runs)
     python3 bench/gpu_suite.py smollm2  --out DIR   # SmolLM2-sized pair, decode grid
     python3 bench/gpu_suite.py long --batches 64 --out DIR   # decode 1k/4k/16k at batch 64 and the largest batch
                                                           # (plots: bench/plot_gpu_results.py DIR)
@@ -257,32 +258,76 @@ def cmd_long(a) -> dict:
     return out
 
 
+# Training configurations (--train-runs): SHAPE:MICRO_BATCH:CKPT:LOSS[:compile], CKPT "ckpt" (gradient
+# checkpointing of every layer) or "none", LOSS "plain" (full logits, F.cross_entropy) or "chunked"
+# (losses.linear_ce_sum: no tokens x vocab logits kept), "compile" = each layer's MLP through torch.compile.
+TRAIN_RUNS = ("smollm2-135m:8:none:plain,smollm2-135m:32:none:chunked,"
+              "llama-3.2-3b:2:ckpt:plain,llama-3.2-3b:8:ckpt:chunked,llama-3.2-3b:2:none:chunked,"
+              "llama-3.2-3b:4:none:chunked,llama-3.2-3b:4:none:chunked:compile")
+
+
+def parse_train_runs(spec: str) -> list[dict]:
+    runs = []
+    for item in spec.split(","):
+        parts = item.split(":")
+        if len(parts) not in (4, 5) or parts[0] not in SHAPES or parts[2] not in ("ckpt", "none") \
+                or parts[3] not in ("plain", "chunked") or parts[4:] not in ([], ["compile"]):
+            raise SystemExit(f"--train-runs: bad entry {item!r} (SHAPE:MICRO_BATCH:ckpt|none:plain|chunked[:compile])")
+        runs.append({"shape": parts[0], "batch": int(parts[1]), "grad_ckpt": parts[2] == "ckpt",
+                     "loss": parts[3], "compile_mlp": parts[4:] == ["compile"]})
+    return runs
+
+
+def train_loss(m, ids: torch.Tensor, loss: str) -> torch.Tensor:
+    """Token-mean next-token CE: the plain path materialises fp32 logits (batch x seq x vocab) and their gradient;
+    the chunked one goes from the final hidden states through the LM head 4096 tokens at a time."""
+    from components.train.losses import linear_ce_sum
+
+    if loss == "plain":
+        return torch.nn.functional.cross_entropy(m(ids)[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+    h = m(ids, return_hidden=True)[:, :-1]
+    return linear_ce_sum(h, m.lm_head.weight, ids[:, 1:], chunk=4096, dtype=torch.bfloat16) / ids[:, 1:].numel()
+
+
 def cmd_train(a) -> dict:
+    """Training tokens/s and MFU per configuration, fp32 master weights, bf16 autocast, fused AdamW, sequence 2048,
+    mean of steps 3-6. MFU = tokens/s x flops_per_token / 989e12 (H100/H200 dense bf16), flops_per_token = 6N +
+    6 x attention layers x q_dim x seq (components.train.loop.flops_per_token: forward + backward of every weight
+    matmul, LM head included through the tied embedding, plus causal attention scores; the selective scan's
+    FLOPs are not counted). A configuration that does not fit is recorded with its error."""
     from components.train.loop import flops_per_token
 
-    rows = []
-    for shape, seq, batch in (("smollm2-135m", 2048, 8), ("llama-3.2-3b", 2048, 2)):
-        m = ours(shape, SHAPES[shape], warm=False).float().train()
-        m.gradient_checkpointing_enable(shape != "smollm2-135m")
-        opt = torch.optim.AdamW(m.parameters(), lr=1e-5, fused=True)
-        ids = torch.randint(0, 1000, (batch, seq), device="cuda")
-        times = []
-        for i in range(6):
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = torch.nn.functional.cross_entropy(m(ids)[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - t)
-        dt = sum(times[2:]) / len(times[2:])
-        tps = batch * seq / dt
-        fpt = flops_per_token(m, seq)
-        rows.append({"shape": shape, "seq_len": seq, "batch": batch, "step_s": dt, "tokens_per_s": tps,
-                     "tflops": tps * fpt / 1e12, "mfu": tps * fpt / 989e12,
-                     "grad_ckpt": m.gradient_checkpointing, "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9})
+    rows, seq = [], 2048
+    for run in parse_train_runs(a.train_runs):
+        shape, batch = run["shape"], run["batch"]
+        m = opt = None
+        try:
+            m = ours(shape, SHAPES[shape], warm=False).float().train()
+            m.gradient_checkpointing_enable(run["grad_ckpt"])
+            if run["compile_mlp"]:
+                for layer in m.model.layers:
+                    layer.mlp = torch.compile(layer.mlp)
+            opt = torch.optim.AdamW(m.parameters(), lr=1e-5, fused=True)
+            ids = torch.randint(0, 1000, (batch, seq), device="cuda")
+            times = []
+            for _ in range(6):
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss = train_loss(m, ids, run["loss"])
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - t)
+            dt = sum(times[2:]) / len(times[2:])
+            tps = batch * seq / dt
+            fpt = flops_per_token(m, seq)
+            rows.append({**run, "seq_len": seq, "step_s": dt, "first_step_s": times[0], "tokens_per_s": tps,
+                         "tflops": tps * fpt / 1e12, "mfu": tps * fpt / 989e12,
+                         "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9})
+        except torch.cuda.OutOfMemoryError as e:
+            rows.append({**run, "seq_len": seq, "error": f"out of memory: {str(e).splitlines()[0][:200]}"})
         print(rows[-1], flush=True)
         free(m, opt)
         torch.cuda.reset_peak_memory_stats()
@@ -298,6 +343,8 @@ def main():
     ap.add_argument("--decode", type=int, default=4096)
     ap.add_argument("--shape", default="llama-3.2-3b")
     ap.add_argument("--models", default="hybrid,attention")
+    ap.add_argument("--train-runs", default=TRAIN_RUNS,
+                    help="train: SHAPE:MICRO_BATCH:ckpt|none:plain|chunked[:compile], comma-separated")
     ap.add_argument("--tag", default="")
     ap.add_argument("--engine", choices=["graph", "compiled"], default="graph",
                     help="our decode engine: CUDA graphs of the step, or of the step compiled by torch.compile first")
