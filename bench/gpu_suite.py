@@ -10,6 +10,7 @@
                                                           # (plots: bench/plot_gpu_results.py DIR)
     python3 bench/gpu_suite.py smollm2 --engine compiled --tag _compiled --out DIR   # our step via torch.compile
     python3 bench/gpu_suite.py decode --decode-attention triton --tag _triton --out DIR  # split-KV Triton attention
+    python3 bench/gpu_suite.py smollm2 --state-dtype bf16 --tag _bf16state --out DIR     # SSM state stored in bf16
 
 Imports only torch, transformers, numpy, matplotlib and components.model (the GPU image has no pydantic/Ray).
 Weights are random (bf16): speed does not depend on their values. Throughput = batch * decoded tokens /
@@ -47,13 +48,15 @@ def ours(shape: str, attn: list[int], warm: bool = True) -> HybridForCausalLM:
 
 # Our decode engine (--engine): "graph" (CUDA graphs of the eager step) or "compiled" (the step through
 # torch.compile first; its compilation lands in the capture seconds, which tokens/s leaves out, as for graphs).
-ENGINE = {"name": "graph"}
+ENGINE = {"name": "graph", "state_dtype": "fp32"}  # --engine, --state-dtype
+STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def run_ours(model, batch: int, prompt: int, decode: int, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     prompts = torch.randint(100, 1000, (batch, prompt), generator=g).tolist()
-    out = generate(model, prompts, decode, greedy=True, eos_token_ids=[], engine=ENGINE["name"])
+    out = generate(model, prompts, decode, greedy=True, eos_token_ids=[], engine=ENGINE["name"],
+                   state_dtype=STATE_DTYPES[ENGINE["state_dtype"]])
     t = out.timings
     return {"prefill_s": t["prefill"], "capture_s": t["capture"], "decode_s": t["decode"],
             "tokens_per_s": batch * decode / (t["prefill"] + t["decode"]),
@@ -134,11 +137,12 @@ def hbm_bandwidth() -> float:
 
 def step_bytes(cfg: HybridConfig, batch: int, kv_len: int, weight_bytes: int) -> float:
     """Bytes one decode step must move: every weight once, the attention layers' KV up to kv_len, and each Mamba
-    layer's conv (bf16) and SSM (fp32) state read and written."""
+    layer's conv (bf16) and SSM (fp32, or bf16 with --state-dtype bf16) state read and written."""
     n_attn = len(cfg.attn_layers)
     n_mamba = cfg.num_hidden_layers - n_attn
     kv = n_attn * batch * kv_len * 2 * cfg.num_key_value_heads * cfg.head_dim * 2
-    state = n_mamba * batch * 2 * (cfg.d_inner * cfg.d_conv * 2 + cfg.d_inner * cfg.d_state * 4)
+    ssm_bytes = STATE_DTYPES[ENGINE["state_dtype"]].itemsize
+    state = n_mamba * batch * 2 * (cfg.d_inner * cfg.d_conv * 2 + cfg.d_inner * cfg.d_state * ssm_bytes)
     return weight_bytes + kv + state
 
 
@@ -160,7 +164,8 @@ def max_batch(model, prompt: int, decode: int, budget_frac: float = 0.9) -> int:
 
 def meta() -> dict:
     return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
-            "kernels": active_backend("cuda"), "engine": ENGINE["name"], "command": " ".join(sys.argv),
+            "kernels": active_backend("cuda"), "engine": ENGINE["name"],
+            "state_dtype": ENGINE["state_dtype"], "command": " ".join(sys.argv),
             "date": time.strftime("%Y-%m-%d %H:%M")}
 
 
@@ -352,8 +357,10 @@ def main():
                     default=os.environ.get("M1_DECODE_ATTENTION", "sdpa"),
                     help="the decode step's attention: SDPA, or the split-KV Triton kernel (flash_decode.py); "
                          "default: M1_DECODE_ATTENTION, else sdpa")
+    ap.add_argument("--state-dtype", choices=sorted(STATE_DTYPES), default="fp32",
+                    help="the Mamba layers' SSM state between decode steps (its logit drift: bench/state_dtype_drift.py)")
     a = ap.parse_args()
-    ENGINE["name"] = a.engine
+    ENGINE["name"], ENGINE["state_dtype"] = a.engine, a.state_dtype
     os.environ["M1_DECODE_ATTENTION"] = a.decode_attention  # recorded in meta()'s kernels
     a.batches = [int(x) for x in a.batches.split(",") if x]
     a.models = a.models.split(",")

@@ -1,6 +1,9 @@
 """Inference state for cached generation: a preallocated KV cache for each attention layer and the conv and
 SSM states of each Mamba layer, all in fixed-size buffers (so a decode step can be captured in a CUDA graph).
-SSM states are kept in fp32 whatever the model dtype."""
+SSM states are kept in fp32 whatever the model dtype, unless `state_dtype` asks for bf16: each step then still
+updates the state in fp32 and rounds it once when storing it (as mamba_ssm's selective_state_update does), which
+halves the state's bytes per step. At the SmolLM2 shape and batch 256 those bytes, not the weights, dominate a
+decode step's traffic; the rounding's effect on the logits is measured by bench/state_dtype_drift.py."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,8 +21,11 @@ class MambaState:
 
 
 class InferenceCache:
-    def __init__(self, cfg: HybridConfig, batch: int, max_len: int, device, dtype=torch.float32):
-        self.cfg, self.batch, self.max_len = cfg, batch, max_len
+    def __init__(self, cfg: HybridConfig, batch: int, max_len: int, device, dtype=torch.float32,
+                 state_dtype=torch.float32):
+        if state_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"state_dtype must be torch.float32 or torch.bfloat16, got {state_dtype}")
+        self.cfg, self.batch, self.max_len, self.state_dtype = cfg, batch, max_len, state_dtype
         self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.mamba: dict[int, MambaState] = {}
         for i, kind in enumerate(cfg.layer_types):
@@ -29,12 +35,12 @@ class InferenceCache:
             elif kind == "mamba1":
                 self.mamba[i] = MambaState(
                     torch.zeros(batch, cfg.d_inner, cfg.d_conv, device=device, dtype=dtype),
-                    torch.zeros(batch, cfg.d_inner, cfg.d_state, device=device, dtype=torch.float32))
+                    torch.zeros(batch, cfg.d_inner, cfg.d_state, device=device, dtype=state_dtype))
             else:
                 nh = cfg.d_inner // cfg.mamba2_headdim
                 self.mamba[i] = MambaState(
                     torch.zeros(batch, 3 * cfg.d_inner, cfg.d_conv, device=device, dtype=dtype),
-                    torch.zeros(batch, nh, cfg.mamba2_headdim, cfg.head_dim, device=device, dtype=torch.float32))
+                    torch.zeros(batch, nh, cfg.mamba2_headdim, cfg.head_dim, device=device, dtype=state_dtype))
         self.key_mask = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)
         # Device-side mirrors of the write position, for decode steps without host syncs (CUDA graphs).

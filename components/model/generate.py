@@ -69,10 +69,11 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int = 64, *, tempe
              top_p: float = 1.0, top_k: int = 0, greedy: bool = False, seed: int | None = 0,
              eos_token_ids: list[int] | None = None, stop_strings: list[str] | None = None, tokenizer=None,
              pad_token_id: int | None = None, sync_every: int = 16, progress: bool = False,
-             engine: str = "auto", bucket_size: int = 256) -> GenerationOutput:
+             engine: str = "auto", bucket_size: int = 256, state_dtype=torch.float32) -> GenerationOutput:
     """engine: "eager" (growing masks, any device), "static" (fixed-shape steps), "graph" (static + CUDA graphs),
     "compiled" (graph with the step compiled by torch.compile first; static + compiled off CUDA);
-    "auto" = graph on CUDA, eager elsewhere."""
+    "auto" = graph on CUDA, eager elsewhere. state_dtype: the Mamba layers' SSM state between steps, fp32 or bf16
+    (components/model/cache.py)."""
     if not prompts:
         return GenerationOutput([], [], [], [] if tokenizer else None)
     if any(len(p) == 0 for p in prompts):
@@ -92,7 +93,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int = 64, *, tempe
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r} (choose from auto, {', '.join(ENGINES)})")
     clock = _Clock(dev)
-    cache = model.new_cache(b, P + max_new_tokens)
+    cache = model.new_cache(b, P + max_new_tokens, state_dtype)
     logits = model(ids, attention_mask=mask, cache=cache, logits_to_keep=1)[:, -1]
     clock.lap("prefill")
     decoder = EagerDecoder(model, cache) if engine == "eager" else \

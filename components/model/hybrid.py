@@ -151,9 +151,9 @@ class HybridForCausalLM(nn.Module):
         cache.write_pos.add_(1)
         return self.lm_head(self.model.norm(h))
 
-    def new_cache(self, batch: int, max_len: int) -> InferenceCache:
+    def new_cache(self, batch: int, max_len: int, state_dtype=torch.float32) -> InferenceCache:
         p = next(self.parameters())
-        return InferenceCache(self.config, batch, max_len, p.device, p.dtype)
+        return InferenceCache(self.config, batch, max_len, p.device, p.dtype, state_dtype)
 
     def gradient_checkpointing_enable(self, on: bool = True):
         self.gradient_checkpointing = on

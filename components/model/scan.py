@@ -113,13 +113,18 @@ def selective_scan_steps(u, dt, A, B, C, D=None, resets=None, h0=None):
 
 
 def selective_state_step(h, u, dt, A, B, C, D=None):
-    """One decode step. h: (b, d, n) fp32, updated in place; u, dt: (b, d); B, C: (b, G, n). Returns y (b, d)."""
+    """One decode step. h: (b, d, n) fp32 or bf16, updated in place (in fp32, rounded once when stored: the output
+    reads the unrounded state, as mamba_ssm's kernel does); u, dt: (b, d); B, C: (b, G, n). Returns y (b, d)."""
     d = u.shape[1]
     Bx = B.float().repeat_interleave(d // B.shape[1], 1)
     Cx = C.float().repeat_interleave(d // C.shape[1], 1)
     dt32 = dt.float()
-    h.mul_(torch.exp(dt32[..., None] * A.float())).add_((dt32 * u.float())[..., None] * Bx)
-    y = (h * Cx).sum(-1)
+    if h.dtype == torch.float32:
+        new = h.mul_(torch.exp(dt32[..., None] * A.float())).add_((dt32 * u.float())[..., None] * Bx)
+    else:
+        new = h.float() * torch.exp(dt32[..., None] * A.float()) + (dt32 * u.float())[..., None] * Bx
+        h.copy_(new)
+    y = (new * Cx).sum(-1)
     if D is not None:
         y = y + u.float() * D.float()
     return y.to(u.dtype)
@@ -196,13 +201,20 @@ def ssd_chunked(x, dt, A, B, C, D=None, resets=None, h0=None, chunk: int = 64):
 
 
 def ssd_step(s, x, dt, A, B, C, D=None):
-    """One decode step. s: (b, h, p, n) fp32, updated in place; x: (b, h, p); dt: (b, h); B, C: (b, g, n)."""
+    """One decode step. s: (b, h, p, n) fp32 or bf16, updated in place (in fp32, rounded once when stored, as
+    selective_state_step); x: (b, h, p); dt: (b, h); B, C: (b, g, n)."""
     nh = x.shape[1]
     Bh = B.float().repeat_interleave(nh // B.shape[1], 1)
     Ch = C.float().repeat_interleave(nh // C.shape[1], 1)
     dt32 = dt.float()
-    s.mul_(torch.exp(dt32 * A.float())[..., None, None]).add_((dt32[..., None] * x.float())[..., None] * Bh[:, :, None])
-    y = (s * Ch[:, :, None]).sum(-1)
+    decay = torch.exp(dt32 * A.float())[..., None, None]
+    inject = (dt32[..., None] * x.float())[..., None] * Bh[:, :, None]
+    if s.dtype == torch.float32:
+        new = s.mul_(decay).add_(inject)
+    else:
+        new = s.float() * decay + inject
+        s.copy_(new)
+    y = (new * Ch[:, :, None]).sum(-1)
     if D is not None:
         y = y + x.float() * D.float()[:, None]
     return y.to(x.dtype)
