@@ -62,9 +62,9 @@ def lockstep(models: dict, prompts: list[list[int]], traj: torch.Tensor, pad: in
         logits[name] = model(ids, attention_mask=mask, cache=caches[name], logits_to_keep=1)[:, -1].float()
     per = {s: {"kl": [], "max_abs": [], "top1": []} for s in SETUPS}
     for t in range(T):
-        ref = F.log_softmax(logits["reference"], -1)
+        ref = F.log_softmax(logits["reference"].double(), -1)  # fp64: a KL of 1e-7 must not drown in rounding
         for s in SETUPS:
-            other = F.log_softmax(logits[s], -1)
+            other = F.log_softmax(logits[s].double(), -1)
             per[s]["kl"].append((ref.exp() * (ref - other)).sum(-1).mean().item())
             per[s]["max_abs"].append((logits[s] - logits["reference"]).abs().max().item())
             per[s]["top1"].append((logits[s].argmax(-1) == logits["reference"].argmax(-1)).float().mean().item())
