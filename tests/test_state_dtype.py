@@ -55,3 +55,30 @@ def test_bad_state_dtype_is_refused(tiny_teacher):
         InferenceCache(model.config, 1, 8, "cpu", state_dtype=torch.float16)
     cache = model.new_cache(2, 8, torch.bfloat16)
     assert all(s.ssm.dtype == torch.bfloat16 for s in cache.mamba.values())
+
+
+@pytest.mark.parametrize("engine", ["eager", "static"])
+def test_decode_constants_are_made_per_cache_so_new_weights_are_used(tiny_teacher, engine):
+    """A = -exp(A_log) and the fp32 dt bias are made once per generate() call, not per step: a policy whose weights
+    change between two calls (GRPO's sampler) must decode with the new ones, as a fresh copy of the model does."""
+    import copy
+
+    model = convert(tiny_teacher, [1], "mamba1")
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14]]
+    generate(model, prompts, 6, greedy=True, engine=engine, bucket_size=8)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            if layer.kind != "attention":
+                layer.mamba.A_log.mul_(0.5)
+                layer.mamba.dt_proj.bias.add_(1.0)
+    fresh = copy.deepcopy(model)
+    a = generate(model, prompts, 12, greedy=True, engine=engine, bucket_size=8)
+    b = generate(fresh, prompts, 12, greedy=True, engine=engine, bucket_size=8)
+    assert a.tokens == b.tokens and a.logprobs == b.logprobs
+    cache = model.new_cache(2, 8)
+    model.prepare_decode(cache)
+    for i, layer in enumerate(model.model.layers):
+        if layer.kind != "attention":
+            consts = cache.mamba_state(i).consts
+            assert torch.equal(consts["A"], -torch.exp(layer.mamba.A_log.float()))
+            assert consts["dt_bias"].dtype == torch.float32

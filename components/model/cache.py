@@ -18,6 +18,9 @@ class MambaState:
     conv: torch.Tensor  # (b, channels, d_conv): the last d_conv inputs of the convolution
     ssm: torch.Tensor  # (b, d_inner, d_state) for Mamba-1, (b, heads, headdim, d_state) for Mamba-2
     started: bool = False
+    # what the layer's decode step derives from its weights (A = -exp(A_log), the fp32 dt bias), made once per cache:
+    # a cache lives for one generate() call, during which the weights do not change
+    consts: dict[str, torch.Tensor] | None = None
 
 
 class InferenceCache:

@@ -44,6 +44,7 @@ class StaticDecoder:
 
     def __init__(self, model, cache, bucket_size: int = 256, graphs: bool = True, compiled: bool = False):
         self.model, self.cache, self.bucket_size = model, cache, bucket_size
+        model.prepare_decode(cache)
         self.step_fn = compiled_decode_step(model) if compiled else model.decode_step
         self.graphs_on = graphs and cache.key_mask.is_cuda
         self.tok = torch.zeros(cache.batch, 1, dtype=torch.long, device=cache.key_mask.device)

@@ -151,6 +151,13 @@ class HybridForCausalLM(nn.Module):
         cache.write_pos.add_(1)
         return self.lm_head(self.model.norm(h))
 
+    def prepare_decode(self, cache: InferenceCache) -> None:
+        """Make each Mamba layer's per-cache constants (decode_consts) now, before decode steps are compiled or
+        captured, so that every step only reads them."""
+        for i, layer in enumerate(self.model.layers):
+            if layer.kind != "attention":
+                layer.mamba.decode_consts(cache.mamba_state(i))
+
     def new_cache(self, batch: int, max_len: int, state_dtype=torch.float32) -> InferenceCache:
         p = next(self.parameters())
         return InferenceCache(self.config, batch, max_len, p.device, p.dtype, state_dtype)

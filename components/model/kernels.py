@@ -93,10 +93,12 @@ def conv_step(conv_state, x, weight, bias):
     return (out if bias is None else out + bias).to(x.dtype)
 
 
-def fused_mamba1_step(state, x, dt_in, dt_weight, dt_bias, A, B, C, D, z, conv_w, conv_b, dt_bias_twice=False):
+def fused_mamba1_step(state, x, dt_in, dt_weight, dt_bias, A, B, C, D, z, conv_w, conv_b, dt_bias_twice=False,
+                      dt_bias_f32=None):
     """Mamba-1 decode step with the fused CUDA kernels (conv update + SiLU in one kernel; softplus(dt + bias),
     the D skip and the SiLU(z) gate inside selective_state_update). dt_bias_twice: the reference's semantics
     (HybridConfig.reference_compat), dt_proj applied with its bias and the kernel adding dt_bias once more.
+    dt_bias_f32: dt_bias already in fp32 (made once per cache), so that no cast runs each step.
     Returns y (b, d), or None when the kernels are not available for these tensors (the caller then takes the
     unfused path)."""
     ops, upd = (_mamba_ops(), _conv_update()) if _cuda(x) else (None, None)
@@ -108,7 +110,8 @@ def fused_mamba1_step(state, x, dt_in, dt_weight, dt_bias, A, B, C, D, z, conv_w
     dt_raw = F.linear(dt_in, dt_weight, dt_bias if dt_bias_twice else None)
     y = ops["selective_state_update"](state.ssm.view(b, G, d // G, N), xc.view(b, G, d // G), dt_raw.view(b, G, d // G),
                                       A.view(G, d // G, N), B, C, D.view(G, d // G), z=z.reshape(b, G, d // G),
-                                      dt_bias=dt_bias.float().view(G, d // G), dt_softplus=True)
+                                      dt_bias=(dt_bias.float() if dt_bias_f32 is None else dt_bias_f32).view(G, d // G),
+                                      dt_softplus=True)
     return y.reshape(b, d)
 
 

@@ -103,6 +103,13 @@ class Mamba1Mixer(nn.Module):
             self.dt_proj.weight.uniform_(-std, std, generator=generator)
             self.dt_proj.bias.copy_(dt_bias_init(cfg.d_inner, cfg.dt_min, cfg.dt_max, cfg.dt_init_floor, generator))
 
+    def decode_consts(self, state) -> dict[str, torch.Tensor]:
+        """A and the fp32 dt bias, made once per inference cache instead of at every decode step (3-4 small kernels
+        a layer a step, on a launch-bound small model; HybridForCausalLM.prepare_decode makes them up front)."""
+        if state.consts is None:
+            state.consts = {"A": -torch.exp(self.A_log.float()), "dt_bias": self.dt_proj.bias.float()}
+        return state.consts
+
     def forward(self, h, seq, cache=None):
         cfg = self.cfg
         b, L, _ = h.shape
@@ -112,10 +119,11 @@ class Mamba1Mixer(nn.Module):
         C = C.reshape(b, L, -1, cfg.d_state)
         state = cache.mamba_state(self.layer_idx) if cache is not None else None
         if state is not None and state.started and L == 1 and seq.pad_mask is None:
+            consts = self.decode_consts(state)
             y = kernels.fused_mamba1_step(state, x[:, 0], dt[:, 0], self.dt_proj.weight, self.dt_proj.bias,
-                                          -torch.exp(self.A_log.float()), B[:, 0], C[:, 0], self.D, z[:, 0],
+                                          consts["A"], B[:, 0], C[:, 0], self.D, z[:, 0],
                                           self.conv1d.weight[:, 0], self.conv1d.bias,
-                                          dt_bias_twice=cfg.reference_compat)
+                                          dt_bias_twice=cfg.reference_compat, dt_bias_f32=consts["dt_bias"])
             if y is not None:
                 return self.out_proj(y[:, None])
         if cfg.reference_compat:
@@ -127,9 +135,10 @@ class Mamba1Mixer(nn.Module):
             keep = seq.pad_mask[..., None]
             x = torch.where(keep, x, torch.zeros_like(x))
             dt = torch.where(keep, dt, torch.zeros_like(dt))
-        A = -torch.exp(self.A_log.float())
+        step = state is not None and state.started and L == 1
+        A = self.decode_consts(state)["A"] if step else -torch.exp(self.A_log.float())
         w = self.conv1d.weight[:, 0]
-        if state is not None and state.started and L == 1:
+        if step:
             xc = kernels.conv_step(state.conv, x[:, 0], w, self.conv1d.bias)
             y = kernels.selective_state_step(state.ssm, F.silu(xc), dt[:, 0], A, B[:, 0], C[:, 0], self.D)[:, None]
         else:
@@ -174,6 +183,12 @@ class Mamba2Mixer(nn.Module):
             # Mamba-2's default: A drawn uniformly in [1, 16]
             self.A_log.copy_(torch.log(torch.empty(self.nheads).uniform_(1, 16, generator=generator)))
 
+    def decode_consts(self, state) -> dict[str, torch.Tensor]:
+        """A, made once per inference cache (Mamba1Mixer.decode_consts)."""
+        if state.consts is None:
+            state.consts = {"A": -torch.exp(self.A_log.float())}
+        return state.consts
+
     def forward(self, h, seq, cache=None):
         cfg = self.cfg
         b, L, _ = h.shape
@@ -185,10 +200,11 @@ class Mamba2Mixer(nn.Module):
             keep = seq.pad_mask[..., None]
             xBC = torch.where(keep, xBC, torch.zeros_like(xBC))
             dt = torch.where(keep, dt, torch.zeros_like(dt))
-        A = -torch.exp(self.A_log.float())
         w = self.conv1d.weight[:, 0]
         state = cache.mamba_state(self.layer_idx) if cache is not None else None
-        if state is not None and state.started and L == 1:
+        step = state is not None and state.started and L == 1
+        A = self.decode_consts(state)["A"] if step else -torch.exp(self.A_log.float())
+        if step:
             xc = F.silu(kernels.conv_step(state.conv, xBC[:, 0], w, self.conv1d.bias))
             xs, Bs, Cs = torch.split(xc, [di, di, di], -1)
             y = kernels.ssd_step(state.ssm, xs.view(b, self.nheads, P), dt[:, 0], A,
