@@ -34,11 +34,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from components.config import load_config  # noqa: E402
-from components.figures import save_figure  # noqa: E402
-from components.model import HybridForCausalLM, convert, generate  # noqa: E402
-from components.model.generate import left_pad  # noqa: E402
-from components.model.teacher import load_any_teacher, load_any_tokenizer  # noqa: E402
+from components.config import load_config
+from components.figures import save_figure
+from components.model import HybridForCausalLM, convert, generate
+from components.model.generate import left_pad
+from components.model.teacher import load_any_teacher, load_any_tokenizer
 
 SETUPS = ("bf16_state", "bf16_weights")
 
@@ -68,6 +68,9 @@ def lockstep(models: dict, prompts: list[list[int]], traj: torch.Tensor, pad: in
             per[s]["kl"].append((ref.exp() * (ref - other)).sum(-1).mean().item())
             per[s]["max_abs"].append((logits[s] - logits["reference"]).abs().max().item())
             per[s]["top1"].append((logits[s].argmax(-1) == logits["reference"].argmax(-1)).float().mean().item())
+        if (t + 1) % 128 == 0:
+            print(f"teacher-forced step {t + 1}/{T}: KL bf16 state {per['bf16_state']['kl'][-1]:.2e}, "
+                  f"bf16 weights {per['bf16_weights']['kl'][-1]:.2e}", flush=True)
         if t + 1 < T:
             for name, (model, _) in models.items():
                 logits[name] = model(traj[:, t:t + 1], cache=caches[name])[:, -1].float()

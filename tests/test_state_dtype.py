@@ -9,7 +9,10 @@ from components.model.cache import InferenceCache
 
 def _inputs(seed=0, b=2, d=8, n=4, G=2):
     g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g)
+
     return r(b, d, n), r(b, d), r(b, d).abs() * 0.5, -r(d, n).abs(), r(b, G, n), r(b, G, n), r(d)
 
 
