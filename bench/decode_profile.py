@@ -148,7 +148,7 @@ def kernel_timeline(model, batch: int, prompt: int, steps: int) -> dict:
     count, micros = Counter(), Counter()
     for e in kernels:
         count[e.name] += 1
-        micros[e.name] += e.device_time
+        micros[e.name] += e.time_range.elapsed_us()
     busy = sum(micros.values()) / steps
     return {"kernels_per_step": len(kernels) / steps, "gpu_busy_us_per_step": busy,
             "wall_us_per_step_eager": wall * 1e6, "busy_share": busy / (wall * 1e6),
