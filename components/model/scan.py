@@ -114,17 +114,23 @@ def selective_scan_steps(u, dt, A, B, C, D=None, resets=None, h0=None):
 
 def selective_state_step(h, u, dt, A, B, C, D=None):
     """One decode step. h: (b, d, n) fp32 or bf16, updated in place (in fp32, rounded once when stored: the output
-    reads the unrounded state, as mamba_ssm's kernel does); u, dt: (b, d); B, C: (b, G, n). Returns y (b, d)."""
-    d = u.shape[1]
-    Bx = B.float().repeat_interleave(d // B.shape[1], 1)
-    Cx = C.float().repeat_interleave(d // C.shape[1], 1)
+    reads the unrounded state, as mamba_ssm's kernel does); u, dt: (b, d); B, C: (b, G, n). Returns y (b, d).
+    B and C reach their d/G channels by broadcasting (no repeated copies), the input term is added with addcmul_
+    and the output read with one matmul, as in selective_scan_steps: three passes over the state instead of about
+    nine. In the SmolLM2 hybrid's decode step at batch 32 on 2 CPU cores its 24 calls take 7.4 ms instead of 10.2 ms
+    (of a ~115 ms step, which the GEMMs dominate)."""
+    b, d = u.shape
+    G, n = B.shape[1], B.shape[2]
     dt32 = dt.float()
+    decay = torch.exp_(dt32[..., None] * A.float()).view(b, G, d // G, n)
+    dtu = (dt32 * u.float()).view(b, G, d // G, 1)
+    Bg = B.float()[:, :, None, :]
     if h.dtype == torch.float32:
-        new = h.mul_(torch.exp(dt32[..., None] * A.float())).add_((dt32 * u.float())[..., None] * Bx)
+        new = h.view(b, G, d // G, n).mul_(decay).addcmul_(dtu, Bg)
     else:
-        new = h.float() * torch.exp(dt32[..., None] * A.float()) + (dt32 * u.float())[..., None] * Bx
-        h.copy_(new)
-    y = (new * Cx).sum(-1)
+        new = torch.addcmul(h.float().view(b, G, d // G, n) * decay, dtu, Bg)
+        h.copy_(new.view(b, d, n))
+    y = torch.matmul(new, C.float()[:, :, :, None]).view(b, d)
     if D is not None:
         y = y + u.float() * D.float()
     return y.to(u.dtype)
