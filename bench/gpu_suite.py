@@ -265,7 +265,7 @@ def cmd_long(a) -> dict:
 
 # Training configurations (--train-runs): SHAPE:MICRO_BATCH:CKPT:LOSS[:compile], CKPT "ckpt" (gradient
 # checkpointing of every layer) or "none", LOSS "plain" (full logits, F.cross_entropy) or "chunked"
-# (losses.linear_ce_sum: no tokens x vocab logits kept), "compile" = each layer's MLP through torch.compile.
+# (components/model/linear_ce.py: no tokens x vocab logits kept), "compile" = each layer's MLP through torch.compile.
 TRAIN_RUNS = ("smollm2-135m:8:none:plain,smollm2-135m:32:none:chunked,"
               "llama-3.2-3b:2:ckpt:plain,llama-3.2-3b:8:ckpt:chunked,llama-3.2-3b:2:none:chunked,"
               "llama-3.2-3b:4:none:chunked,llama-3.2-3b:4:none:chunked:compile")
@@ -286,7 +286,7 @@ def parse_train_runs(spec: str) -> list[dict]:
 def train_loss(m, ids: torch.Tensor, loss: str) -> torch.Tensor:
     """Token-mean next-token CE: the plain path materialises fp32 logits (batch x seq x vocab) and their gradient;
     the chunked one goes from the final hidden states through the LM head 4096 tokens at a time."""
-    from components.train.losses import linear_ce_sum
+    from components.model.linear_ce import linear_ce_sum
 
     if loss == "plain":
         return torch.nn.functional.cross_entropy(m(ids)[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())

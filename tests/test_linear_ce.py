@@ -1,9 +1,9 @@
-"""losses.linear_ce_sum: the chunked LM-head cross-entropy equals the plain one, value and gradients."""
+"""components.model.linear_ce.linear_ce_sum: the chunked LM-head cross-entropy equals the plain one, value and gradients."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from components.train.losses import IGNORE_INDEX, linear_ce_sum
+from components.model.linear_ce import IGNORE_INDEX, linear_ce_sum
 
 
 def _plain(h, w, t):
@@ -60,3 +60,37 @@ def test_tied_weights_accumulate_both_uses_and_bf16_matmuls_stay_close():
 def test_bad_chunk_is_refused():
     with pytest.raises(ValueError, match="chunk must be at least 1"):
         linear_ce_sum(torch.zeros(1, 2), torch.zeros(3, 2), torch.zeros(1, dtype=torch.long), chunk=0)
+
+
+def test_model_forward_with_targets_equals_the_fine_tuning_loss_on_logits(tiny_teacher):
+    """What the fine-tuning stages now compute (forward(targets=ce_targets(...)): CE through the LM head over the
+    counted positions only) equals the CE that distill_loss_sums takes from full logits: value and gradients, on a
+    packed batch with prompt tokens and a document boundary."""
+    from components.model import convert
+    from components.train.losses import ce_targets, distill_loss_sums
+
+    model = convert(tiny_teacher, [1], "mamba1").train()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 1000, (2, 16), generator=g)
+    loss_mask = torch.ones_like(ids)
+    loss_mask[:, :5] = 0  # the prompt
+    doc_ids = torch.zeros_like(ids)
+    doc_ids[1, 9:] = 1  # a second document: no prediction across the boundary
+    pos = torch.arange(16).repeat(2, 1)
+
+    def grads(loss):
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    logits = model(ids, position_ids=pos, doc_ids=doc_ids)
+    _, _, ce_ref, n = distill_loss_sums(logits, None, ids, loss_mask, doc_ids, 0.0, 1.0)
+    g_ref = grads(distill_loss_sums(logits, None, ids, loss_mask, doc_ids, 0.0, 1.0)[0])
+    targets = ce_targets(ids, loss_mask, doc_ids)
+    assert int((targets != IGNORE_INDEX).sum()) == int(n) == 11 + 10  # targets 5..15; row 1 loses 8 -> 9
+    ce = model(ids, position_ids=pos, doc_ids=doc_ids, targets=targets)
+    assert torch.allclose(ce.detach(), ce_ref, rtol=1e-5)
+    g_new = grads(ce)
+    assert g_new.keys() == g_ref.keys()
+    for k in g_ref:
+        assert torch.allclose(g_new[k], g_ref[k], atol=1e-5, rtol=1e-4), k

@@ -16,6 +16,7 @@ from components.errors import M1Error
 from components.model.cache import InferenceCache
 from components.model.config import HybridConfig
 from components.model.layers import MLP, Attention, RMSNorm, RotaryEmbedding, build_attention_mask, decode_attention
+from components.model.linear_ce import IGNORE_INDEX, linear_ce_sum
 from components.model.mamba import Mamba1Mixer, Mamba2Mixer
 
 WEIGHTS = "model.safetensors"
@@ -110,11 +111,14 @@ class HybridForCausalLM(nn.Module):
         return SeqInfo(rope, mask, am, resets, start)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, doc_ids=None,
-                cache: InferenceCache | None = None, logits_to_keep: int = 0, return_hidden: bool = False):
+                cache: InferenceCache | None = None, logits_to_keep: int = 0, return_hidden: bool = False,
+                targets: torch.Tensor | None = None):
         """Logits (b, L, vocab) in fp32 math for the last `logits_to_keep` positions (0 = all).
         attention_mask: (b, L) 1 for real tokens, 0 for (left) padding. doc_ids: (b, L) document index of each
         token in a packed row (attention and Mamba state never cross documents). cache: continue from and
-        update an InferenceCache."""
+        update an InferenceCache. targets: (b, L) the token each position predicts, IGNORE_INDEX where none counts;
+        then the return value is the summed cross-entropy over the counted positions instead of logits, computed
+        through the LM head in chunks of those positions only (linear_ce.py: no (b, L, vocab) logits)."""
         h = self.model.embed_tokens(input_ids)
         seq = self._seq_info(input_ids, attention_mask, position_ids, doc_ids, cache, h.dtype)
         for layer in self.model.layers:
@@ -127,6 +131,11 @@ class HybridForCausalLM(nn.Module):
             cache.write_pos.fill_(cache.seqlen)
             cache.next_pos += input_ids.shape[1] if attention_mask is None else attention_mask.long().sum(1)
         h = self.model.norm(h)
+        if targets is not None:
+            keep = targets != IGNORE_INDEX
+            # the LM head's matmuls in autocast's dtype when it is on, as self.lm_head(h) would run them
+            dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
+            return linear_ce_sum(h[keep], self.lm_head.weight, targets[keep], dtype=dtype)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         if return_hidden:

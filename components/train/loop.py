@@ -28,7 +28,7 @@ from components.train.align import alignment_sums, converted_layers
 from components.train.config import TrainConfig
 from components.train.data import PackedRows, rows_for_step
 from components.train.harness import LoopContext
-from components.train.losses import ce_per_token, distill_loss_sums, target_mask
+from components.train.losses import ce_per_token, ce_targets, distill_loss_sums, target_mask
 from components.train.on_policy import completion_batch, prompts_of, sample_completions
 from components.train.teacher_engine import load_teacher_engine
 from components.train.teacher_topk import TopkStore
@@ -293,17 +293,23 @@ def train_loop(run: LoopContext) -> dict:
             sync = contextlib.nullcontext() if j == n_feed - 1 or ctx.world == 1 or train.strategy != "ddp" \
                 else model.no_sync()
             with sync:
-                with autocast:
-                    logits = model(b["input_ids"], position_ids=b["position_ids"], doc_ids=b["doc_ids"])
-                    t_logits = None
-                    if train.kl_weight > 0 and topk is not None:
-                        t_logits = topk.dense(idx, dev)
-                    elif train.kl_weight > 0:
-                        with torch.no_grad():
-                            t_logits = teacher(b["input_ids"], position_ids=b["position_ids"], doc_ids=b["doc_ids"])
-                loss, kl, ce, _ = distill_loss_sums(logits, t_logits, b["input_ids"], b["loss_mask"], b["doc_ids"],
-                                                      train.kl_weight, train.ce_weight, train.kl_kind,
-                                                      train.temperature, train.js_beta)
+                if train.kl_weight == 0:  # fine-tuning: CE through the LM head in chunks, no (b, L, vocab) logits
+                    with autocast:
+                        ce = model(b["input_ids"], position_ids=b["position_ids"], doc_ids=b["doc_ids"],
+                                   targets=ce_targets(b["input_ids"], b["loss_mask"], b["doc_ids"]))
+                    loss, kl, ce = train.ce_weight * ce, 0.0, ce.detach()
+                else:
+                    with autocast:
+                        logits = model(b["input_ids"], position_ids=b["position_ids"], doc_ids=b["doc_ids"])
+                        if topk is not None:
+                            t_logits = topk.dense(idx, dev)
+                        else:
+                            with torch.no_grad():
+                                t_logits = teacher(b["input_ids"], position_ids=b["position_ids"],
+                                                   doc_ids=b["doc_ids"])
+                    loss, kl, ce, _ = distill_loss_sums(logits, t_logits, b["input_ids"], b["loss_mask"],
+                                                          b["doc_ids"], train.kl_weight, train.ce_weight,
+                                                          train.kl_kind, train.temperature, train.js_beta)
                 (loss * ctx.world / n_glob).backward()
             sums = [sums[0] + float(loss.detach()), sums[1] + float(kl), sums[2] + float(ce), sums[3] + int(b["input_ids"].numel())]
         if align:
