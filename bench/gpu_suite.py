@@ -285,13 +285,14 @@ def parse_train_runs(spec: str) -> list[dict]:
 
 def train_loss(m, ids: torch.Tensor, loss: str) -> torch.Tensor:
     """Token-mean next-token CE: the plain path materialises fp32 logits (batch x seq x vocab) and their gradient;
-    the chunked one goes from the final hidden states through the LM head 4096 tokens at a time."""
-    from components.model.linear_ce import linear_ce_sum
+    the chunked one is what the fine-tuning stages run: forward(targets=...), the LM head 4096 tokens at a time."""
+    from components.model.linear_ce import IGNORE_INDEX
 
     if loss == "plain":
         return torch.nn.functional.cross_entropy(m(ids)[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-    h = m(ids, return_hidden=True)[:, :-1]
-    return linear_ce_sum(h, m.lm_head.weight, ids[:, 1:], chunk=4096, dtype=torch.bfloat16) / ids[:, 1:].numel()
+    targets = torch.full_like(ids, IGNORE_INDEX)
+    targets[:, :-1] = ids[:, 1:]
+    return m(ids, targets=targets) / ids[:, 1:].numel()
 
 
 def cmd_train(a) -> dict:

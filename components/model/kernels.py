@@ -194,7 +194,8 @@ def ssd(x, dt, A, B, C, D, resets=None, h0=None, chunk: int = 64):
     if ops is not None:
         seq_idx = None if resets is None else torch.cumsum(resets.int(), 1).int()
         y, last = ops["mamba_chunk_scan_combined"](
-            x, dt, A, B, C, chunk_size=chunk, D=D.float(), initial_states=None if h0 is None else h0.float(), seq_idx=seq_idx, return_final_states=True)
+            x, dt, A, B, C, chunk_size=chunk, D=D.float(), initial_states=None if h0 is None else h0.float(),
+            seq_idx=seq_idx, return_final_states=True)
         return y, last.float()
     return scan.ssd_chunked(x, dt, A, B, C, D, resets, h0, chunk)
 

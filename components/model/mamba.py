@@ -118,7 +118,8 @@ class Mamba1Mixer(nn.Module):
         B = repeat_heads(B, self.repeat_unit, cfg.d_inner).view(b, L, -1, cfg.d_state)
         C = C.reshape(b, L, -1, cfg.d_state)
         state = cache.mamba_state(self.layer_idx) if cache is not None else None
-        if state is not None and state.started and L == 1 and seq.pad_mask is None:
+        step = state is not None and state.started and L == 1
+        if step and seq.pad_mask is None:
             consts = self.decode_consts(state)
             y = kernels.fused_mamba1_step(state, x[:, 0], dt[:, 0], self.dt_proj.weight, self.dt_proj.bias,
                                           consts["A"], B[:, 0], C[:, 0], self.D, z[:, 0],
@@ -135,7 +136,6 @@ class Mamba1Mixer(nn.Module):
             keep = seq.pad_mask[..., None]
             x = torch.where(keep, x, torch.zeros_like(x))
             dt = torch.where(keep, dt, torch.zeros_like(dt))
-        step = state is not None and state.started and L == 1
         A = self.decode_consts(state)["A"] if step else -torch.exp(self.A_log.float())
         w = self.conv1d.weight[:, 0]
         if step:

@@ -60,4 +60,3 @@ def distill_loss_sums(student_logits, teacher_logits, input_ids, loss_mask, doc_
     kl = kl_per_token(s, teacher_logits[:, :-1][m], kind, temperature, js_beta).sum() if teacher_logits is not None else zero
     ce = ce_per_token(s, input_ids[:, 1:][m]).sum()  # cheap next to the logits; logged even when unweighted
     return kl_weight * kl + ce_weight * ce, kl.detach(), ce.detach(), n
-
