@@ -1,14 +1,16 @@
-"""Turn the GPU suite's JSON (docs/results/speed/*_h100.json) into CSV tables and PNG plots beside them:
+"""Turn the GPU suite's JSON (docs/results/speed/*.json, committed with a device suffix: *_h100.json,
+*_h200.json) into CSV tables and PNG plots beside them, each with the suffix of its JSON:
 
     python3 bench/plot_gpu_results.py docs/results/speed
 
-speed_<shape>_h100.{csv,png}: tokens/s vs batch for prompt 256 + decode 4096 (m1 hybrid and all-attention);
-anchors_h100.{csv,png}: prompt 256 + decode 512, the m1 engine against HF static cache and mamba_ssm's engine;
+speed_<shape>_<device>.{csv,png}: tokens/s vs batch for prompt 256 + decode 4096 (m1 hybrid and all-attention);
+anchors_<device>.{csv,png}: prompt 256 + decode 512, the m1 engine against HF static cache and mamba_ssm's engine;
 long_<shape>.{csv,png}: the hybrid/all-attention ratio per decode length (gpu_suite.py long)."""
 from __future__ import annotations
 
 import csv
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -93,17 +95,25 @@ def plot_anchors(res: dict, png: Path) -> None:
     plt.close(fig)
 
 
+def _device_suffix(stem: str) -> str:
+    """"_h200" from "decode_smollm2-135m_h200" (the suffix each committed file carries); "" for the suite's own names."""
+    tail = stem.rsplit("_", 1)[-1]
+    return f"_{tail}" if re.fullmatch(r"h\d+", tail) else ""
+
+
 def main(d: Path) -> None:
-    for f in sorted(d.glob("decode_*_h100.json")):
-        res = json.loads(f.read_text())
-        if f.name == "decode_llama-3.2-3b_largest_h100.json":
+    for f in sorted(d.glob("decode_*.json")):
+        dev = _device_suffix(f.stem)
+        if f.stem.removesuffix(dev).endswith("_largest"):
             continue
-        if f.name == "decode_llama-3.2-3b_h100.json":
-            extra = d / "decode_llama-3.2-3b_largest_h100.json"
-            if extra.is_file():
-                res["rows"] += [r for r in json.loads(extra.read_text())["rows"] if "oom" not in r]
+        res = json.loads(f.read_text())
+        if "decode" not in res or "meta" not in res:  # decode_profile's and the op census's records
+            continue
+        extra = d / f"{f.stem.removesuffix(dev)}_largest{dev}.json"
+        if extra.is_file():
+            res["rows"] += [r for r in json.loads(extra.read_text())["rows"] if "oom" not in r]
         shape = res["shape"]
-        stem = f"speed_{shape}_h100"  # not Path.with_suffix: the shape name has dots
+        stem = f"speed_{shape}{dev}"  # not Path.with_suffix: the shape name has dots
         write_csv(d / f"{stem}.csv", [{"shape": shape, **r} for r in res["rows"]])
         plot_decode(res, d / f"{stem}.png", f"{shape}: prompt {res['prompt']}, decode {res['decode']}, "
                                                    f"{res['meta']['device']}")
@@ -112,11 +122,10 @@ def main(d: Path) -> None:
         stem = f.name.removesuffix(".json")
         write_csv(d / f"{stem}.csv", res["ratios"])
         plot_long(res, d / f"{stem}.png")
-    a = d / "anchors_h100.json"
-    if a.is_file():
+    for a in sorted(d.glob("anchors*.json")):
         res = json.loads(a.read_text())
-        write_csv(d / "anchors_h100.csv", [r for r in res["rows"] if "error" not in r])
-        plot_anchors(res, d / "anchors_h100.png")
+        write_csv(a.with_suffix(".csv"), [r for r in res["rows"] if "error" not in r])
+        plot_anchors(res, a.with_suffix(".png"))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -81,8 +82,6 @@ def with_efficiency(rows: list[dict]) -> list[dict]:
     return out
 
 
-
-
 def plot(record: dict, png: Path) -> None:
     import matplotlib
 
@@ -106,10 +105,6 @@ def plot(record: dict, png: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     save_figure(fig, png)
-
-
-
-
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,18 +150,21 @@ def main(argv: list[str] | None = None) -> int:
         with open(logs / f"{name}.log", "w") as log:
             rc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
         seconds = round(time.time() - t0, 1)
+        # what is left on the run_dir's disk after each run (the stages' models, and checkpoints unless the profile
+        # turns them off: a 3B checkpoint is 39 GB)
+        disk = {"disk_free_gb": round(shutil.disk_usage(run_dir).free / 2**30, 1)}
         if rc != 0:
             tail = (logs / f"{name}.log").read_text().splitlines()[-5:]
             print(f"[scale_out] {name} failed (exit {rc}); last lines:\n  " + "\n  ".join(tail), file=sys.stderr)
-            record.setdefault("failed", []).append({"run": name, "exit": rc, "seconds": seconds})
+            record.setdefault("failed", []).append({"run": name, "exit": rc, "seconds": seconds, **disk})
         elif name.startswith("w"):
             for stage in stages:
-                record["training"].append({"stage": stage, "workers": what, "flow_seconds": seconds,
+                record["training"].append({"stage": stage, "workers": what, "flow_seconds": seconds, **disk,
                                            **training_stats(run_dir / stage / "history.jsonl")})
             record["training"] = with_efficiency(record["training"])
         else:
             record["grpo"].append({"learner_workers": what[0], "rollout_workers": what[1], "flow_seconds": seconds,
-                                   **grpo_stats(run_dir / "grpo" / "metrics.jsonl")})
+                                   **disk, **grpo_stats(run_dir / "grpo" / "metrics.jsonl")})
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(record, indent=1) + "\n")
         if record["training"]:

@@ -13,6 +13,16 @@ TOL = {torch.float32: 5e-3, torch.bfloat16: 0.25}
 RESULTS: dict = {}
 
 
+@pytest.fixture(autouse=True)
+def _report():
+    """Each test's numbers go to M1_GPU_REPORT as it ends, a failing one's too (they are set before the assert)."""
+    yield
+    path = os.environ.get("M1_GPU_REPORT")
+    if path:
+        with open(path, "w") as f:
+            json.dump(RESULTS, f, indent=2)
+
+
 def _paths(model, fn):
     out = {}
     for mode in ("torch", "auto"):
@@ -59,10 +69,6 @@ def test_kernel_path_equals_torch_path(teacher, mixer, dtype):
     scale = r["torch"][0].abs().max().item()
     RESULTS[f"{mixer}/{str(dtype).split('.')[-1]}"] = {"prefill_max_abs": d_prefill, "decode_max_abs": d_decode,
                                                         "logit_scale": scale}
-    path = os.environ.get("M1_GPU_REPORT")
-    if path:
-        with open(path, "w") as f:
-            json.dump(RESULTS, f, indent=2)
     assert d_prefill < TOL[dtype] and d_decode < TOL[dtype], RESULTS
 
 
@@ -81,41 +87,64 @@ def test_cuda_graph_decode_equals_eager(teacher, mixer):
     assert all(a[:10] == b[:10] for a, b in zip(eager.tokens, graph.tokens)), RESULTS
 
 
+def _forced_logits(model, prompts, forced, engine, state_dtype=torch.float32):
+    """Every decode step's logits (b, 1 + T, V) when the engine is fed `forced` (b, T) instead of its own picks:
+    engines of different arithmetic compared on the same inputs. Their greedy tokens would part at the first
+    near-tie, and a random model's logits are full of them (scale ~2.6 over 49,152 tokens)."""
+    from components.model.decode import EagerDecoder, StaticDecoder
+    from components.model.generate import left_pad
+
+    with torch.no_grad():
+        ids, mask = left_pad(prompts, 0, "cuda")
+        b, P = ids.shape
+        T = forced.shape[1]
+        cache = model.new_cache(b, P + T + 1, state_dtype)
+        out = [model(ids, attention_mask=mask, cache=cache, logits_to_keep=1)[:, -1]]
+        dec = EagerDecoder(model, cache) if engine == "eager" else \
+            StaticDecoder(model, cache, 64, graphs=True, compiled=engine == "compiled")
+        if engine != "eager":
+            dec.capture_all(P + T + 1)
+        out += [dec.step(forced[:, t:t + 1]) for t in range(T)]
+        return torch.stack(out, 1).float()
+
+
+def _prompts_and_tokens(seed):
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, 49152, (n,), generator=g).tolist() for n in (50, 300, 7)]
+    return prompts, torch.randint(0, 49152, (3, 40), generator=g).cuda()
+
+
 @pytest.mark.parametrize("mixer", ["mamba1", "mamba2"])
 def test_bf16_state_kernel_step_equals_the_torch_step(teacher, mixer):
     """A bf16 SSM state (generate(state_dtype=torch.bfloat16)): the fused kernels' graph decode and the torch path's
-    eager decode round the state the same way (once, after an fp32 update), so their first 10 tokens agree."""
-    from components.model import convert, generate
+    eager decode round the state the same way (once, after an fp32 update): their logits agree over 40 steps to
+    the bf16 tolerance."""
+    from components.model import convert
 
     model = convert(teacher, [4, 9, 14, 19, 24, 29], mixer).to("cuda", torch.bfloat16)
-    g = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(0, 49152, (n,), generator=g).tolist() for n in (50, 300, 7)]
-    graph = generate(model, prompts, 40, greedy=True, engine="graph", bucket_size=64, state_dtype=torch.bfloat16)
+    prompts, forced = _prompts_and_tokens(3)
+    kernels = _forced_logits(model, prompts, forced, "graph", torch.bfloat16)
     os.environ["M1_KERNELS"] = "torch"
     try:
-        torch_path = generate(model, prompts, 40, greedy=True, engine="eager", state_dtype=torch.bfloat16)
+        torch_path = _forced_logits(model, prompts, forced, "eager", torch.bfloat16)
     finally:
         os.environ.pop("M1_KERNELS", None)
-    same = sum(x == y for a, b in zip(graph.tokens, torch_path.tokens) for x, y in zip(a, b))
-    RESULTS[f"bf16_state_kernels_vs_torch/{mixer}"] = {"same_tokens": same, "of": sum(len(t) for t in graph.tokens)}
-    assert all(a[:10] == b[:10] for a, b in zip(graph.tokens, torch_path.tokens)), RESULTS
+    d = (kernels - torch_path).abs().max().item()
+    RESULTS[f"bf16_state_kernels_vs_torch/{mixer}"] = {"decode_max_abs": d, "steps": forced.shape[1]}
+    assert d < TOL[torch.bfloat16], RESULTS
 
 
 @pytest.mark.parametrize("mixer", ["mamba1", "mamba2"])
 def test_compiled_graph_decode_equals_graph_decode(teacher, mixer):
     """The step through torch.compile (Inductor's Triton kernels, mamba_ssm's kernels between them), then captured,
-    gives the graph engine's tokens: the first 10 of each row exactly (bf16 ties may part greedy paths later)."""
-    from components.model import convert, generate
+    gives the graph engine's logits to the bf16 tolerance over 40 forced steps."""
+    from components.model import convert
 
     model = convert(teacher, [4, 9, 14, 19, 24, 29], mixer).to("cuda", torch.bfloat16)
-    g = torch.Generator().manual_seed(2)
-    prompts = [torch.randint(0, 49152, (n,), generator=g).tolist() for n in (50, 300, 7)]
-    graph = generate(model, prompts, 40, greedy=True, engine="graph", bucket_size=64)
-    compiled = generate(model, prompts, 40, greedy=True, engine="compiled", bucket_size=64)
-    same = sum(x == y for a, b in zip(graph.tokens, compiled.tokens) for x, y in zip(a, b))
-    RESULTS[f"compiled_vs_graph/{mixer}"] = {"same_tokens": same, "of": sum(len(t) for t in graph.tokens),
-                                            "capture_s": compiled.timings["capture"]}
-    assert all(a[:10] == b[:10] for a, b in zip(graph.tokens, compiled.tokens)), RESULTS
+    prompts, forced = _prompts_and_tokens(2)
+    d = (_forced_logits(model, prompts, forced, "graph") - _forced_logits(model, prompts, forced, "compiled"))
+    RESULTS[f"compiled_vs_graph/{mixer}"] = {"decode_max_abs": d.abs().max().item(), "steps": forced.shape[1]}
+    assert d.abs().max().item() < TOL[torch.bfloat16], RESULTS
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -139,17 +168,15 @@ def test_triton_decode_attention_equals_sdpa(dtype):
 
 
 def test_graph_decode_with_triton_attention_equals_sdpa(teacher, monkeypatch):
-    from components.model import convert, generate
+    from components.model import convert
 
     model = convert(teacher, [4, 9, 14, 19, 24, 29], "mamba1").to("cuda", torch.bfloat16)
-    g = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(0, 49152, (n,), generator=g).tolist() for n in (50, 300, 7)]
-    sdpa = generate(model, prompts, 40, greedy=True, engine="graph", bucket_size=64)
+    prompts, forced = _prompts_and_tokens(3)
+    sdpa = _forced_logits(model, prompts, forced, "graph")
     monkeypatch.setenv("M1_DECODE_ATTENTION", "triton")
-    triton_ = generate(model, prompts, 40, greedy=True, engine="graph", bucket_size=64)
-    same = sum(x == y for a, b in zip(sdpa.tokens, triton_.tokens) for x, y in zip(a, b))
-    RESULTS["graph_triton_attention_vs_sdpa"] = {"same_tokens": same, "of": sum(len(t) for t in sdpa.tokens)}
-    assert all(a[:10] == b[:10] for a, b in zip(sdpa.tokens, triton_.tokens)), RESULTS
+    d = (_forced_logits(model, prompts, forced, "graph") - sdpa).abs().max().item()
+    RESULTS["graph_triton_attention_vs_sdpa"] = {"decode_max_abs": d, "steps": forced.shape[1]}
+    assert d < TOL[torch.bfloat16], RESULTS
 
 
 @pytest.mark.parametrize("mixer", ["mamba1", "mamba2"])

@@ -203,3 +203,16 @@ def test_ray_train_hears_of_grpo_checkpoints_only(rl_setup, count_ray_reports):
     root = rl_setup
     run(_cfg(root, "reports", checkpoint_every=2, max_steps=3), {"model_dir": root / "policy", "data_dir": root / "data"})
     assert calls == [(2, True), (3, True)]
+
+
+def test_grpo_with_checkpoint_every_0_writes_none(rl_setup, count_ray_reports):
+    from components.grpo import loop as grpo_loop
+
+    calls = count_ray_reports(grpo_loop)
+    root = rl_setup
+    out = run(_cfg(root, "no_ckpt", checkpoint_every=0, max_steps=2),
+              {"model_dir": root / "policy", "data_dir": root / "data"})
+    assert calls == []
+    ckpts = root / "no_ckpt" / "grpo" / "checkpoints"
+    assert not ckpts.exists() or not any(ckpts.iterdir())
+    assert (root / "no_ckpt" / "grpo" / "model" / "config.json").is_file() and out.metrics["heldout/accuracy"] >= 0

@@ -72,6 +72,8 @@ def test_the_scale_profile_is_m1_3b_offline():
     assert scale.teacher.source == "random:llama-3.2-3b"
     assert {s.kind for s in scale.data.sources} <= {"mathgenerator", "synthetic"}
     assert scale.pipeline.result_storage is None and scale.distill.checkpoint_storage is None
+    # no 39 GB checkpoints on a lent node's disk
+    assert [getattr(scale, s).checkpoint_every for s in ("distill", "sft1", "sft2", "grpo")] == [0, 0, 0, 0]
     for section in ("distill", "sft1"):
         a, b = getattr(scale, section), getattr(full, section)
         assert (a.strategy, a.micro_batch_size, a.gradient_checkpointing, a.use_gpu) == \

@@ -172,3 +172,19 @@ def test_ray_train_hears_of_checkpoints_only(train_setup, count_ray_reports):
     root, data = train_setup
     run(_cfg(root, "reports"), {"model_dir": root / "conv", "data_dir": data}, "distill")
     assert calls == [(2, True), (4, True), (6, True)]
+
+
+def test_checkpoint_every_0_writes_no_checkpoint_and_trains_the_same(train_setup, count_ray_reports):
+    """A measurement run (m1-3b-scale) keeps no checkpoints: a 3B one is 39 GB, and two stages' filled a node's
+    disk. The steps and the published model are those of a run that checkpoints; Ray Train hears of nothing."""
+    from components.train import loop as train_loop
+
+    calls = count_ray_reports(train_loop)
+    root, data = train_setup
+    out = run(_cfg(root, "no_ckpt", checkpoint_every=0), {"model_dir": root / "conv", "data_dir": data}, "distill")
+    assert calls == []
+    ckpts = root / "no_ckpt" / "distill" / "checkpoints"
+    assert not ckpts.exists() or not any(ckpts.iterdir())
+    straight, plain = _losses(root, "straight"), _losses(root, "no_ckpt")
+    assert straight.keys() == plain.keys() and all(abs(straight[k] - plain[k]) < 1e-6 for k in straight)
+    assert (Path(out.model_dir) / "config.json").is_file()

@@ -79,7 +79,7 @@ class GRPOConfig(Section):
     minibatch_prompts: int = Field(64, gt=0)  # prompts (x G completions) per optimizer step
     micro_batch: int = Field(8, gt=0)  # sequences per forward/backward
     max_steps: int = Field(10, gt=0)
-    checkpoint_every: int = Field(5, gt=0)
+    checkpoint_every: int = Field(5, ge=0)  # 0: none (as in TrainConfig)
     keep_checkpoints: int = Field(2, gt=0)
     checkpoint_storage: str | None = None
     samples_every: int = Field(1, gt=0)  # log a table of prompts, completions and rewards every N steps

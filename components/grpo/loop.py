@@ -269,7 +269,7 @@ def grpo_loop(run: LoopContext) -> dict:
                       f"len {m['response_length_mean']:.0f} ent {m['entropy']:.3f} sync {sync_s:.2f}s", flush=True)
             last = step + 1 == grpo.max_steps
             local = None
-            if (step + 1) % grpo.checkpoint_every == 0 or last:
+            if grpo.checkpoint_every and ((step + 1) % grpo.checkpoint_every == 0 or last):
                 if ctx.rank == 0:
                     local = Path(tempfile.mkdtemp(prefix="m1-grpo-")) / "ckpt"
                     # with a batch in flight, the cursor after it, and the batch itself: resuming consumes it as is

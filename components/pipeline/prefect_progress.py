@@ -71,7 +71,8 @@ def stage_progress(config, stage: Stage, interval: float = 2.0):
         return
     root = section.checkpoint_storage or str((Path(config.run_dir) / stage.name / "checkpoints").resolve())
     total = section.max_steps
-    what = f"{stage.name}: {total} steps, a checkpoint every {section.checkpoint_every}"
+    every = section.checkpoint_every
+    what = f"{stage.name}: {total} steps, " + (f"a checkpoint every {every}" if every else "no checkpoints")
     artifact = create_progress_artifact(0.0, key=artifact_key(stage.name, "progress"), description=f"{what}; started")
     tracker = None
     if "://" not in root:

@@ -341,7 +341,7 @@ def train_loop(run: LoopContext) -> dict:
             if tracker:
                 tracker.log_metrics(ev, step=step + 1)
         local = None
-        if (step + 1) % train.checkpoint_every == 0 or last:
+        if train.checkpoint_every and ((step + 1) % train.checkpoint_every == 0 or last):
             msd = parallel.full_model_state(core, strategy, world)  # collectives: every rank joins
             osd = parallel.full_optimizer_state(core, opt, strategy, world)
             if ctx.rank == 0:
