@@ -113,7 +113,7 @@ def main(d: Path) -> None:
         if extra.is_file():
             res["rows"] += [r for r in json.loads(extra.read_text())["rows"] if "oom" not in r]
         shape = res["shape"]
-        stem = f"speed_{shape}{dev}"  # not Path.with_suffix: the shape name has dots
+        stem = "speed_" + f.stem.removeprefix("decode_")  # the JSON's tag and device: decode_<shape>[_tag][_dev]
         write_csv(d / f"{stem}.csv", [{"shape": shape, **r} for r in res["rows"]])
         plot_decode(res, d / f"{stem}.png", f"{shape}: prompt {res['prompt']}, decode {res['decode']}, "
                                                    f"{res['meta']['device']}")

@@ -1,5 +1,6 @@
 """bench/gpu_suite.py long (issue 20, item 3): the hybrid/all-attention ratio per decode length, at the fixed batch
 and at each model's largest, from hand-made rows; the suite's plot script writes the table and the plot."""
+import csv
 import json
 import sys
 from pathlib import Path
@@ -40,3 +41,28 @@ def test_plot_and_table_are_written(tmp_path):
     assert (tmp_path / "long_llama-3.2-3b.csv").read_text().splitlines()[0].startswith("at,attention_batch")
     with pytest.raises(KeyError):
         gpu_suite.length_ratios([{"model": "hybrid", "batch": 64, "tokens_per_s": 1.0}], 64)  # a row needs its length
+
+
+def test_decode_tables_keep_each_files_tag_and_device(tmp_path):
+    """A tagged run (--tag _compiled) beside the default one, both with a device suffix: each gets its own table, the
+    largest-batch file joins its own run's, and the decode profile's record is left alone."""
+    def row(model, batch, tps):
+        return {"model": model, "batch": batch, "tokens_per_s": tps, "ms_per_step": 1.0, "floor_ms_per_step": 0.5}
+
+    def write(name, rows):
+        res = {"meta": {"device": "test"}, "shape": "smollm2-135m", "prompt": 256, "decode": 1024, "rows": rows}
+        (tmp_path / name).write_text(json.dumps(res))
+
+    write("decode_smollm2-135m_h200.json", [row("hybrid", 1, 10.0)])
+    write("decode_smollm2-135m_largest_h200.json", [row("hybrid", 512, 99.0)])
+    write("decode_smollm2-135m_compiled_h200.json", [row("hybrid", 1, 20.0)])
+    (tmp_path / "decode_profile_smollm2-135m_h200.json").write_text(json.dumps({"rows": [{"model": "hybrid"}]}))
+    plot_gpu_results.main(tmp_path)
+    def table(name):
+        with open(tmp_path / name) as f:
+            return [(int(r["batch"]), float(r["tokens_per_s"])) for r in csv.DictReader(f)]
+
+    assert table("speed_smollm2-135m_h200.csv") == [(1, 10.0), (512, 99.0)]
+    assert table("speed_smollm2-135m_compiled_h200.csv") == [(1, 20.0)]
+    assert not (tmp_path / "speed_smollm2-135m_largest_h200.csv").exists()
+    assert not list(tmp_path.glob("speed_profile*"))

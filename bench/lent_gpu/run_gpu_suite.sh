@@ -12,6 +12,10 @@ timeout 560 python3 bench/gpu_suite.py decode --batches 1,16,64,128,256 --out "$
 timeout 200 python3 bench/gpu_suite.py decode --models hybrid --batches 512 --tag _largest --out "$out"
 timeout 150 python3 bench/gpu_suite.py train --out "${OUT:-docs/results/train}"
 timeout 150 python3 bench/gpu_suite.py smollm2 --batches 1,64,256 --decode 1024 --out "$out"
+for variant in "--engine compiled --tag _compiled" "--decode-attention triton --tag _triton" "--state-dtype bf16 --tag _bf16state"; do
+  # shellcheck disable=SC2086
+  timeout 200 python3 bench/gpu_suite.py smollm2 --batches 1,64,256 --decode 1024 $variant --out "$out"
+done
 timeout 150 python3 bench/decode_profile.py --shape smollm2-135m --batches 1,256 --out "$out/decode_profile_smollm2-135m.json"
 timeout 200 python3 bench/decode_profile.py --shape llama-3.2-3b --batches 1,128 --out "$out/decode_profile_llama-3.2-3b.json"
-M1_GPU_REPORT="${OUT:-docs/results/kernels}/gpu_kernels.json" timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py
+M1_GPU_REPORT="${OUT:-docs/results/kernels}/gpu_kernels.json" timeout 420 python3 -m pytest -q -rfE -p no:cacheprovider tests/test_gpu_kernels.py
