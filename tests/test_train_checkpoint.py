@@ -109,3 +109,27 @@ def test_rng_state_round_trips_through_a_weights_only_load(tmp_path):
         seed(9)
     ck.set_rng_state(torch.load(tmp_path / "s.pt", weights_only=True)["rng"])
     assert draw() == want
+
+
+def test_a_checkpoint_staged_beside_its_local_root_is_renamed_into_place_not_copied(tmp_path):
+    """A 3B checkpoint is 39 GB: staged on the root's own disk it is moved (same inode, nothing left behind), and a
+    hidden staging folder is never listed as a checkpoint; one written elsewhere is copied."""
+    root = tmp_path / "ckpts"
+    staged = ck.staging_dir(str(root), "m1-ckpt-") / "ckpt"
+    staged.mkdir()
+    (staged / ck.STATE_JSON).write_text(json.dumps({"step": 3, "fingerprint": "f"}))
+    assert staged.parent.parent == root and staged.parent.name.startswith(".")
+    assert ck.list_checkpoints(str(root)) == []
+    inode = (staged / ck.STATE_JSON).stat().st_ino
+    dest = Path(ck.upload(staged, str(root), "checkpoint_000003"))
+    assert (dest / ck.STATE_JSON).stat().st_ino == inode and not staged.exists()
+    assert ck.list_checkpoints(str(root)) == [(3, str(dest))]
+
+    elsewhere = tmp_path / "tmp" / "ckpt"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / ck.STATE_JSON).write_text(json.dumps({"step": 4, "fingerprint": "f"}))
+    copied = Path(ck.upload(elsewhere, str(root), "checkpoint_000004"))
+    assert (elsewhere / ck.STATE_JSON).is_file() and (copied / ck.STATE_JSON).stat().st_ino != \
+        (elsewhere / ck.STATE_JSON).stat().st_ino
+    assert [p.name for p in sorted(root.iterdir()) if not p.name.startswith(".")] == \
+        ["checkpoint_000003", "checkpoint_000004"]

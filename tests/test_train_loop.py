@@ -139,6 +139,10 @@ def test_ray_two_cpu_workers_match_in_process(train_setup):
     a, b = _losses(root, "straight"), _losses(root, "ray")
     assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-5 for k in a), (a, b)
     assert out.metrics["heldout/kl"] < out.metrics["heldout/kl_before"]
+    # rank 0 staged each checkpoint in the root and renamed it there; Ray Train registered it in place (no second
+    # copy) and kept the newest 2, and no staging folder is left
+    ckpts = root / "ray" / "distill" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == ["checkpoint_000004", "checkpoint_000006"]
 
 
 @pytest.mark.slow

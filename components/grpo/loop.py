@@ -13,7 +13,6 @@ import contextlib
 import json
 import math
 import shutil
-import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -271,7 +270,7 @@ def grpo_loop(run: LoopContext) -> dict:
             local = None
             if grpo.checkpoint_every and ((step + 1) % grpo.checkpoint_every == 0 or last):
                 if ctx.rank == 0:
-                    local = Path(tempfile.mkdtemp(prefix="m1-grpo-")) / "ckpt"
+                    local = checkpoint.staging_dir(run.checkpoint_root, "m1-grpo-") / "ckpt"
                     # with a batch in flight, the cursor after it, and the batch itself: resuming consumes it as is
                     at = pending[1] if pending is not None else cursor
                     checkpoint.write_local(local, core, opt, sched, step + 1, at,

@@ -47,7 +47,7 @@ class TrainConfig(Section):
     global_batch_size: int = Field(8, gt=0)  # packed rows per optimizer step, over all workers
     micro_batch_size: int = Field(1, gt=0)  # rows per forward/backward on one worker
     # 0: no checkpoints (a measurement run: a failure starts the stage over). A full checkpoint holds the fp32
-    # weights and AdamW's two moments, 12 bytes a parameter (39 GB at 3.2B), written to a temporary folder first.
+    # weights and AdamW's two moments, 12 bytes a parameter (39 GB at 3.2B).
     checkpoint_every: int = Field(50, ge=0)
     keep_checkpoints: int = Field(2, gt=0)
     # Where checkpoints go: a local directory or s3://bucket/prefix (default: <run_dir>/<stage>/checkpoints).

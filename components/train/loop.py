@@ -14,7 +14,6 @@ import contextlib
 import json
 import math
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -84,20 +83,31 @@ class Context:
 
     def report(self, metrics: dict, local_ckpt: Path | None, root: str, step: int, keep: int,
                mirror: str | None = None) -> None:
-        """local_ckpt: rank 0's new checkpoint (None elsewhere and between checkpoints). On Ray, Ray Train persists
-        it to the root; in-process it is copied there here. Either way rank 0 also copies it to the root's S3
-        mirror (LoopContext.checkpoint_mirror), if any, so that a run whose disk is lost resumes from S3
+        """local_ckpt: rank 0's new checkpoint (None elsewhere and between checkpoints), written into
+        checkpoint.staging_dir(root). A local root gets it by a rename, then Ray Train (on Ray) registers it there;
+        to an S3 root Ray Train or this process copies it. Rank 0 also copies it to the root's S3 mirror
+        (LoopContext.checkpoint_mirror), if any, so that a run whose disk is lost resumes from S3
         (checkpoint.latest_checkpoint)."""
+        name = f"checkpoint_{step:06d}"
         if local_ckpt is not None:
             fingerprint = json.loads((local_ckpt / checkpoint.STATE_JSON).read_text())["fingerprint"]
-            for dest in ([] if self.ray else [root]) + ([mirror] if mirror else []):
-                checkpoint.upload(local_ckpt, dest, f"checkpoint_{step:06d}")
-                checkpoint.prune(dest, keep, fingerprint)
+            if mirror:  # first: placing it in a local root moves it
+                checkpoint.upload(local_ckpt, mirror, name)
+                checkpoint.prune(mirror, keep, fingerprint)
+            if not self.ray or checkpoint.is_local(root):
+                local_ckpt = Path(checkpoint.upload(local_ckpt, root, name))  # a rename when staged beside it
+                if not self.ray:
+                    checkpoint.prune(root, keep, fingerprint)
         if self.ray:
             import ray.train
 
             ckpt = ray.train.Checkpoint.from_directory(str(local_ckpt)) if local_ckpt else None
-            ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, checkpoint=ckpt)
+            # a local root is Ray Train's run folder: the checkpoint already lies there, so Ray registers it (and
+            # prunes to keep) without copying it again; to S3, Ray Train copies it from the worker
+            mode = ray.train.CheckpointUploadMode.NO_UPLOAD if checkpoint.is_local(root) else \
+                ray.train.CheckpointUploadMode.SYNC
+            ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, checkpoint=ckpt,
+                             checkpoint_upload_mode=mode)
 
 
 def lr_lambda(train: TrainConfig):
@@ -345,7 +355,7 @@ def train_loop(run: LoopContext) -> dict:
             msd = parallel.full_model_state(core, strategy, world)  # collectives: every rank joins
             osd = parallel.full_optimizer_state(core, opt, strategy, world)
             if ctx.rank == 0:
-                local = Path(tempfile.mkdtemp(prefix="m1-ckpt-")) / "ckpt"
+                local = checkpoint.staging_dir(run.checkpoint_root, "m1-ckpt-") / "ckpt"
                 checkpoint.write_local(local, core, opt, sched, step + 1, (step + 1) * B,
                                        {"fingerprint": run.fingerprint, "stage": run.stage, "first_eval": first_eval},
                                        run.model_dir, model_state=msd, optimizer_state=osd)
