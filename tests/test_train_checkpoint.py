@@ -115,7 +115,9 @@ def test_a_checkpoint_staged_beside_its_local_root_is_renamed_into_place_not_cop
     """A 3B checkpoint is 39 GB: staged on the root's own disk it is moved (same inode, nothing left behind), and a
     hidden staging folder is never listed as a checkpoint; one written elsewhere is copied."""
     root = tmp_path / "ckpts"
+    (root / ".m1-ckpt-killed" / "ckpt").mkdir(parents=True)  # left by a run killed while writing
     staged = ck.staging_dir(str(root), "m1-ckpt-") / "ckpt"
+    assert not (root / ".m1-ckpt-killed").exists()
     staged.mkdir()
     (staged / ck.STATE_JSON).write_text(json.dumps({"step": 3, "fingerprint": "f"}))
     assert staged.parent.parent == root and staged.parent.name.startswith(".")

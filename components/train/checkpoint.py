@@ -121,10 +121,12 @@ def is_local(root_uri: str) -> bool:
 def staging_dir(root_uri: str, prefix: str) -> Path:
     """An empty folder to write a new checkpoint into: beside a local root (same disk, so `upload` renames it into
     place instead of copying: a 3B checkpoint is 39 GB), a temporary one for S3. Its hidden name is no
-    checkpoint_* to list_checkpoints."""
+    checkpoint_* to list_checkpoints, and one left by a killed run is removed here."""
     if is_local(root_uri):
         root = Path(filesystem(root_uri)[1])
         root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(f".{prefix}*"):  # a run killed while writing: one writer per root, so none is live
+            shutil.rmtree(stale, ignore_errors=True)
         return Path(tempfile.mkdtemp(prefix=f".{prefix}", dir=root))
     return Path(tempfile.mkdtemp(prefix=prefix))
 
