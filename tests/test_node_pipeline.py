@@ -105,6 +105,7 @@ def test_bench_runs_a_command_detached_with_the_run_dirs_stores(tmp_path):
     waited = _node(repo, "wait", "tiny", "120", env=env)
     assert waited.stdout.strip().endswith("finished with exit status 0"), waited.stdout + waited.stderr
     assert f"home {run_dir}/prefect" in waited.stdout
+    assert "disk under the run dir: " in waited.stdout and " free of " in waited.stdout
     assert f"mlflow sqlite:///{run_dir}/mlflow.db" in waited.stdout
     started = _node(repo, "bench", "tiny", sys.executable, "-c", "raise SystemExit(3)", env=env)
     assert started.returncode == 0, started.stderr

@@ -79,6 +79,8 @@ wait)
   run_dir=$("$py" -c "from components.config import load_config as c; print(c('$profile').run_dir)")
   end=$((SECONDS + limit))
   while [ ! -f "$run_dir/pipeline.rc" ] && [ "$SECONDS" -lt "$end" ]; do sleep 5; done
+  # a full disk ends a run without a word of its own (a node that filled its 128 GB stopped answering)
+  df -Ph "$run_dir" | awk 'NR == 2 {print "disk under the run dir: " $4 " free of " $2}' || true
   tail -n "${M1_TAIL:-25}" "$run_dir/pipeline.log" || true
   if [ -f "$run_dir/pipeline.rc" ]; then echo "finished with exit status $(cat "$run_dir/pipeline.rc")"
   else echo "still running"; fi ;;
