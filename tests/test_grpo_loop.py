@@ -215,4 +215,4 @@ def test_grpo_with_checkpoint_every_0_writes_none(rl_setup, count_ray_reports):
     assert calls == []
     ckpts = root / "no_ckpt" / "grpo" / "checkpoints"
     assert not ckpts.exists() or not any(ckpts.iterdir())
-    assert (root / "no_ckpt" / "grpo" / "model" / "config.json").is_file() and out.metrics["heldout/accuracy"] >= 0
+    assert (root / "no_ckpt" / "grpo" / "model" / "config.json").is_file() and "heldout/accuracy" in out.metrics

@@ -44,13 +44,17 @@ def filesystem(uri: str):
     return pafs.LocalFileSystem(), str(Path(uri).resolve())
 
 
+def is_local(root_uri: str) -> bool:
+    return "://" not in root_uri
+
+
 def checkpoint_mirror(root: str, base: str | None) -> str | None:
     """The S3 mirror of a local checkpoint root <run_dir>/<stage>/checkpoints under `base` (the pipeline's
     checkpoint_uri): <base>/<run_dir name>/<stage>/checkpoints. None without a base, or for a root on S3 already (a
     stage's checkpoint_storage). The run harness computes it once and hands it to the loop
     (LoopContext.checkpoint_mirror): nothing is read from the environment, which a Ray worker started for an earlier
     run would still carry."""
-    if not base or "://" in root:
+    if not base or not is_local(root):
         return None
     return mirror_of(base, Path(root))
 
@@ -112,10 +116,6 @@ def write_local(directory: Path, model, optimizer, scheduler, step: int, samples
                directory / STATE_PT)
     (directory / STATE_JSON).write_text(json.dumps({"step": step, "samples_consumed": samples, **(extra or {})}))
     return directory
-
-
-def is_local(root_uri: str) -> bool:
-    return "://" not in root_uri
 
 
 def staging_dir(root_uri: str, prefix: str) -> Path:
