@@ -218,7 +218,7 @@ def cmd_decode(a) -> dict:
             continue
         m = ours(shape, attn)
         top = max_batch(m, P, D)
-        for b in sorted(set([x for x in a.batches if x <= top] + [top])):
+        for b in sorted(set([x for x in a.batches if x <= top] + ([] if a.no_largest else [top]))):
             try:
                 r = run_ours(m, b, P, D)
             except torch.OutOfMemoryError:
@@ -351,6 +351,9 @@ def main():
     ap.add_argument("--models", default="hybrid,attention")
     ap.add_argument("--train-runs", default=TRAIN_RUNS,
                     help="train: SHAPE:MICRO_BATCH:ckpt|none:plain|chunked[:compile], comma-separated")
+    ap.add_argument("--no-largest", action="store_true",
+                    help="decode/smollm2/long: only --batches, not also the largest batch that fits (at long decode "
+                         "lengths the largest batch takes minutes per model)")
     ap.add_argument("--tag", default="")
     ap.add_argument("--engine", choices=["graph", "compiled"], default="graph",
                     help="our decode engine: CUDA graphs of the step, or of the step compiled by torch.compile first")
