@@ -169,6 +169,18 @@ def meta() -> dict:
             "date": time.strftime("%Y-%m-%d %H:%M")}
 
 
+# Rows measured so far, rewritten to <out>/<name>.partial.json after each one, so that a run stopped by its time
+# limit keeps what it measured; the complete file replaces it at the end. "rows": those of finished sub-runs (long).
+PARTIAL: dict = {"path": None, "rows": []}
+
+
+def emit(rows: list[dict]) -> None:
+    print(rows[-1], flush=True)
+    if PARTIAL["path"]:
+        Path(PARTIAL["path"]).write_text(json.dumps({"meta": meta(), "complete": False,
+                                                     "rows": PARTIAL["rows"] + rows}, indent=1))
+
+
 def free(*objs):
     for o in objs:
         del o
@@ -183,7 +195,7 @@ def cmd_anchors(a) -> dict:
     def sweep(engine, name, m, run):
         for b in a.batches:
             rows.append({"engine": engine, "model": name, "batch": b, **run(m, b, P, D)})
-            print(rows[-1], flush=True)
+            emit(rows)
         free(m)
 
     for name, attn in models:
@@ -192,14 +204,14 @@ def cmd_anchors(a) -> dict:
     for b in a.batches:
         d = 128 if b == 1 else D  # batch 1 runs at ~10 tokens/s: fewer tokens, same rate
         rows.append({"engine": "hf_static", "model": "attention", "batch": b, **run_hf(m, b, P, d)})
-        print(rows[-1], flush=True)
+        emit(rows)
     for b in a.batches:
         try:
             rows.append({"engine": "hf_compiled", "model": "attention", "batch": b,
                          **run_hf(m, b, P, D, compile=True)})
         except Exception as e:  # recorded, not hidden: the row says why it is missing
             rows.append({"engine": "hf_compiled", "model": "attention", "batch": b, "error": repr(e)[:300]})
-        print(rows[-1], flush=True)
+        emit(rows)
     free(m)
     try:
         for name, attn in models:
@@ -223,13 +235,14 @@ def cmd_decode(a) -> dict:
                 r = run_ours(m, b, P, D)
             except torch.OutOfMemoryError:
                 rows.append({"model": name, "batch": b, "oom": True})
+                emit(rows)
                 free()
                 continue
             fl = floor_ms(m, b, P, D, bw)
-            rows.append({"model": name, "batch": b, "largest": b == top, **r, "floor_ms_per_step": fl,
+            rows.append({"model": name, "batch": b, "decode": D, "largest": b == top, **r, "floor_ms_per_step": fl,
                          "step_over_floor": r["ms_per_step"] / fl, "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9})
             torch.cuda.reset_peak_memory_stats()
-            print(rows[-1], flush=True)
+            emit(rows)
         free(m)
     return {"meta": meta(), "shape": shape, "prompt": P, "decode": D, "hbm_bytes_per_s": bw, "rows": rows}
 
@@ -258,6 +271,7 @@ def cmd_long(a) -> dict:
     for length in a.lengths:
         res = cmd_decode(argparse.Namespace(**{**vars(a), "decode": length}))
         rows += [{**r, "decode": length} for r in res["rows"]]
+        PARTIAL["rows"] = list(rows)
     out = {"meta": meta(), "shape": a.shape, "prompt": 256, "lengths": a.lengths, "rows": rows,
            "ratios": length_ratios(rows, a.batches[0])}
     return out
@@ -334,7 +348,7 @@ def cmd_train(a) -> dict:
                          "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9})
         except torch.cuda.OutOfMemoryError as e:
             rows.append({**run, "seq_len": seq, "error": f"out of memory: {str(e).splitlines()[0][:200]}"})
-        print(rows[-1], flush=True)
+        emit(rows)
         free(m, opt)
         torch.cuda.reset_peak_memory_stats()
     return {"meta": meta(), "peak_tflops_bf16": 989.0, "rows": rows}
@@ -372,10 +386,13 @@ def main():
     if a.what == "smollm2":
         a.shape = "smollm2-135m"
     Path(a.out).mkdir(parents=True, exist_ok=True)
+    name = {"decode": f"decode_{a.shape}", "smollm2": f"decode_{a.shape}", "long": f"long_{a.shape}"}.get(a.what, a.what) + a.tag
+    partial = Path(a.out) / f"{name}.partial.json"
+    PARTIAL["path"] = str(partial)
     res = {"anchors": cmd_anchors, "decode": cmd_decode, "train": cmd_train, "smollm2": cmd_decode,
            "long": cmd_long}[a.what](a)
-    name = {"decode": f"decode_{a.shape}", "smollm2": f"decode_{a.shape}", "long": f"long_{a.shape}"}.get(a.what, a.what) + a.tag
     (Path(a.out) / f"{name}.json").write_text(json.dumps(res, indent=1))
+    partial.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

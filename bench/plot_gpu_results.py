@@ -101,8 +101,13 @@ def _device_suffix(stem: str) -> str:
     return f"_{tail}" if re.fullmatch(r"h\d+", tail) else ""
 
 
+def _finished(d: Path, pattern: str) -> list[Path]:
+    """The suite's complete records; a run stopped by its time limit leaves <name>.partial.json instead."""
+    return sorted(f for f in d.glob(pattern) if not f.name.endswith(".partial.json"))
+
+
 def main(d: Path) -> None:
-    for f in sorted(d.glob("decode_*.json")):
+    for f in _finished(d, "decode_*.json"):
         dev = _device_suffix(f.stem)
         if f.stem.removesuffix(dev).endswith("_largest"):
             continue
@@ -117,12 +122,12 @@ def main(d: Path) -> None:
         write_csv(d / f"{stem}.csv", [{"shape": shape, **r} for r in res["rows"]])
         plot_decode(res, d / f"{stem}.png", f"{shape}: prompt {res['prompt']}, decode {res['decode']}, "
                                                    f"{res['meta']['device']}")
-    for f in sorted(d.glob("long_*.json")):
+    for f in _finished(d, "long_*.json"):
         res = json.loads(f.read_text())
         stem = f.name.removesuffix(".json")
         write_csv(d / f"{stem}.csv", res["ratios"])
         plot_long(res, d / f"{stem}.png")
-    for a in sorted(d.glob("anchors*.json")):
+    for a in _finished(d, "anchors*.json"):
         res = json.loads(a.read_text())
         write_csv(a.with_suffix(".csv"), [r for r in res["rows"] if "error" not in r])
         plot_anchors(res, a.with_suffix(".png"))

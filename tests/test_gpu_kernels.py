@@ -105,7 +105,8 @@ def _forced_logits(model, prompts, forced, engine, state_dtype=torch.float32, bu
             StaticDecoder(model, cache, bucket_size, graphs=True, compiled=engine == "compiled")
         if engine != "eager":
             dec.capture_all(P + T + 1)
-        out += [dec.step(forced[:, t:t + 1]) for t in range(T)]
+        # clone: a graph engine returns a view of its output buffer, which the next replay overwrites
+        out += [dec.step(forced[:, t:t + 1]).clone() for t in range(T)]
         return torch.stack(out, 1).float()
 
 

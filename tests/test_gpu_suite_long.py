@@ -66,3 +66,20 @@ def test_decode_tables_keep_each_files_tag_and_device(tmp_path):
     assert table("speed_smollm2-135m_compiled_h200.csv") == [(1, 20.0)]
     assert not (tmp_path / "speed_smollm2-135m_largest_h200.csv").exists()
     assert not list(tmp_path.glob("speed_profile*"))
+
+
+def test_each_row_is_kept_in_a_partial_file_until_the_run_completes(tmp_path, monkeypatch):
+    """A run stopped by its limit keeps the rows it measured (<name>.partial.json, rewritten after every row, with
+    the rows of finished lengths of a long run first); the plot script leaves such a file alone."""
+    path = tmp_path / "long_smollm2-135m.partial.json"
+    monkeypatch.setitem(gpu_suite.PARTIAL, "path", str(path))
+    monkeypatch.setitem(gpu_suite.PARTIAL, "rows", [_rows()[0]])
+    monkeypatch.setattr(gpu_suite, "meta", lambda: {"device": "test"})
+    rows = [_rows()[4]]
+    gpu_suite.emit(rows)
+    rows.append(_rows()[5])
+    gpu_suite.emit(rows)
+    rec = json.loads(path.read_text())
+    assert rec["complete"] is False and rec["rows"] == [_rows()[0], _rows()[4], _rows()[5]]
+    plot_gpu_results.main(tmp_path)
+    assert not list(tmp_path.glob("*.csv"))

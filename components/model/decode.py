@@ -86,6 +86,8 @@ class StaticDecoder:
 
     @torch.no_grad()
     def step(self, tok: torch.Tensor) -> torch.Tensor:
+        """The next logits (b, V). With graphs they are a view of the captured output buffer: valid until the next
+        step, which overwrites them (clone to keep them)."""
         b = self.bucket()
         self.tok.copy_(tok)
         if self.graphs_on:
