@@ -4,7 +4,9 @@
 # docs/results/train, the kernel check in docs/results/kernels. Parts run in order of what they prove, each bounded
 # by its own limit, so a lease that ends early has the most important results: the correctness tests first, then
 # the measurements no earlier run has (the compiled engine, long generations, the training sweep), then re-runs.
-# Each part's start, end and exit status go to stdout with the clock time.
+# Each part's start, end and exit status go to stdout with the clock time. M1_SUITE_PARTS (comma-separated part
+# names) runs only those parts. On a bare lent machine: bench/lent_gpu/suite_carry.sh (what to carry) and
+# bench/lent_gpu/suite_lease.sh (start detached, poll, bring the results back).
 set -u
 cd "$(dirname "$0")/../.."
 source bench/lent_gpu/gpu_setup.sh
@@ -12,6 +14,9 @@ out=${OUT:-docs/results/speed}
 part() {  # part NAME LIMIT_S COMMAND...
   local name=$1 limit=$2
   shift 2
+  if [ -n "${M1_SUITE_PARTS:-}" ] && [[ ",$M1_SUITE_PARTS," != *",$name,"* ]]; then
+    return 0
+  fi
   echo "== $(date +%T) $name: start (limit ${limit}s)"
   timeout "$limit" "$@"
   echo "== $(date +%T) $name: exit $?"
