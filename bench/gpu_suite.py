@@ -375,11 +375,16 @@ def main():
                     default=os.environ.get("M1_DECODE_ATTENTION", "sdpa"),
                     help="the decode step's attention: SDPA, or the split-KV Triton kernel (flash_decode.py); "
                          "default: M1_DECODE_ATTENTION, else sdpa")
+    ap.add_argument("--mamba-decode", choices=["kernels", "triton"],
+                    default=os.environ.get("M1_MAMBA_DECODE", "kernels"),
+                    help="a Mamba-1 layer's decode step: mamba_ssm/causal_conv1d kernels and the copies between them, "
+                         "or one Triton kernel between the projections (mamba_decode.py); default: M1_MAMBA_DECODE")
     ap.add_argument("--state-dtype", choices=sorted(STATE_DTYPES), default="fp32",
                     help="the Mamba layers' SSM state between decode steps (its logit drift: bench/state_dtype_drift.py)")
     a = ap.parse_args()
     ENGINE["name"], ENGINE["state_dtype"] = a.engine, a.state_dtype
     os.environ["M1_DECODE_ATTENTION"] = a.decode_attention  # recorded in meta()'s kernels
+    os.environ["M1_MAMBA_DECODE"] = a.mamba_decode
     a.batches = [int(x) for x in a.batches.split(",") if x]
     a.models = a.models.split(",")
     a.lengths = [int(x) for x in a.lengths.split(",") if x]

@@ -134,8 +134,9 @@ def smollm2():
     return load_teacher(path), [list(p["input_ids"] if hasattr(p, "keys") else p) for p in prompts]  # 5.x / 4.x
 
 
-@pytest.mark.parametrize("kind,engine", [("hybrid", "graph"), ("hybrid", "compiled"), ("attention", "graph")])
-def test_optimised_greedy_decode_equals_eager_on_converted_smollm2(smollm2, kind, engine):
+@pytest.mark.parametrize("kind,engine,fused", [("hybrid", "graph", False), ("hybrid", "compiled", False),
+                                               ("attention", "graph", False), ("hybrid", "graph", True)])
+def test_optimised_greedy_decode_equals_eager_on_converted_smollm2(smollm2, kind, engine, fused, monkeypatch):
     """Greedy tokens of the optimised decode equal the eager path's on real weights: SmolLM2-135M-Instruct converted
     (the embedded default's layers [0, 1, 9, 19, 24, 28] kept as attention, the rest Mamba-1 initialised from
     them; or every layer attention, the teacher itself), bf16. Where the two paths' logits differ by at most d on
@@ -149,9 +150,11 @@ def test_optimised_greedy_decode_equals_eager_on_converted_smollm2(smollm2, kind
     model = convert(teacher, layers, "mamba1").to("cuda", torch.bfloat16)
     T = 64
     eager = generate(model, prompts, T, greedy=True, engine="eager", eos_token_ids=[]).tokens
-    fast = generate(model, prompts, T, greedy=True, engine=engine, eos_token_ids=[]).tokens
     forced = torch.tensor(eager, device="cuda")[:, :-1]  # the inputs of steps 1..T-1 along the eager path
     e = _forced_logits(model, prompts, forced, "eager", bucket_size=256)
+    if fused:  # the optimised path only: the Mamba layers' decode step as one Triton kernel (mamba_decode.py)
+        monkeypatch.setenv("M1_MAMBA_DECODE", "triton")
+    fast = generate(model, prompts, T, greedy=True, engine=engine, eos_token_ids=[]).tokens
     f = _forced_logits(model, prompts, forced, engine, bucket_size=256)
     d = (e - f).abs().amax(-1)  # (b, T): each step's largest logit difference on the same inputs
     top2 = e.topk(2, -1).values
@@ -162,7 +165,7 @@ def test_optimised_greedy_decode_equals_eager_on_converted_smollm2(smollm2, kind
         rows.append({"same_tokens": sum(x == y for x, y in zip(a, b)), "first_difference": first,
                      "margin_there": None if first is None else margin[r, first].item(),
                      "bound_there": None if first is None else 2 * d[r, :first + 1].max().item()})
-    RESULTS[f"converted_smollm2/{kind}/{engine}_vs_eager"] = {
+    RESULTS[f"converted_smollm2/{kind}/{engine}{'_fused' if fused else ''}_vs_eager"] = {
         "tokens": T, "rows": rows, "max_logit_diff": d.max().item(), "logit_scale": e.abs().max().item(),
         "median_margin": margin.median().item()}
     assert d.max().item() < 0.02 * e.abs().max().item(), RESULTS
@@ -220,6 +223,21 @@ def test_triton_decode_attention_equals_sdpa(dtype):
         worst = max(worst, (flash_decode(q, k, v, km, w).float() - reference(q, k, v, km, w).float()).abs().max().item())
     RESULTS[f"flash_decode/{str(dtype)[6:]}"] = {"max_abs": worst}
     assert worst < (1e-4 if dtype == torch.float32 else 3e-2), RESULTS
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+def test_fused_mamba_decode_equals_the_kernels_step(teacher, monkeypatch, state_dtype):
+    """The Mamba-1 decode step as one Triton kernel (M1_MAMBA_DECODE=triton) against mamba_ssm's and causal_conv1d's
+    kernels, both in the graph engine: logits over 40 forced steps to the bf16 tolerance."""
+    from components.model import convert
+
+    model = convert(teacher, [4, 9, 14, 19, 24, 29], "mamba1").to("cuda", torch.bfloat16)
+    prompts, forced = _prompts_and_tokens(4)
+    ref = _forced_logits(model, prompts, forced, "graph", state_dtype)
+    monkeypatch.setenv("M1_MAMBA_DECODE", "triton")
+    d = (_forced_logits(model, prompts, forced, "graph", state_dtype) - ref).abs().max().item()
+    RESULTS[f"fused_mamba_decode_vs_kernels/{str(state_dtype)[6:]}"] = {"decode_max_abs": d, "steps": forced.shape[1]}
+    assert d < TOL[torch.bfloat16], RESULTS
 
 
 def test_graph_decode_with_triton_attention_equals_sdpa(teacher, monkeypatch):

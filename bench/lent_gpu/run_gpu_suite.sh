@@ -25,6 +25,10 @@ part gpu-tests 420 env M1_GPU_REPORT="${OUT:-docs/results/kernels}/gpu_kernels.j
   python3 -m pytest -q -rfE -p no:cacheprovider tests/test_gpu_kernels.py
 part smollm2-compiled 300 python3 bench/gpu_suite.py smollm2 --batches 1,64,256 --decode 1024 --engine compiled \
   --tag _compiled --out "$out"
+part smollm2-fused 300 python3 bench/gpu_suite.py smollm2 --batches 1,64,256 --decode 1024 --mamba-decode triton \
+  --tag _fused --out "$out"
+part smollm2-all 300 python3 bench/gpu_suite.py smollm2 --batches 1,64,256 --decode 1024 --engine compiled \
+  --mamba-decode triton --decode-attention triton --tag _all --out "$out"
 part long 300 python3 bench/gpu_suite.py long --shape smollm2-135m --batches 64 --no-largest --out "$out"
 part train 300 python3 bench/gpu_suite.py train --out "${OUT:-docs/results/train}"
 part smollm2-bf16state 150 python3 bench/gpu_suite.py smollm2 --models hybrid --batches 1,64,256 --no-largest \

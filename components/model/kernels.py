@@ -68,13 +68,23 @@ def triton_decode_attention(t: torch.Tensor) -> bool:
     return _cuda(t) and _triton_attention_asked()
 
 
+def triton_mamba_decode(t: torch.Tensor) -> bool:
+    """Whether a Mamba-1 decode step runs as one Triton kernel between its projections
+    (components/model/mamba_decode.py): opt-in with M1_MAMBA_DECODE=triton, on CUDA, or anywhere under Triton's CPU
+    interpreter (TRITON_INTERPRET=1, for the tests), until it is measured on a GPU."""
+    if os.environ.get("M1_MAMBA_DECODE", "kernels") != "triton":
+        return False
+    return _cuda(t) or os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def active_backend(device: torch.device | str) -> dict[str, str]:
     """Which implementation each op uses on `device` (for logs and benchmark records)."""
     cuda = torch.device(device).type == "cuda" and os.environ.get("M1_KERNELS", "auto") != "torch"
     m, c = cuda and _mamba_ops() is not None, cuda and _conv_ops() is not None
     flash = cuda and _triton_attention_asked()
+    fused = cuda and os.environ.get("M1_MAMBA_DECODE", "kernels") == "triton"
     return {"ssm": "mamba_ssm" if m else "torch", "conv": "causal_conv1d" if c else "torch",
-            "decode_attention": "triton" if flash else "sdpa"}
+            "decode_attention": "triton" if flash else "sdpa", "mamba_decode": "triton" if fused else "kernels"}
 
 
 def causal_conv1d(x, weight, bias):

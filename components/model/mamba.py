@@ -27,6 +27,7 @@ from torch import nn
 from components.model import kernels
 from components.model.config import HybridConfig
 from components.model.layers import RMSNorm
+from components.model.mamba_decode import mamba1_decode_step
 
 
 def repeat_heads(t: torch.Tensor, head_dim: int, out_dim: int) -> torch.Tensor:
@@ -113,12 +114,20 @@ class Mamba1Mixer(nn.Module):
     def forward(self, h, seq, cache=None):
         cfg = self.cfg
         b, L, _ = h.shape
-        z, x, B, C, dt = torch.split(self.in_proj(h), self.splits, dim=-1)
+        proj = self.in_proj(h)
+        state = cache.mamba_state(self.layer_idx) if cache is not None else None
+        step = state is not None and state.started and L == 1
+        if step and seq.pad_mask is None and kernels.triton_mamba_decode(h):
+            consts = self.decode_consts(state)
+            y = mamba1_decode_step(proj[:, 0], state.conv, state.ssm, self.conv1d.weight[:, 0], self.conv1d.bias,
+                                   self.dt_proj.weight, self.dt_proj.bias if cfg.reference_compat else None,
+                                   consts["dt_bias"], consts["A"], self.D, self.splits, self.repeat_unit,
+                                   cfg.d_state)
+            return self.out_proj(y[:, None])
+        z, x, B, C, dt = torch.split(proj, self.splits, dim=-1)
         x = repeat_heads(x, self.repeat_unit, cfg.d_inner)
         B = repeat_heads(B, self.repeat_unit, cfg.d_inner).view(b, L, -1, cfg.d_state)
         C = C.reshape(b, L, -1, cfg.d_state)
-        state = cache.mamba_state(self.layer_idx) if cache is not None else None
-        step = state is not None and state.started and L == 1
         if step and seq.pad_mask is None:
             consts = self.decode_consts(state)
             y = kernels.fused_mamba1_step(state, x[:, 0], dt[:, 0], self.dt_proj.weight, self.dt_proj.bias,
