@@ -21,7 +21,7 @@ part() {  # part NAME LIMIT_S COMMAND...
   timeout "$limit" "$@"
   echo "== $(date +%T) $name: exit $?"
 }
-part gpu-tests 420 env M1_GPU_REPORT="${OUT:-docs/results/kernels}/gpu_kernels.json" \
+part gpu-tests 540 env M1_GPU_REPORT="${OUT:-docs/results/kernels}/gpu_kernels.json" \
   python3 -m pytest -q -rfE -p no:cacheprovider tests/test_gpu_kernels.py
 part smollm2-compiled 300 python3 bench/gpu_suite.py smollm2 --batches 1,64,256 --decode 1024 --engine compiled \
   --tag _compiled --out "$out"
