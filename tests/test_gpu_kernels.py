@@ -141,8 +141,9 @@ def test_optimised_greedy_decode_equals_eager_on_converted_smollm2(smollm2, kind
     (the embedded default's layers [0, 1, 9, 19, 24, 28] kept as attention, the rest Mamba-1 initialised from
     them; or every layer attention, the teacher itself), bf16. Where the two paths' logits differ by at most d on
     the same inputs, a greedy token can change only where the eager path's top-two margin is below 2d: so the
-    first differing token, if any, must sit at such a near-tie; and d must stay within 2% of the logits' scale (real
-    logits reach ~30, where one bf16 step is 0.125: the absolute tolerance of the random-weight tests is too tight)."""
+    first differing token, if any, must sit at such a near-tie; and d must stay within 5% of the logits' scale (real
+    logits reach ~30-45, where one bf16 step is 0.125-0.25 and 30 layers compound it: the absolute tolerance of the
+    random-weight tests is too tight; a wrong step, as a stale buffer gives, differs by the whole scale)."""
     from components.model import convert, generate
 
     teacher, prompts = smollm2
@@ -168,7 +169,7 @@ def test_optimised_greedy_decode_equals_eager_on_converted_smollm2(smollm2, kind
     RESULTS[f"converted_smollm2/{kind}/{engine}{'_fused' if fused else ''}_vs_eager"] = {
         "tokens": T, "rows": rows, "max_logit_diff": d.max().item(), "logit_scale": e.abs().max().item(),
         "median_margin": margin.median().item()}
-    assert d.max().item() < 0.02 * e.abs().max().item(), RESULTS
+    assert d.max().item() < 0.05 * e.abs().max().item(), RESULTS
     assert all(r["first_difference"] is None or r["margin_there"] <= r["bound_there"] for r in rows), RESULTS
 
 
