@@ -57,13 +57,12 @@ def reference(proj, conv_state, ssm, conv_w, conv_b, dt_w, dt_b_twice, dt_bias_f
     sequence; conv_state (b, d_inner, d_conv) and ssm (b, d_inner, d_state) are updated in place. Returns y (b, d_inner)
     before out_proj."""
     from components.model import kernels, scan
-    from components.model.mamba import repeat_heads
 
     b = proj.shape[0]
     z, x, B, C, dt = torch.split(proj, splits, dim=-1)
     di = splits[0]
-    x = repeat_heads(x[:, None], unit, di)[:, 0]
-    B = repeat_heads(B[:, None], unit, di)[:, 0].reshape(b, -1, d_state)
+    src = repeat_index(torch.arange(di, device=proj.device), unit, di // splits[1])
+    x, B = x[:, src], B[:, src].reshape(b, -1, d_state)
     C = C.reshape(b, -1, d_state)
     dt = F.softplus(F.linear(dt, dt_w, dt_b_twice).float() + dt_bias_f32)
     xc = F.silu(kernels.conv_step(conv_state, x, conv_w, conv_b))
