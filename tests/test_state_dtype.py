@@ -62,8 +62,9 @@ def test_bad_state_dtype_is_refused(tiny_teacher):
 
 @pytest.mark.parametrize("engine", ["eager", "static"])
 def test_decode_constants_are_made_per_cache_so_new_weights_are_used(tiny_teacher, engine):
-    """A = -exp(A_log) and the fp32 dt bias are made once per generate() call, not per step: a policy whose weights
-    change between two calls (GRPO's sampler) must decode with the new ones, as a fresh copy of the model does."""
+    """A = -exp(A_log), the fp32 dt bias and the packed projections (q|k|v, gate|up) are made once per generate()
+    call, not per step: a policy whose weights change between two calls (GRPO's sampler) must decode with the new
+    ones, as a fresh copy of the model does."""
     import copy
 
     model = convert(tiny_teacher, [1], "mamba1")
@@ -74,6 +75,9 @@ def test_decode_constants_are_made_per_cache_so_new_weights_are_used(tiny_teache
             if layer.kind != "attention":
                 layer.mamba.A_log.mul_(0.5)
                 layer.mamba.dt_proj.bias.add_(1.0)
+            else:
+                layer.self_attn.k_proj.weight.mul_(1.5)
+            layer.mlp.up_proj.weight.mul_(1.5)
     fresh = copy.deepcopy(model)
     a = generate(model, prompts, 12, greedy=True, engine=engine, bucket_size=8)
     b = generate(fresh, prompts, 12, greedy=True, engine=engine, bucket_size=8)
@@ -81,7 +85,12 @@ def test_decode_constants_are_made_per_cache_so_new_weights_are_used(tiny_teache
     cache = model.new_cache(2, 8)
     model.prepare_decode(cache)
     for i, layer in enumerate(model.model.layers):
-        if layer.kind != "attention":
+        mlp = layer.mlp
+        assert torch.equal(cache.packed[i]["gate_up"], torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
+        if layer.kind == "attention":
+            a = layer.self_attn
+            assert torch.equal(cache.packed[i]["qkv"], torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]))
+        else:
             consts = cache.mamba_state(i).consts
             assert torch.equal(consts["A"], -torch.exp(layer.mamba.A_log.float()))
             assert consts["dt_bias"].dtype == torch.float32

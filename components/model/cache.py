@@ -49,6 +49,9 @@ class InferenceCache:
         # Device-side mirrors of the write position, for decode steps without host syncs (CUDA graphs).
         self.write_pos = torch.zeros(1, dtype=torch.long, device=device)
         self.slot_index = torch.arange(max_len, device=device)
+        # per layer, the weights a decode step reads packed into one GEMM's (layers.pack_decode_weights), made once
+        # per cache by HybridForCausalLM.prepare_decode for the same reason as MambaState.consts
+        self.packed: dict[int, dict[str, torch.Tensor | None]] = {}
         self.has_padding = False
         self.seqlen = 0  # tokens written per row so far (left-padded rows all advance together)
 

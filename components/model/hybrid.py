@@ -15,7 +15,8 @@ from torch.utils.checkpoint import checkpoint
 from components.errors import M1Error
 from components.model.cache import InferenceCache
 from components.model.config import HybridConfig
-from components.model.layers import MLP, Attention, RMSNorm, RotaryEmbedding, build_attention_mask, decode_attention
+from components.model.layers import (MLP, Attention, RMSNorm, RotaryEmbedding, build_attention_mask, decode_attention,
+                                     decode_mlp, pack_decode_weights)
 from components.model.linear_ce import IGNORE_INDEX, linear_ce_sum
 from components.model.mamba import Mamba1Mixer, Mamba2Mixer
 
@@ -150,22 +151,27 @@ class HybridForCausalLM(nn.Module):
         cache.key_mask.index_fill_(1, cache.write_pos, True)
         rope = self.model.rotary_emb(cache.next_pos[:, None], h.dtype)
         seq = SeqInfo(rope, None, None, None, 0)
-        for layer in self.model.layers:
+        for i, layer in enumerate(self.model.layers):
+            packed = cache.packed[i]  # made by prepare_decode
             x = layer.input_layernorm(h)
-            x = decode_attention(layer.self_attn, x, rope, cache, bucket) if layer.kind == "attention" \
+            x = decode_attention(layer.self_attn, x, rope, cache, bucket, packed) if layer.kind == "attention" \
                 else layer.mamba(x, seq, cache)
             h = h + x
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            h = h + decode_mlp(layer.mlp, layer.post_attention_layernorm(h), packed)
         cache.next_pos.add_(1)
         cache.write_pos.add_(1)
         return self.lm_head(self.model.norm(h))
 
+    @torch.no_grad()
     def prepare_decode(self, cache: InferenceCache) -> None:
-        """Make each Mamba layer's per-cache constants (decode_consts) now, before decode steps are compiled or
-        captured, so that every step only reads them."""
+        """Make what decode_step reads per cache now, before decode steps are compiled or captured, so that every
+        step only reads it: each Mamba layer's constants (decode_consts) and each layer's packed projections
+        (layers.pack_decode_weights)."""
         for i, layer in enumerate(self.model.layers):
             if layer.kind != "attention":
                 layer.mamba.decode_consts(cache.mamba_state(i))
+            if i not in cache.packed:
+                cache.packed[i] = pack_decode_weights(layer)
 
     def new_cache(self, batch: int, max_len: int, state_dtype=torch.float32) -> InferenceCache:
         p = next(self.parameters())

@@ -122,15 +122,43 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, L, self.n_heads * self.hd))
 
 
-def decode_attention(attn: "Attention", x, rope, cache, bucket: int):
+def _cat(*ts):
+    return None if ts[0] is None else torch.cat(ts)
+
+
+def pack_decode_weights(layer) -> dict[str, torch.Tensor | None]:
+    """The weights (and biases) that a decode step multiplies by the same input, stacked so that one GEMM does
+    what two or three would: the MLP's gate and up projections, and an attention layer's q, k and v. At 135M
+    parameters a decode step is bound by its number of kernels, not its bytes (docs/gpu-performance.md), and each
+    output element is the same dot product either way. The copies cost one pass over those weights per cache."""
+    mlp = layer.mlp
+    out = {"gate_up": torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
+           "gate_up_bias": _cat(mlp.gate_proj.bias, mlp.up_proj.bias)}
+    if layer.kind == "attention":
+        a = layer.self_attn
+        out["qkv"] = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
+        out["qkv_bias"] = _cat(a.q_proj.bias, a.k_proj.bias, a.v_proj.bias)
+    return out
+
+
+def decode_mlp(mlp: "MLP", x, packed: dict) -> torch.Tensor:
+    """MLP.forward with the gate and up projections as one GEMM (pack_decode_weights)."""
+    gate, up = F.linear(x, packed["gate_up"], packed["gate_up_bias"]).chunk(2, dim=-1)
+    return mlp.down_proj(F.silu(gate) * up)
+
+
+def decode_attention(attn: "Attention", x, rope, cache, bucket: int, packed: dict):
     """One-token attention over a static KV cache, free of host syncs and of shapes that change per step (so it
     can be captured in a CUDA graph): the new key/value go to cache.write_pos and the query attends to the first
     `bucket` cache slots, masked to the slots written so far. Query heads are grouped by their key/value head
-    (b, n_kv, rep, hd), so keys and values are read once, not repeated per query head."""
+    (b, n_kv, rep, hd), so keys and values are read once, not repeated per query head. q, k and v come from one
+    GEMM (pack_decode_weights)."""
     b = x.shape[0]
-    q = attn.q_proj(x).view(b, 1, attn.n_heads, attn.hd).transpose(1, 2)
-    k = attn.k_proj(x).view(b, 1, attn.n_kv, attn.hd).transpose(1, 2)
-    v = attn.v_proj(x).view(b, 1, attn.n_kv, attn.hd).transpose(1, 2)
+    qd, kvd = attn.n_heads * attn.hd, attn.n_kv * attn.hd
+    q, k, v = F.linear(x, packed["qkv"], packed["qkv_bias"]).split([qd, kvd, kvd], dim=-1)
+    q = q.view(b, 1, attn.n_heads, attn.hd).transpose(1, 2)
+    k = k.view(b, 1, attn.n_kv, attn.hd).transpose(1, 2)
+    v = v.view(b, 1, attn.n_kv, attn.hd).transpose(1, 2)
     cos, sin = rope
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     kc, vc = cache.kv[attn.layer_idx]
