@@ -15,8 +15,8 @@ kilobytes. Here one program per (row, block of channels) does all of it:
 - computes dt = softplus(dt_proj(dt_in) + bias);
 - updates the SSM state and reads y = C.h + D.x, gated by SiLU(z).
 
-`reference` below is the same step through the mixer's torch path (kernels.conv_step, scan.selective_state_step),
-which the tests compare it with.
+`reference` below is the same step in torch ops (kernels.conv_step, scan.selective_state_step), which the tests
+compare it with.
 
 Rounding follows the fused CUDA path it replaces, so the two agree closely in bf16:
 - the conv output and dt_proj's output are rounded to the activation dtype before use, as causal_conv1d_update's
@@ -53,9 +53,10 @@ def repeat_index(pos: torch.Tensor, unit: int, rep: int) -> torch.Tensor:
 
 
 def reference(proj, conv_state, ssm, conv_w, conv_b, dt_w, dt_b_twice, dt_bias_f32, A, D, splits, unit, d_state):
-    """The step as the mixer's torch path computes it. proj (b, sum(splits)) one row of in_proj's output per
-    sequence; conv_state (b, d_inner, d_conv) and ssm (b, d_inner, d_state) are updated in place. Returns y (b, d_inner)
-    before out_proj."""
+    """The step in torch ops (kernels.conv_step, scan.selective_state_step), with dt as the fused CUDA path makes it:
+    dt_proj without its bias in the activation dtype, then softplus of that plus the fp32 bias; in fp32 this is the
+    mixer's torch path exactly. proj (b, sum(splits)) one row of in_proj's output per sequence; conv_state
+    (b, d_inner, d_conv) and ssm (b, d_inner, d_state) are updated in place. Returns y (b, d_inner) before out_proj."""
     from components.model import kernels, scan
 
     b = proj.shape[0]
