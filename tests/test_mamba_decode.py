@@ -30,8 +30,8 @@ for dtype in (torch.float32, torch.bfloat16):
             dt_b = torch.randn(di, dtype=dtype) * 0.5 - 2
             A = -torch.exp(torch.randn(di, N)).contiguous()
             D = torch.randn(di, dtype=dtype)
-            states = [(torch.randn(b, di, K, dtype=dtype), torch.randn(b, di, N).to(state_dtype)) for _ in range(2)]
-            states[1] = (states[0][0].clone(), states[0][1].clone())
+            first = (torch.randn(b, di, K, dtype=dtype), torch.randn(b, di, N).to(state_dtype))
+            states = [first, (first[0].clone(), first[1].clone())]  # the reference's and the kernel's
             worst = {"y": 0.0, "conv": 0.0, "ssm": 0.0}
             for step in range(4):
                 proj = torch.randn(b, sum(splits), dtype=dtype)
