@@ -18,14 +18,15 @@ part() {  # part NAME LIMIT_S COMMAND...
     return 0
   fi
   echo "== $(date +%T) $name: start (limit ${limit}s)"
-  timeout "$limit" "$@"
-  echo "== $(date +%T) $name: exit $?"
+  local rc=0
+  timeout "$limit" "$@" || rc=$?
+  echo "== $(date +%T) $name: exit $rc"
 }
 part gpu-tests 540 env M1_GPU_REPORT="${OUT:-docs/results/kernels}/gpu_kernels.json" \
   python3 -m pytest -q -rfE -p no:cacheprovider tests/test_gpu_kernels.py
 part smollm2-compiled 300 python3 bench/gpu_suite.py smollm2 --batches 1,64,256 --decode 1024 --engine compiled \
   --tag _compiled --out "$out"
-part smollm2-fused 300 python3 bench/gpu_suite.py smollm2 --batches 1,64,256 --decode 1024 --mamba-decode triton \
+part smollm2-fused 200 python3 bench/gpu_suite.py smollm2 --batches 1,64,256 --no-largest --decode 1024 --mamba-decode triton \
   --tag _fused --out "$out"
 part smollm2-all 300 python3 bench/gpu_suite.py smollm2 --batches 1,64,256 --decode 1024 --engine compiled \
   --mamba-decode triton --decode-attention triton --tag _all --out "$out"
@@ -36,7 +37,7 @@ part smollm2-bf16state 150 python3 bench/gpu_suite.py smollm2 --models hybrid --
 part smollm2-triton 150 python3 bench/gpu_suite.py smollm2 --batches 1,64,256 --no-largest --decode 1024 \
   --decode-attention triton --tag _triton --out "$out"
 part decode-3b 420 python3 bench/gpu_suite.py decode --batches 1,128 --out "$out"
-part anchors 400 python3 bench/gpu_suite.py anchors --batches 1,64,128,256 --out "$out"
+part anchors 400 python3 bench/gpu_suite.py anchors --batches 1,128 --out "$out"
 part smollm2 150 python3 bench/gpu_suite.py smollm2 --batches 1,64,256 --decode 1024 --out "$out"
 part profile-smollm2 150 python3 bench/decode_profile.py --shape smollm2-135m --batches 1,256 \
   --out "$out/decode_profile_smollm2-135m.json"
