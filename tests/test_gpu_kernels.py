@@ -1,6 +1,7 @@
 """On CUDA: the kernel path (mamba_ssm selective scan / SSD / state update, causal_conv1d) equals the torch path on
 the same weights. Skipped on machines without a GPU. Tolerances (max |logit difference|, logits of O(10)):
 fp32 5e-3, bf16 0.25 (bf16 weights/activations, fp32 SSM state in both paths)."""
+import copy
 import json
 import os
 
@@ -141,18 +142,23 @@ def test_optimised_greedy_decode_equals_eager_on_converted_smollm2(smollm2, kind
     (the embedded default's layers [0, 1, 9, 19, 24, 28] kept as attention, the rest Mamba-1 initialised from
     them; or every layer attention, the teacher itself), bf16. Where the two paths' logits differ by at most d on
     the same inputs, a greedy token can change only where the eager path's top-two margin is below 2d: so the
-    first differing token, if any, must sit at such a near-tie; and d must stay within 5% of the logits' scale (real
-    logits reach ~30-45, where one bf16 step is 0.125-0.25 and 30 layers compound it: the absolute tolerance of the
-    random-weight tests is too tight; a wrong step, as a stale buffer gives, differs by the whole scale)."""
+    first differing token, if any, must sit at such a near-tie. And the optimised path must be no further from
+    exact arithmetic than bf16 rounding puts the eager path: against the same model in fp32 on the same inputs,
+    its largest logit error at most twice the eager bf16 path's. (Real logits reach ~30-45, where one bf16 step is
+    0.125-0.25 and 30 layers compound it; the converted, untrained hybrid amplifies it further, so no fixed
+    tolerance fits; a wrong step, as a stale buffer gives, is off by the whole scale.)"""
     from components.model import convert, generate
 
     teacher, prompts = smollm2
     layers = [0, 1, 9, 19, 24, 28] if kind == "hybrid" else list(range(teacher.config.num_hidden_layers))
-    model = convert(teacher, layers, "mamba1").to("cuda", torch.bfloat16)
+    exact = convert(teacher, layers, "mamba1").to("cuda", torch.float32)
+    model = copy.deepcopy(exact).to(torch.bfloat16)
     T = 64
     eager = generate(model, prompts, T, greedy=True, engine="eager", eos_token_ids=[]).tokens
     forced = torch.tensor(eager, device="cuda")[:, :-1]  # the inputs of steps 1..T-1 along the eager path
     e = _forced_logits(model, prompts, forced, "eager", bucket_size=256)
+    x = _forced_logits(exact, prompts, forced, "eager", bucket_size=256)
+    del exact
     if fused:  # the optimised path only: the Mamba layers' decode step as one Triton kernel (mamba_decode.py)
         monkeypatch.setenv("M1_MAMBA_DECODE", "triton")
     fast = generate(model, prompts, T, greedy=True, engine=engine, eos_token_ids=[]).tokens
@@ -168,8 +174,9 @@ def test_optimised_greedy_decode_equals_eager_on_converted_smollm2(smollm2, kind
                      "bound_there": None if first is None else 2 * d[r, :first + 1].max().item()})
     RESULTS[f"converted_smollm2/{kind}/{engine}{'_fused' if fused else ''}_vs_eager"] = {
         "tokens": T, "rows": rows, "max_logit_diff": d.max().item(), "logit_scale": e.abs().max().item(),
-        "median_margin": margin.median().item()}
-    assert d.max().item() < 0.05 * e.abs().max().item(), RESULTS
+        "median_margin": margin.median().item(), "eager_bf16_vs_fp32": (e - x).abs().max().item(),
+        "optimised_bf16_vs_fp32": (f - x).abs().max().item()}
+    assert (f - x).abs().max().item() <= 2 * (e - x).abs().max().item(), RESULTS
     assert all(r["first_difference"] is None or r["margin_there"] <= r["bound_there"] for r in rows), RESULTS
 
 

@@ -37,6 +37,8 @@ part smollm2-bf16state 150 python3 bench/gpu_suite.py smollm2 --models hybrid --
 part smollm2-triton 150 python3 bench/gpu_suite.py smollm2 --batches 1,64,256 --no-largest --decode 1024 \
   --decode-attention triton --tag _triton --out "$out"
 part decode-3b 420 python3 bench/gpu_suite.py decode --batches 1,128 --out "$out"
+part decode-3b-all 300 python3 bench/gpu_suite.py decode --batches 1,128 --no-largest --engine compiled \
+  --mamba-decode triton --decode-attention triton --tag _all --out "$out"
 part anchors 400 python3 bench/gpu_suite.py anchors --batches 1,128 --out "$out"
 part smollm2 150 python3 bench/gpu_suite.py smollm2 --batches 1,64,256 --decode 1024 --out "$out"
 part profile-smollm2 150 python3 bench/decode_profile.py --shape smollm2-135m --batches 1,256 \
