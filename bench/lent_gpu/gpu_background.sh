@@ -26,7 +26,7 @@ wait)
   if [ -n "${OUT:-}" ]; then
     # Everything small a run writes (logs, metrics, samples, plots); models, checkpoints and data stay there.
     find runs/gpu \( -name model -o -name checkpoints -o -name data \) -prune -o -type f \( -name '*.log' -o -name '*.jsonl' \
-      -o -name '*metrics*.json' -o -name '*.png' -o -path '*/metrics/*' -o -path '*/samples/*' \) -print0 \
+      -o -name '*metrics*.json' -o -name 'grpo_variants*.json' -o -name '*.png' -o -path '*/metrics/*' -o -path '*/samples/*' \) -print0 \
       | tar czf "$OUT/gpu_results.tgz" --null -T - || true
   fi ;;
 *) echo "usage: bench/lent_gpu/gpu_background.sh start CMD ... | wait SECONDS" >&2; exit 2 ;;

@@ -4,11 +4,12 @@
 #   here:  bench/lent_gpu/gpu_stash.sh pack DATA_DIR      -> .gpu_a/ (wheels + first half of the GGUF), .gpu_b/ (data + second half)
 #   there: bench/lent_gpu/gpu_stash.sh unpack .gpu_a       (one call), then bench/lent_gpu/gpu_stash.sh unpack .gpu_b (the next call):
 #          each adds its part to $M1_STASH (default /root/m1stash), which outlives calls while the machine is held.
-# A trained model outlives the machine the same way, in 15 MiB parts of a bf16 tarball (a call brings back 64 MiB,
-# carries 64 MiB): there: bench/lent_gpu/gpu_stash.sh model-out DIR K   (K = 0, 1, ...: parts 4K..4K+3 into $OUT)
-#                  here:  bench/lent_gpu/gpu_stash.sh model-collect FILES_AT ...  (parts -> .gpu_model/, then carry folders
-#                         .gpu_m0, .gpu_m1, ... of 4 parts each)
-#                  there: bench/lent_gpu/gpu_stash.sh unpack .gpu_mK   (each call; the last part makes runs/gpu/sft2/model)
+# A trained model outlives the machine the same way, in 15 MiB parts of a bf16 tarball (a call brings back 8 files
+# of 16 MiB and carries 64 MiB with the working tree):
+#   there: bench/lent_gpu/gpu_stash.sh model-out DIR K   (K = 0, 1, ...: parts 7K..7K+6 into $OUT, 3 calls for SmolLM2)
+#   here:  bench/lent_gpu/gpu_stash.sh model-collect FILES_AT ...  (parts -> .gpu_model/, then carry folders .gpu_m0,
+#          .gpu_m1, ... of as many parts as fit beside the working tree: 3 with a 10 MB tree)
+#   there: bench/lent_gpu/gpu_stash.sh unpack .gpu_mK   (each call; the last part makes runs/gpu/sft2/model)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 stash=${M1_STASH:-/root/m1stash}
@@ -57,7 +58,7 @@ H.from_pretrained(sys.argv[1], dtype=torch.bfloat16).save_pretrained(sys.argv[2]
     ls "$parts"/model.tar.* | wc -l > "$parts/model.parts"
   fi
   mapfile -t all < <(ls "$parts"/model.tar.*)
-  cp "${all[@]:$((4 * k)):4}" "$OUT"/
+  cp "${all[@]:$((7 * k)):7}" "$OUT"/
   [ "$k" -eq 0 ] && cp "$parts/model.parts" "$OUT"/
   echo "$(cat "$parts/model.parts") parts; sent $(ls "$OUT")" ;;
 model-collect)
@@ -68,9 +69,13 @@ model-collect)
   n=$(cat .gpu_model/model.parts); have=$(ls .gpu_model/model.tar.* | wc -l)
   [ "$have" -eq "$n" ] || { echo "have $have of $n parts" >&2; exit 1; }
   rm -rf .gpu_m[0-9]*
+  # a call carries 64 MiB with the working tree: as many 15 MiB parts as fit beside it, less a margin
+  tree=$(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1)
+  per=$(( (64 * 1024 * 1024 - 1500000 - tree) / (15 * 1024 * 1024) ))
+  [ "$per" -ge 1 ] || { echo "gpu_stash: a ${tree}-byte tree leaves no room for a 15 MiB part" >&2; exit 1; }
   mapfile -t all < <(ls .gpu_model/model.tar.*)
-  for ((i = 0; i < n; i += 4)); do
-    mkdir -p ".gpu_m$((i / 4))" && cp "${all[@]:i:4}" ".gpu_m$((i / 4))/"
+  for ((i = 0; i < n; i += per)); do
+    mkdir -p ".gpu_m$((i / per))" && cp "${all[@]:i:per}" ".gpu_m$((i / per))/"
   done
   cp .gpu_model/model.parts .gpu_m0/
   du -sh .gpu_m* ;;
