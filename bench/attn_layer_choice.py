@@ -21,16 +21,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from components.figures import save_figure  # noqa: E402
-from components.train.data import PackedRows  # noqa: E402
-from components.train.layer_choice import (  # noqa: E402
+from components.figures import save_figure
+from components.train.data import PackedRows
+from components.train.layer_choice import (
     full_logits,
     greedy_attention_layers,
     kl_guided_ranking,
     kl_without_attention,
 )
-from components.train.losses import target_mask  # noqa: E402
-from components.train.teacher_engine import load_teacher_engine  # noqa: E402
+from components.train.losses import target_mask
+from components.train.teacher_engine import load_teacher_engine
 
 
 def main(argv=None) -> int:

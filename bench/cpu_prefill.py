@@ -22,10 +22,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from components.config import load_config  # noqa: E402
-from components.model import convert, scan  # noqa: E402
-from components.model.generate import left_pad  # noqa: E402
-from components.model.teacher import load_any_teacher  # noqa: E402
+from components.config import load_config
+from components.model import convert, scan
+from components.model.generate import left_pad
+from components.model.teacher import load_any_teacher
 
 
 def prefill_seconds(model, prompts: list[list[int]], repeats: int) -> float:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from components.config import load_config  # noqa: E402
+from components.config import load_config
 
 TRAIN = ("distill", "sft1", "sft2")
 

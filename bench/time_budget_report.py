@@ -17,8 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from components.config import load_config  # noqa: E402
-from components.errors import M1Error  # noqa: E402
+from components.config import load_config
+from components.errors import M1Error
 
 COLUMNS = ["arm", "strategy", "budget_s", "accuracy", "se", "samples", "max_new_tokens", "capped", "tokens_per_s"]
 

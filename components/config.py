@@ -12,10 +12,10 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from components import profiles
 from components.config_base import Section
 from components.data.config import DataConfig
-from components.evaluate.config import EvalConfig
-from components.pipeline.config import PipelineConfig
 from components.errors import M1Error
+from components.evaluate.config import EvalConfig
 from components.grpo.config import GRPOConfig
+from components.pipeline.config import PipelineConfig
 from components.tracking import TrackingConfig
 from components.train.config import (
     AlignConfig,

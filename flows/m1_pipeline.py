@@ -37,8 +37,8 @@ from components.pipeline import runner
 from components.pipeline.keys import StageResult, cache_key
 from components.pipeline.mlflow_runs import PipelineRuns, owner_alive, process_owner
 from components.pipeline.prefect_artifacts import call_task, publish_stage
-from components.pipeline.prefect_progress import stage_progress
 from components.pipeline.prefect_local import claim_flow_run
+from components.pipeline.prefect_progress import stage_progress
 from components.pipeline.stages import get_stage
 from components.pipeline.storage import result_storage, s3_environment
 

@@ -100,8 +100,9 @@ def tiny_teacher():
 def train_setup(tmp_path_factory, tiny_teacher):
     """(root, data dir): the tiny teacher converted with attention at layers 1 and 3 (root / "conv") and small
     packed splits (tests/packed_fixture.py), for the trainer's tests."""
-    from components.model import convert
     from packed_fixture import write_data_dir
+
+    from components.model import convert
 
     root = tmp_path_factory.mktemp("train")
     data = write_data_dir(root / "data", n_rows=12, seq_len=32)

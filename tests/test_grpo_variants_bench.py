@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import grpo_variants as gv  # noqa: E402
+import grpo_variants as gv
 
 
 def _metrics(run: Path, before: float, after: float, gain_se: float, pn_before: float, pn_after: float,

@@ -6,7 +6,11 @@ import torch
 import torch.nn.functional as F
 
 from components.model import convert
-from components.train.layer_choice import full_logits, greedy_attention_layers, kl_without_attention
+from components.train.layer_choice import (
+    full_logits,
+    greedy_attention_layers,
+    kl_without_attention,
+)
 
 
 @pytest.fixture(scope="module")

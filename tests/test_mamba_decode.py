@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from components.model.mamba_decode import mamba1_decode_step, repeat_index
 from components.model.mamba import repeat_heads
+from components.model.mamba_decode import mamba1_decode_step, repeat_index
 
 ROOT = Path(__file__).resolve().parents[1]
 

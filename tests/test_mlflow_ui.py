@@ -5,8 +5,15 @@ GenAI by default, which the URL parameter sets)."""
 import sys
 from pathlib import Path
 
-from components.tracking import (EXPERIMENT_KIND_TAG, TRAINING_KIND, TrackingConfig, ensure_experiment,
-                                 experiment_link, run_link, ui_command)
+from components.tracking import (
+    EXPERIMENT_KIND_TAG,
+    TRAINING_KIND,
+    TrackingConfig,
+    ensure_experiment,
+    experiment_link,
+    run_link,
+    ui_command,
+)
 
 
 def client(uri):

@@ -264,8 +264,8 @@ def test_convert_clears_a_crashed_runs_partial_folder_first(tmp_path):
     """Leftovers of a crashed convert in model.partial (a stray file, a stale chat template) are not published:
     the model equals a clean convert's, file for file."""
     from components.config import load_config
-    from components.model.convert import run
     from components.hashing import dvc_md5
+    from components.model.convert import run
 
     clean = run(load_config("tiny", overrides={"run_dir": str(tmp_path / "clean")})).model_dir
     partial = tmp_path / "crashed" / "convert" / "model.partial"

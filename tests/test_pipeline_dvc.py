@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from components.config import ROOT, load_config
-from components.pipeline.dvc_stages import dvc_yaml_text
 from components.hashing import dvc_md5
+from components.pipeline.dvc_stages import dvc_yaml_text
 from components.pipeline.stages import registered_stages
 
 pytestmark = pytest.mark.slow

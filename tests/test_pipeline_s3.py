@@ -75,7 +75,12 @@ def keys(client, prefix: str) -> list[str]:
 
 
 def test_checkpoint_upload_and_download(s3, tmp_path):
-    from components.pipeline.storage import checkpoint_uri, download_dir, mirror_outputs, upload_dir
+    from components.pipeline.storage import (
+        checkpoint_uri,
+        download_dir,
+        mirror_outputs,
+        upload_dir,
+    )
 
     _, client = s3
     src = tmp_path / "ckpt"

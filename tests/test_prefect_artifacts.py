@@ -70,7 +70,11 @@ def test_markdown_header_says_cached(tmp_path):
 
 @pytest.fixture(scope="module")
 def prefect_home(tmp_path_factory):
-    from prefect.settings import PREFECT_HOME, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
+    from prefect.settings import (
+        PREFECT_HOME,
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+        temporary_settings,
+    )
 
     from components.pipeline.prefect_local import stop_ephemeral_server
 

@@ -7,7 +7,7 @@ from components.model import scan
 
 def _m1_inputs(b=2, L=77, d=24, n=4, G=6, seed=0):
     g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    r = lambda *s: torch.randn(*s, generator=g)
     return dict(u=r(b, L, d), dt=torch.rand(b, L, d, generator=g) * 0.5, A=-torch.rand(d, n, generator=g) * 3,
                 B=r(b, L, G, n), C=r(b, L, G, n), D=r(d), resets=torch.rand(b, L, generator=g) < 0.1,
                 h0=r(b, d, n))
@@ -60,7 +60,7 @@ def test_selective_state_step_equals_scan():
 
 def _ssd_inputs(b=2, L=77, nh=6, p=8, g=3, n=4, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    r = lambda *s: torch.randn(*s, generator=gen)
     return dict(x=r(b, L, nh, p), dt=torch.rand(b, L, nh, generator=gen), A=-torch.rand(nh, generator=gen) * 2,
                 B=r(b, L, g, n), C=r(b, L, g, n), D=r(nh), resets=torch.rand(b, L, generator=gen) < 0.1,
                 h0=r(b, nh, p, n))

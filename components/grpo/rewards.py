@@ -3,8 +3,8 @@ RewardResult; anything that raises inside scores 0 and is counted as an error, n
 math-verify calls go through components.mathcheck, bounded in time on any thread or Ray actor."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from components import mathcheck
 

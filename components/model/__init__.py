@@ -5,4 +5,4 @@ from components.model.convert import convert
 from components.model.generate import GenerationOutput, generate
 from components.model.hybrid import HybridForCausalLM
 
-__all__ = ["HybridConfig", "HybridForCausalLM", "convert", "generate", "GenerationOutput"]
+__all__ = ["GenerationOutput", "HybridConfig", "HybridForCausalLM", "convert", "generate"]

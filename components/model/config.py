@@ -118,7 +118,7 @@ class HybridConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "HybridConfig":
+    def from_dict(cls, d: dict[str, Any]) -> HybridConfig:
         known = {f.name for f in fields(cls)}
         if d.get("model_type", "m1_hybrid") != "m1_hybrid":
             raise M1Error(f"config.json is a {d.get('model_type')!r} model, not an m1 hybrid (model_type m1_hybrid)")
@@ -128,7 +128,7 @@ class HybridConfig:
         Path(directory, "config.json").write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     @classmethod
-    def load(cls, directory: str | Path) -> "HybridConfig":
+    def load(cls, directory: str | Path) -> HybridConfig:
         p = Path(directory, "config.json")
         if not p.is_file():
             raise M1Error(f"no config.json in {directory}: not a saved hybrid model directory")
@@ -138,7 +138,7 @@ class HybridConfig:
             raise M1Error(f"{p} is not a valid hybrid config: {e}") from e
 
     @classmethod
-    def from_llama(cls, llama_cfg, **overrides) -> "HybridConfig":
+    def from_llama(cls, llama_cfg, **overrides) -> HybridConfig:
         """Copy the shape of a transformers LlamaConfig (v4 or v5 naming of the RoPE fields)."""
         rope = getattr(llama_cfg, "rope_parameters", None) or getattr(llama_cfg, "rope_scaling", None) or {}
         rope = dict(rope)

@@ -15,8 +15,16 @@ from torch.utils.checkpoint import checkpoint
 from components.errors import M1Error
 from components.model.cache import InferenceCache
 from components.model.config import HybridConfig
-from components.model.layers import (MLP, Attention, RMSNorm, RotaryEmbedding, build_attention_mask, decode_attention,
-                                     decode_mlp, pack_decode_weights)
+from components.model.layers import (
+    MLP,
+    Attention,
+    RMSNorm,
+    RotaryEmbedding,
+    build_attention_mask,
+    decode_attention,
+    decode_mlp,
+    pack_decode_weights,
+)
 from components.model.linear_ce import IGNORE_INDEX, linear_ce_sum
 from components.model.mamba import Mamba1Mixer, Mamba2Mixer
 
@@ -218,7 +226,7 @@ class HybridForCausalLM(nn.Module):
         return d
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, dtype: torch.dtype | str | None = None, device=None) -> "HybridForCausalLM":
+    def from_pretrained(cls, directory: str | Path, dtype: torch.dtype | str | None = None, device=None) -> HybridForCausalLM:
         d = Path(directory)
         if not d.is_dir():
             raise M1Error(f"model directory not found: {d}")

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from components.model import scan
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _mamba_ops():
     try:
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
@@ -28,7 +28,7 @@ def _mamba_ops():
             "mamba_chunk_scan_combined": mamba_chunk_scan_combined}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _conv_ops():
     try:
         from causal_conv1d import causal_conv1d_fn
@@ -37,7 +37,7 @@ def _conv_ops():
     return causal_conv1d_fn
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _conv_update():
     try:
         from causal_conv1d import causal_conv1d_update

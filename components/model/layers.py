@@ -141,13 +141,13 @@ def pack_decode_weights(layer) -> dict[str, torch.Tensor | None]:
     return out
 
 
-def decode_mlp(mlp: "MLP", x, packed: dict) -> torch.Tensor:
+def decode_mlp(mlp: MLP, x, packed: dict) -> torch.Tensor:
     """MLP.forward with the gate and up projections as one GEMM (pack_decode_weights)."""
     gate, up = F.linear(x, packed["gate_up"], packed["gate_up_bias"]).chunk(2, dim=-1)
     return mlp.down_proj(F.silu(gate) * up)
 
 
-def decode_attention(attn: "Attention", x, rope, cache, bucket: int, packed: dict):
+def decode_attention(attn: Attention, x, rope, cache, bucket: int, packed: dict):
     """One-token attention over a static KV cache, free of host syncs and of shapes that change per step (so it
     can be captured in a CUDA graph): the new key/value go to cache.write_pos and the query attends to the first
     `bucket` cache slots, masked to the slots written so far. Query heads are grouped by their key/value head

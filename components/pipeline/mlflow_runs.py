@@ -25,7 +25,15 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from components.hashing import dvc_md5
-from components.tracking import Tracker, _flatten, ensure_experiment, mlflow_key, run_link, tracking_uri, use_store
+from components.tracking import (
+    Tracker,
+    _flatten,
+    ensure_experiment,
+    mlflow_key,
+    run_link,
+    tracking_uri,
+    use_store,
+)
 
 
 def _client(uri: str):

@@ -9,7 +9,12 @@ import traceback
 from pathlib import Path
 
 from components.errors import M1Error
-from components.pipeline.keys import StageResult, config_material, extract_metrics, hash_outputs
+from components.pipeline.keys import (
+    StageResult,
+    config_material,
+    extract_metrics,
+    hash_outputs,
+)
 from components.pipeline.mlflow_runs import stage_env
 from components.pipeline.stages import ROOT, Stage, get_stage, plan
 

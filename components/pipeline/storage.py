@@ -111,7 +111,12 @@ def mirror_outputs(config, stage: str, paths: dict[str, Path]) -> list[str]:
         return []
     # imported only when there is a mirror: a node that keeps its outputs local may have no boto3
     from boto3.exceptions import S3UploadFailedError
-    from botocore.exceptions import BotoCoreError, ClientError, ConnectTimeoutError, EndpointConnectionError
+    from botocore.exceptions import (
+        BotoCoreError,
+        ClientError,
+        ConnectTimeoutError,
+        EndpointConnectionError,
+    )
 
     client = s3_client(config)
     run = Path(config.run_dir).resolve().name

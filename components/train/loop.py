@@ -27,7 +27,12 @@ from components.train.align import alignment_sums, converted_layers
 from components.train.config import TrainConfig
 from components.train.data import PackedRows, rows_for_step
 from components.train.harness import LoopContext
-from components.train.losses import ce_per_token, ce_targets, distill_loss_sums, target_mask
+from components.train.losses import (
+    ce_per_token,
+    ce_targets,
+    distill_loss_sums,
+    target_mask,
+)
 from components.train.on_policy import completion_batch, prompts_of, sample_completions
 from components.train.teacher_engine import load_teacher_engine
 from components.train.teacher_topk import TopkStore

@@ -73,7 +73,7 @@ class ChampAdapter(Adapter):
                     prompt = key.split("|", 1)[-1]
                     if prompt in self.spec.trace_prompts and ann.start_idx is None and ann.text:
                         # Our user turn has no hints, so a solution that talks about "the hint" would not fit it.
-                        if "w/ H" in prompt and re.search(r"\bhints?\b", ann.text, re.I):
+                        if "w/ H" in prompt and re.search(r"\bhints?\b", ann.text, re.IGNORECASE):
                             continue
                         traces.append({"key": key, "text": ann.text})
                 yield {
