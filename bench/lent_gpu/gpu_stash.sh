@@ -33,6 +33,12 @@ PY
   head -c "$half" "$gguf" > .gpu_a/teacher.gguf.part0
   tail -c +"$((half + 1))" "$gguf" > .gpu_b/teacher.gguf.part1
   cp -r "$data" .gpu_b/data
+  tree=$(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1)
+  for d in .gpu_a .gpu_b; do  # a call carries 64 MiB, the working tree included
+    size=$(du -sb "$d" | cut -f1)
+    [ $((size + tree)) -le $((64 * 1024 * 1024 - 1500000)) ] \
+      || { echo "gpu_stash: $d ($size bytes) does not fit a carry beside the ${tree}-byte tree" >&2; exit 1; }
+  done
   du -sh .gpu_a .gpu_b ;;
 unpack)
   src=${2:?usage: gpu_stash.sh unpack .gpu_a|.gpu_b}
