@@ -16,7 +16,8 @@ CARRY = 64 * MIB
 def _repo(tmp_path: Path, tree_bytes: int) -> Path:
     repo = tmp_path / "repo"
     (repo / "bench" / "lent_gpu").mkdir(parents=True)
-    shutil.copy(ROOT / "bench" / "lent_gpu" / "gpu_stash.sh", repo / "bench" / "lent_gpu")
+    for script in ("gpu_stash.sh", "carry_room.sh"):
+        shutil.copy(ROOT / "bench" / "lent_gpu" / script, repo / "bench" / "lent_gpu")
     (repo / "tree.bin").write_bytes(b"\0" * tree_bytes)
     for cmd in (["init", "-q"], ["add", "-A"]):
         subprocess.run(["git", *cmd], cwd=repo, check=True)

@@ -33,11 +33,11 @@ PY
   head -c "$half" "$gguf" > .gpu_a/teacher.gguf.part0
   tail -c +"$((half + 1))" "$gguf" > .gpu_b/teacher.gguf.part1
   cp -r "$data" .gpu_b/data
-  tree=$(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1)
-  for d in .gpu_a .gpu_b; do  # a call carries 64 MiB, the working tree included
+  source bench/lent_gpu/carry_room.sh
+  room=$(carry_room)
+  for d in .gpu_a .gpu_b; do
     size=$(du -sb "$d" | cut -f1)
-    [ $((size + tree)) -le $((64 * 1024 * 1024 - 1500000)) ] \
-      || { echo "gpu_stash: $d ($size bytes) does not fit a carry beside the ${tree}-byte tree" >&2; exit 1; }
+    [ "$size" -le "$room" ] || { echo "gpu_stash: $d ($size bytes) does not fit a carry ($room bytes beside the tree)" >&2; exit 1; }
   done
   du -sh .gpu_a .gpu_b ;;
 unpack)
@@ -75,10 +75,10 @@ model-collect)
   n=$(cat .gpu_model/model.parts); have=$(ls .gpu_model/model.tar.* | wc -l)
   [ "$have" -eq "$n" ] || { echo "have $have of $n parts" >&2; exit 1; }
   rm -rf .gpu_m[0-9]*
-  # a call carries 64 MiB with the working tree: as many 15 MiB parts as fit beside it, less a margin
-  tree=$(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1)
-  per=$(( (64 * 1024 * 1024 - 1500000 - tree) / (15 * 1024 * 1024) ))
-  [ "$per" -ge 1 ] || { echo "gpu_stash: a ${tree}-byte tree leaves no room for a 15 MiB part" >&2; exit 1; }
+  source bench/lent_gpu/carry_room.sh
+  room=$(carry_room)
+  per=$((room > 0 ? room / (15 * 1024 * 1024) : 0))  # as many 15 MiB parts as a carry holds beside the tree
+  [ "$per" -ge 1 ] || { echo "gpu_stash: the tree leaves no room for a 15 MiB part ($room bytes)" >&2; exit 1; }
   mapfile -t all < <(ls .gpu_model/model.tar.*)
   for ((i = 0; i < n; i += per)); do
     mkdir -p ".gpu_m$((i / per))" && cp "${all[@]:i:per}" ".gpu_m$((i / per))/"

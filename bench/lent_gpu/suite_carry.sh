@@ -28,14 +28,14 @@ PY
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl1 $pins
   gguf=$(.venv/bin/python -c "from components.model.teacher import embedded_gguf_path as p; print(p())")
-  limit=$((64 * 1024 * 1024 - 1500000))  # a call's carry, less a margin for the tree growing before the call
-  tree=$(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1)
+  source bench/lent_gpu/carry_room.sh
+  room=$(carry_room)
   size() { du -cb "$@" | tail -1 | cut -f1; }
-  n0=$((limit - tree - $(size .whl1/*)))
-  n1=$((limit - tree - $(size .whl/*)))
+  n0=$((room - $(size .whl1/*)))
+  n1=$((room - $(size .whl/*)))
   total=$(stat -c %s "$gguf")
-  if [ $((total - n0 - n1)) -gt $((limit - tree)) ]; then
-    echo "suite_carry: the GGUF does not fit three calls beside a ${tree}-byte tree" >&2
+  if [ $((total - n0 - n1)) -gt "$room" ]; then
+    echo "suite_carry: the GGUF does not fit three calls ($room bytes each beside the tree)" >&2
     exit 1
   fi
   cut_at() { dd if="$gguf" of="$1" bs=1M iflag=skip_bytes,count_bytes skip="$2" ${3:+count="$3"} status=none; }
