@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -165,7 +166,9 @@ def test_killed_training_resumes_from_s3_after_local_checkpoints_are_lost(s3, tr
     assert any(k.endswith("/model.safetensors") for k in stored), stored
     shutil.rmtree(root / name / "distill" / "checkpoints", ignore_errors=True)  # the machine lost its disk
 
+    downloads = set(Path(tempfile.gettempdir()).glob("m1-ckpt-*"))
     assert _train(root, name, data, **over)["resumed_from"] == 2
+    assert set(Path(tempfile.gettempdir()).glob("m1-ckpt-*")) == downloads  # the copy read from S3 is removed
     straight, resumed = _losses(root, "straight"), _losses(root, name)
     for step in range(3, 7):
         assert abs(straight[step] - resumed[step]) < 1e-6, step

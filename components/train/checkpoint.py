@@ -222,14 +222,29 @@ def latest_checkpoint(root_uri: str, fingerprint: str, mirror: str | None = None
     return _copy_checkpoint(path, filesystem(where)[0], root_uri, path.rstrip("/").rsplit("/", 1)[-1])
 
 
+DOWNLOAD_PREFIX = "m1-ckpt-"
+
+
 def download(root_uri: str, path: str) -> Path:
     """Copy a checkpoint to a local temp dir (no copy when it is local already)."""
     fs, _ = filesystem(root_uri)
     if isinstance(fs, pafs.LocalFileSystem):
         return Path(path)
-    local = Path(tempfile.mkdtemp(prefix="m1-ckpt-"))
-    pafs.copy_files(path, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    local = Path(tempfile.mkdtemp(prefix=DOWNLOAD_PREFIX))
+    try:
+        pafs.copy_files(path, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    except BaseException:
+        shutil.rmtree(local, ignore_errors=True)
+        raise
     return local
+
+
+def release(local_dir: Path) -> None:
+    """Remove a copy that `download` made once it has been read (a checkpoint already local stays where it is):
+    each resume from S3 would otherwise leave a full model and optimizer state in the temp dir."""
+    local_dir = Path(local_dir)
+    if local_dir.parent == Path(tempfile.gettempdir()) and local_dir.name.startswith(DOWNLOAD_PREFIX):
+        shutil.rmtree(local_dir, ignore_errors=True)
 
 
 def prune(root_uri: str, keep: int, fingerprint: str) -> None:

@@ -243,6 +243,7 @@ def train_loop(run: LoopContext) -> dict:
         checkpoint.set_rng_state(state["rng"])
         start = meta["step"]
         first_eval = meta.get("first_eval")
+        checkpoint.release(resume)
         if ctx.rank == 0:
             print(f"[{run.stage}] resumed from step {start} ({meta['samples_consumed']} rows consumed)", flush=True)
     trainable = [p for p in core.parameters() if p.requires_grad]
