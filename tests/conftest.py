@@ -33,6 +33,25 @@ LONGEST_FIRST = ["test_pipeline_s3", "test_pipeline_interrupts", "test_node_pipe
                  "test_serving", "test_data_curate", "test_sft_learns_eos", "test_prefect_artifacts", "test_eval_run"]
 
 
+# What a 2-core `make test` run held at most under the temp dir: 3.4 GB (models, checkpoints, Ray and MLflow folders;
+# passed tests' tmp_path are removed as they end, pyproject.toml). With less free than this, tests fail one after
+# another on writes that cannot complete (CI once reported 130 errors that way): stop first, with one line.
+MIN_FREE_GB = 4.0
+
+
+def pytest_sessionstart(session):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    import shutil
+    import tempfile
+
+    where = tempfile.gettempdir()
+    free = shutil.disk_usage(where).free / 1e9
+    if free < MIN_FREE_GB:
+        pytest.exit(f"only {free:.1f} GB free under {where}; the suite writes up to {MIN_FREE_GB:.0f} GB there "
+                    f"(models, checkpoints, Ray): free some disk space first", returncode=3)
+
+
 def pytest_collection_modifyitems(config, items):
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         return
