@@ -112,10 +112,12 @@ def metrics_of(model) -> dict:
     return {m.key: (m.value, m.step, m.dataset_name) for m in model.metrics or []}
 
 
-def predict(model_id: str) -> list:
+def predict(model_id: str, tmp_path) -> list:
     import mlflow
 
-    model = mlflow.pyfunc.load_model(f"models:/{model_id}")
+    dst = tmp_path / f"loaded-{model_id}"  # MLflow's own default is a temp dir it never removes
+    dst.mkdir()
+    model = mlflow.pyfunc.load_model(f"models:/{model_id}", dst_path=str(dst))
     return model.predict(pd.DataFrame({"prompt": ["What is 2 + 3?"]}), params={"max_new_tokens": 4})
 
 
@@ -147,7 +149,7 @@ def test_all_logs_every_checkpoint_and_the_final_model(model_dir, tmp_path):
     # a checkpoint loads by its model URI through the pyfunc wrapper (without the trainer state) and predicts
     stored = next(Path(models["sft1-step-2"].artifact_location.removeprefix("file://")).rglob("model.safetensors"))
     assert {f.name for f in stored.parent.iterdir()} == {f.name for f in model_dir.iterdir()}  # no trainer_state.*
-    out = predict(models["sft1-step-2"].model_id)
+    out = predict(models["sft1-step-2"].model_id, tmp_path)
     assert isinstance(out, list) and len(out) == 1 and isinstance(out[0], str)
 
 
@@ -164,7 +166,7 @@ def test_final_and_best_keeps_the_best_through_pruning(model_dir, tmp_path):
     assert (best.tags["m1.best"], best.tags["m1.step"]) == ("true", "2")
     assert metrics_of(best)["loss"] == (2.0, 2, "sft1")
     assert not list((Path(cfg.run_dir) / "sft1").glob(".m1-*"))  # the held files are gone
-    assert len(predict(best.model_id)) == 1  # the pruned checkpoint, from MLflow
+    assert len(predict(best.model_id, tmp_path)) == 1  # the pruned checkpoint, from MLflow
     # three checkpoints reported on the run all the same
     assert sorted(m.step for m in client.get_metric_history(run_id, "checkpoint_step")) == [1, 2, 3]
 
@@ -227,4 +229,4 @@ def test_registry_version_comes_from_the_stage_logged_model(model_dir, tmp_path)
     mv = client.get_model_version(out.model_name, out.version)
     logged = client.get_logged_model(mv.source.removeprefix("models:/"))  # logged by the registering run
     assert logged.source_run_id == mv.tags["m1.source_run"] == mv.run_id != run_id
-    assert len(predict(logged.model_id)) == 1
+    assert len(predict(logged.model_id, tmp_path)) == 1

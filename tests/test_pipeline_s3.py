@@ -263,7 +263,9 @@ def test_mlflow_artifacts_and_registry_on_s3(s3, tmp_path):
     assert any(k.endswith("model.safetensors") for k in stored), stored
     use_store(f"sqlite:///{tmp_path}/mlflow.db")  # mlflow.set_tracking_uri would set MLFLOW_TRACKING_URI for good
     shutil.rmtree(model_dir)  # the registry copy on S3 is what gets loaded
-    texts = mlflow.pyfunc.load_model(f"models:/{out.model_name}@champion").predict(pd.DataFrame({"prompt": ["1+1?"]}))
+    (tmp_path / "loaded").mkdir()  # MLflow's own default is a temp dir it never removes
+    model = mlflow.pyfunc.load_model(f"models:/{out.model_name}@champion", dst_path=str(tmp_path / "loaded"))
+    texts = model.predict(pd.DataFrame({"prompt": ["1+1?"]}))
     assert len(texts) == 1 and isinstance(texts[0], str)
 
 

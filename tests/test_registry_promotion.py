@@ -142,7 +142,8 @@ def test_register_gate_and_load_champion(models, tmp_path, capsys):
     assert f"{NAME} has no version 9" in capsys.readouterr().err
 
     use_store(tracking_uri(cfg.tracking), registry=True)  # mlflow.set_tracking_uri would also set the environment
-    model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    (tmp_path / "loaded").mkdir()  # MLflow's own default is a temp dir it never removes
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion", dst_path=str(tmp_path / "loaded"))
     texts = model.predict(pd.DataFrame({"prompt": ["What is 2 + 3?", "Name a prime."]}),
                           params={"max_new_tokens": 5, "temperature": 1.0})
     assert len(texts) == 2 and all(isinstance(t, str) and t for t in texts)
