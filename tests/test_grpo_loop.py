@@ -216,3 +216,59 @@ def test_grpo_with_checkpoint_every_0_writes_none(rl_setup, count_ray_reports):
     ckpts = root / "no_ckpt" / "grpo" / "checkpoints"
     assert not ckpts.exists() or not any(ckpts.iterdir())
     assert (root / "no_ckpt" / "grpo" / "model" / "config.json").is_file() and "heldout/accuracy" in out.metrics
+
+
+@pytest.mark.parametrize("off_policy", [False, True])
+def test_solved_prompts_are_not_drawn_again_and_a_resume_draws_the_same(rl_setup, monkeypatch, off_policy):
+    """skip_solved: a prompt whose every completion was correct leaves the draw for the rest of the run. A scorer
+    that always rewards five answers (and half the others' completions, by a checksum of their text) stands in for
+    a policy that has solved them; a run killed after a checkpoint resumes with the same solved set, cursor and
+    weights as the straight run, with one-step off-policy too (the batch in flight is saved with its solved set)."""
+    import zlib
+
+    from components.grpo import batch as batch_module
+    from components.grpo.rewards import RewardResult
+
+    easy = {"1", "5", "9", "13", "17"}
+    seen: list[tuple[str, str]] = []  # (run, answer) per scored completion, in order
+
+    def fake_score(name, text, answer, format_weight, timeout_s):
+        seen.append((os.environ.get("M1_TEST_RUN", ""), answer))
+        ok = answer in easy or zlib.crc32(text.encode()) % 2 == 0
+        return RewardResult(float(ok), ok, "correct" if ok else "wrong")
+
+    monkeypatch.setattr(batch_module, "score", fake_score)
+    root = rl_setup
+    inputs = {"model_dir": root / "policy", "data_dir": root / "data"}
+    settings = {"skip_solved": True, "max_steps": 5, "entropy_coef": 0.5, "one_step_off_policy": off_policy}
+    monkeypatch.setenv("M1_TEST_RUN", "straight")
+    name = f"solved-{off_policy}"
+    straight = run(_cfg(root, name, **settings), inputs)
+    steps = [json.loads(ln) for ln in (root / name / "grpo" / "metrics.jsonl").read_text().splitlines()
+             if "solved_prompts" in ln]
+    G = 2
+    answers = [a for r, a in seen if r == "straight"][::G]  # one per drawn prompt, in draw order
+    solved_at, drawn_after = set(), []
+    for a in answers:
+        drawn_after.append(a in solved_at)
+        if a in easy:
+            solved_at.add(a)
+    assert solved_at and not any(drawn_after)  # an easy prompt, once drawn (and solved), is never drawn again
+    assert steps[-1]["solved_prompts"] >= len(solved_at)  # others can be solved by the checksum too
+    assert [s["solved_prompts"] for s in steps] == sorted(s["solved_prompts"] for s in steps)
+    assert steps[-1]["prompt_cursor"] > 10  # past the first epoch of the 10 training prompts
+
+    monkeypatch.setenv("M1_TEST_RUN", "killed")
+    monkeypatch.setenv("M1_FAIL_AFTER_STEP", "3")
+    with pytest.raises(RuntimeError, match="injected failure"):
+        run(_cfg(root, f"{name}-killed", **settings), inputs)
+    monkeypatch.delenv("M1_FAIL_AFTER_STEP")
+    resumed = run(_cfg(root, f"{name}-killed", **settings), inputs)
+    assert resumed.metrics["resumed_from"] == 3
+    again = [json.loads(ln) for ln in (root / f"{name}-killed" / "grpo" / "metrics.jsonl").read_text().splitlines()
+             if "solved_prompts" in ln][-2:]
+    keys = ("prompt_cursor", "solved_prompts", "solved_passed_over", "reward_mean")
+    assert [[s[k] for k in keys] for s in again] == [[s[k] for k in keys] for s in steps[-2:]]
+    a = HybridForCausalLM.from_pretrained(straight.model_dir).state_dict()
+    b = HybridForCausalLM.from_pretrained(resumed.model_dir).state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

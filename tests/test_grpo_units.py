@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from components.errors import M1Error
 from components.grpo import rewards as R
 from components.grpo.advantages import group_advantages, informative_groups
 from components.grpo.loss import policy_loss
@@ -203,3 +204,18 @@ def test_unknown_reward_is_refused_at_load():
 
     with pytest.raises(Exception, match="unknown reward 'boxed_after_thinks'"):
         load_config(overrides={"grpo": {"reward": "boxed_after_thinks"}})
+
+
+def test_draw_passes_over_solved_prompts_by_hand():
+    from components.grpo.batch import draw, prompt_order
+
+    P = prompt_order(0, 5, 10, seed=3)  # epochs 0 and 1 of the seeded order
+    assert draw(0, 5, 3, 3, frozenset()) == (P[:3], 3, 0)
+    # the first prompt of the order solved: passed over, and the cursor counts it
+    assert draw(0, 5, 3, 3, frozenset({P[0]})) == (P[1:4], 4, 1)
+    # across the epoch boundary: order 4 0 1 2 3 | 3 2 1 0 4 for this seed; from position 3 with 1 solved,
+    # five picks pass over the second epoch's 1 (position 7) and end at position 9
+    assert P == [4, 0, 1, 2, 3, 3, 2, 1, 0, 4]
+    assert draw(3, 5, 5, 3, frozenset({1})) == ([2, 3, 3, 2, 0], 9, 1)
+    with pytest.raises(M1Error, match="all 5 training prompts are solved"):
+        draw(0, 5, 1, 3, frozenset(range(5)))

@@ -1,6 +1,7 @@
 """What a GRPO step trains on: the RL prompts (read, split into training and held-out by a seeded hash), the order
-they are drawn in (a seeded permutation per epoch, its cursor checkpointed), and the step's batch: G completions per
-prompt, scored, with dynamic sampling drawing more prompts until enough groups carry signal (unequal rewards)."""
+they are drawn in (a seeded permutation per epoch, its cursor checkpointed; with skip_solved, solved prompts are
+passed over), and the step's batch: G completions per prompt, scored, with dynamic sampling drawing more prompts
+until enough groups carry signal (unequal rewards)."""
 from __future__ import annotations
 
 import hashlib
@@ -45,6 +46,22 @@ def prompt_order(cursor: int, n: int, count: int, seed: int) -> list[int]:
     return out
 
 
+def draw(cursor: int, n: int, count: int, seed: int, solved: frozenset[int]) -> tuple[list[int], int, int]:
+    """The next `count` prompt indices of the seeded order, passing over `solved` ones -> (picks, the cursor after
+    them, how many were passed over). The cursor counts every position passed, so a resumed run draws the same."""
+    if len(solved) >= n:
+        raise M1Error(f"grpo.skip_solved: all {n} training prompts are solved, none is left to draw "
+                      f"(lower max_steps or turn skip_solved off)")
+    picks, skipped = [], 0
+    while len(picks) < count:
+        chunk = prompt_order(cursor, n, count - len(picks), seed)
+        cursor += len(chunk)
+        fresh = [i for i in chunk if i not in solved]
+        skipped += len(chunk) - len(fresh)
+        picks += fresh
+    return picks, cursor, skipped
+
+
 def score_rollouts(ro: dict, answers: list[str], grpo: GRPOConfig) -> tuple[torch.Tensor, list[RewardResult]]:
     res = [score(grpo.reward, t, a, grpo.format_weight, grpo.verify_timeout_s) for t, a in zip(ro["texts"], answers)]
     return torch.tensor([r.reward for r in res], dtype=torch.float32), res
@@ -61,17 +78,19 @@ def refill_count(missing: int, informative: int, drawn: int, cap: int) -> int:
     return max(missing, min(cap, math.ceil(missing * drawn / informative)))
 
 
-def collect(pool, rows: list[dict], cursor: int, grpo: GRPOConfig, seed: int):
-    """Generate, score and (with dynamic sampling) refill until prompts_per_step groups carry signal."""
+def collect(pool, rows: list[dict], cursor: int, grpo: GRPOConfig, seed: int, solved: frozenset[int] = frozenset()):
+    """Generate, score and (with dynamic sampling) refill until prompts_per_step groups carry signal.
+    -> (batch, cursor, stats, solved): with skip_solved, `solved` (indices into rows) grows by the prompts whose
+    every completion was correct, and those are not drawn again."""
     G, want = grpo.group_size, grpo.prompts_per_step
     groups: list[dict] = []
-    gen_tokens, gen_s, rounds = 0, 0.0, 0
+    gen_tokens, gen_s, rounds, skipped, newly_solved = 0, 0.0, 0, 0, 0
     all_rewards, all_shaping, reasons, lens, trunc, zero_var, versions = [], [], [], [], 0, 0, []
     while True:
         need = refill_count(want - len(groups), len(groups), len(all_rewards) // G, grpo.refill_max_factor * want) \
             if grpo.dynamic_sampling and rounds else want
-        picks = prompt_order(cursor, len(rows), need, seed)
-        cursor += need
+        picks, cursor, passed = draw(cursor, len(rows), need, seed, solved if grpo.skip_solved else frozenset())
+        skipped += passed
         prompts = [rows[i] for i in picks]
         ro = pool.generate([p["prompt"] for p in prompts], G, grpo.max_new_tokens, grpo.temperature, grpo.top_p,
                            seed * 1000 + rounds)
@@ -90,6 +109,10 @@ def collect(pool, rows: list[dict], cursor: int, grpo: GRPOConfig, seed: int):
         reasons += [r.reason for r in res]
         lens += [len(t) for t in ro["tokens"]]
         trunc += sum(f == "length" for f in ro["finish"])
+        if grpo.skip_solved:
+            done = {picks[i] for i in range(len(prompts)) if all(r.correct for r in res[i * G:(i + 1) * G])}
+            newly_solved += len(done - solved)
+            solved = solved | done
         for i, p in enumerate(prompts):
             if grpo.dynamic_sampling and not bool(info[i]):
                 continue
@@ -123,4 +146,7 @@ def collect(pool, rows: list[dict], cursor: int, grpo: GRPOConfig, seed: int):
              "rollout_weights_version": float(min(versions)),
              "rollout_rounds": float(rounds),
              "batch_prompts": float(len(groups))}
-    return batch, cursor, stats
+    if grpo.skip_solved:
+        stats.update({"solved_prompts": float(len(solved)), "solved_new": float(newly_solved),
+                      "solved_passed_over": float(skipped)})
+    return batch, cursor, stats, solved

@@ -37,6 +37,11 @@ class GRPOConfig(Section):
     dynamic_sampling: bool = False
     max_refill_rounds: int = Field(2, ge=0)
     refill_max_factor: int = Field(8, ge=1)
+    # Prompts the policy has solved (every one of a group's completions correct) are not drawn again for the rest of
+    # the run (Skywork-OR1's and POLARIS's filtering of solved prompts). Their groups carry no signal, and the ones
+    # the policy already gets right are what GRPO sharpens on; with dynamic sampling, each still costs group_size
+    # completions an epoch. The solved set is checkpointed with the prompt cursor. Off by default.
+    skip_solved: bool = False
     # Completions cut off at max_new_tokens get no loss (their reward says nothing about the answer).
     mask_truncated: bool = False
     # Overlong reward shaping (DAPO's soft overlong punishment): a completion of L tokens gets

@@ -126,16 +126,19 @@ def grpo_loop(run: LoopContext) -> dict:
     if not train_rows:
         raise M1Error(f"no usable RL prompts in {run.data_dir} ({rejected} rejected without a reference answer)")
 
-    start, cursor, first_eval, pending = 0, 0, None, None
+    start, cursor, first_eval, pending, solved = 0, 0, None, None, frozenset()
     resume = ctx.resume_dir(run.checkpoint_root, run.fingerprint, run.checkpoint_mirror)
     if resume is not None:
         meta, state = checkpoint.read_state(resume)
         pending = state.get("pending_batch")  # one-step off-policy: the batch that was in flight, as it was
+        if pending is not None:  # saved with its solved set as a list: weights_only loading refuses a frozenset
+            pending = (*pending[:3], frozenset(pending[3]))
         policy.load_state_dict(HybridForCausalLM.from_pretrained(resume, device=str(dev)).state_dict())
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         checkpoint.set_rng_state(state["rng"])
         start, cursor, first_eval = meta["step"], meta["prompt_cursor"], meta.get("first_eval")
+        solved = frozenset(meta.get("solved_prompts", []))
         if ctx.rank == 0:
             print(f"[{run.stage}] resumed from step {start} (prompt cursor {cursor})", flush=True)
     core = policy
@@ -170,12 +173,13 @@ def grpo_loop(run: LoopContext) -> dict:
             t_step = time.time()
             if ctx.rank == 0:
                 if pending is not None:  # generated during the last step, with the weights before its update
-                    batch, cursor, roll_stats = pending.result() if isinstance(pending, Future) else pending
+                    batch, cursor, roll_stats, solved = pending.result() if isinstance(pending, Future) else pending
                 else:
-                    batch, cursor, roll_stats = collect(pool, train_rows, cursor, grpo, run.seed + step)
+                    batch, cursor, roll_stats, solved = collect(pool, train_rows, cursor, grpo, run.seed + step,
+                                                                solved)
                 pending = None
                 if prefetch is not None and step + 1 < grpo.max_steps:
-                    pending = prefetch.submit(collect, pool, train_rows, cursor, grpo, run.seed + step + 1)
+                    pending = prefetch.submit(collect, pool, train_rows, cursor, grpo, run.seed + step + 1, solved)
                 # updates the sampler's weights are behind the learner's: 0 on-policy, 1 with one-step off-policy
                 roll_stats = {**roll_stats, "policy_lag": step - roll_stats["rollout_weights_version"]}
             if ctx.world > 1:
@@ -271,12 +275,15 @@ def grpo_loop(run: LoopContext) -> dict:
             if grpo.checkpoint_every and ((step + 1) % grpo.checkpoint_every == 0 or last):
                 if ctx.rank == 0:
                     local = checkpoint.staging_dir(run.checkpoint_root, "m1-grpo-") / "ckpt"
-                    # with a batch in flight, the cursor after it, and the batch itself: resuming consumes it as is
-                    at = pending[1] if pending is not None else cursor
+                    # with a batch in flight, the cursor and solved set after it, and the batch itself: resuming
+                    # consumes it as is
+                    at, solved_at = (pending[1], pending[3]) if pending is not None else (cursor, solved)
                     checkpoint.write_local(local, core, opt, sched, step + 1, at,
                                            {"fingerprint": run.fingerprint, "prompt_cursor": at,
+                                            "solved_prompts": sorted(solved_at),
                                             "first_eval": first_eval, "stage": run.stage}, run.model_dir,
-                                           trainer_extra={"pending_batch": pending} if pending is not None else None)
+                                           trainer_extra={"pending_batch": (*pending[:3], sorted(pending[3]))}
+                                           if pending is not None else None)
                 ctx.report({"step": step + 1}, local, run.checkpoint_root, step + 1, grpo.keep_checkpoints,
                            run.checkpoint_mirror)
                 if local is not None:
