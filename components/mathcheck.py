@@ -121,19 +121,31 @@ def _on_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer")
 
 
+class _Limit:
+    fired = False
+
+
 @contextmanager
 def _time_limit(timeout_s: float | None):
-    """Raise _Timeout in this (main) thread after timeout_s; restores any timer set by someone else."""
+    """Raise _Timeout in this (main) thread after timeout_s; restores any timer set by someone else. The yielded
+    limit's `fired` says whether the timer went off, even when code under it swallowed the exception (a bare
+    `except:` in sympy or math-verify turns a cut-off call into an ordinary-looking False)."""
+    limit = _Limit()
     if not timeout_s or timeout_s <= 0:
-        yield
+        yield limit
         return
+
+    def on_alarm(signum, frame):
+        limit.fired = True
+        _raise_timeout(signum, frame)
+
     old_handler = signal.getsignal(signal.SIGALRM)
     old_delay, old_interval = signal.setitimer(signal.ITIMER_REAL, 0)
     start = time.monotonic()
-    signal.signal(signal.SIGALRM, _raise_timeout)
+    signal.signal(signal.SIGALRM, on_alarm)
     signal.setitimer(signal.ITIMER_REAL, timeout_s)
     try:
-        yield
+        yield limit
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old_handler if old_handler is not None else signal.SIG_DFL)
@@ -205,8 +217,9 @@ _OPS = {"parse": _parse_local, "verify": _verify_local, "equiv": _equiv_local}
 
 def _run_local(op: str, args: tuple, timeout_s: float | None):
     try:
-        with _time_limit(timeout_s):
-            return _OPS[op](*args)
+        with _time_limit(timeout_s) as limit:
+            out = _OPS[op](*args)
+        return None if limit.fired else out
     except _Timeout:
         return None
     except Exception:

@@ -219,3 +219,45 @@ def test_draw_passes_over_solved_prompts_by_hand():
     assert draw(3, 5, 5, 3, frozenset({1})) == ([2, 3, 3, 2, 0], 9, 1)
     with pytest.raises(M1Error, match="all 5 training prompts are solved"):
         draw(0, 5, 1, 3, frozenset(range(5)))
+
+
+def test_unlikeliness_scale_by_hand():
+    from components.grpo.advantages import unlikeliness_scale
+
+    # mean log-probs -0.1, -0.5, -0.3, -0.9: least likely first is 3 (rank 0), 1, 2, 0 (rank 3); G = 4, beta 0.4
+    lp = torch.tensor([[-0.1, -0.5, -0.3, -0.9], [-0.2, -0.2, -0.2, -0.2]])
+    s = unlikeliness_scale(lp, 0.4)
+    assert torch.allclose(s[0], torch.tensor([1 - 0.4 * 3 / 4, 1 - 0.4 * 1 / 4, 1 - 0.4 * 2 / 4, 1.0]))  # .7 .9 .8 1
+    assert torch.allclose(s[1], torch.tensor([1.0, 0.9, 0.8, 0.7]))  # ties: ranked in group order
+    assert torch.equal(unlikeliness_scale(lp, 0.0), torch.ones(2, 4))
+
+
+class _ScriptedPool:
+    """Returns fixed completions and sampler log-probs, as a rollout pool's generate() does."""
+
+    def __init__(self, texts, logprobs):
+        self.texts, self.logprobs = texts, logprobs
+
+    def generate(self, prompts, G, max_new_tokens, temperature, top_p, seed):
+        n = len(prompts) * G
+        return {"prompt_ids": [[1, 2]] * n, "tokens": [[5] * len(lp) for lp in self.logprobs[:n]],
+                "logprobs": self.logprobs[:n], "texts": self.texts[:n], "finish": ["stop"] * n,
+                "seconds": 1.0, "versions": [0] * n}
+
+
+def test_unlikeliness_reward_reaches_the_batch_by_hand():
+    from components.grpo.batch import collect
+    from components.grpo.config import GRPOConfig
+
+    right, wrong = "<think>x</think> \\boxed{7}", "<think>x</think> \\boxed{8}"
+    # group 0: correct, correct, wrong, correct with mean log-probs -0.1, -0.5, -0.3, -0.9 (ranks 3, 1, 2, 0);
+    # group 1: all correct, so without the penalty it carries no signal and dynamic sampling would drop it
+    pool = _ScriptedPool([right, right, wrong, right] + [right] * 4,
+                         [[-0.1], [-0.4, -0.6], [-0.3], [-0.9, -0.9, -0.9], [-0.4], [-0.1], [-0.3], [-0.2]])
+    rows = [{"prompt": f"p{i}", "answer": "7", "problem": f"q{i}"} for i in range(2)]
+    cfg = GRPOConfig(group_size=4, prompts_per_step=2, minibatch_prompts=2, unlikeliness_penalty=0.4,
+                     dynamic_sampling=True)
+    batch, _, stats, _ = collect(pool, rows, 0, cfg, seed=0)
+    # group 1's mean log-probs -0.4, -0.1, -0.3, -0.2 rank 0, 3, 1, 2: factors 1.0, 0.7, 0.9, 0.8
+    assert batch["rewards"] == pytest.approx([0.7, 0.9, 0.0, 1.0, 1.0, 0.7, 0.9, 0.8])
+    assert stats["reward_mean"] == 7 / 8 and stats["zero_variance_groups"] == 0.0  # reported unscaled

@@ -1,6 +1,7 @@
 """components.mathcheck: extraction, equivalence, and time bounds on and off the main thread."""
 import signal
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -69,6 +70,22 @@ def test_main_thread_timeout_returns_false_and_keeps_outer_timer(monkeypatch):
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
     assert mc.verify("2", "2.0") is True
+
+
+def test_a_timeout_swallowed_by_the_library_still_counts_as_cut_off(monkeypatch):
+    # sympy and math-verify have bare `except:` blocks: if the timer fires inside one, the call returns an
+    # ordinary False. It must still read as cut off (None), not as a completed "unequal".
+    def swallowing(gold, pred):
+        try:
+            while True:
+                time.sleep(0.01)
+        except BaseException:
+            return False
+
+    monkeypatch.setitem(mc._OPS, "verify", swallowing)
+    assert mc._run_local("verify", ("1", "2"), 0.2) is None
+    monkeypatch.setitem(mc._OPS, "verify", lambda gold, pred: False)
+    assert mc._run_local("verify", ("1", "2"), 0.2) is False  # finished in time: a real "unequal"
 
 
 def test_worker_thread_calls_and_timeout():

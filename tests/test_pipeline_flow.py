@@ -75,7 +75,7 @@ def first(env):
     return summary, time.time() - t0
 
 
-def test_tiny_end_to_end(first, env):
+def test_tiny_end_to_end(first, env, tmp_path):
     summary, seconds = first
     assert [r["stage"] for r in summary["stages"]] == stage_names(TINY)
     assert not any(statuses(summary).values())
@@ -126,7 +126,7 @@ def test_tiny_end_to_end(first, env):
     from components.tracking import use_store
 
     use_store(summary["mlflow"]["uri"])  # not mlflow.set_tracking_uri: it sets MLFLOW_TRACKING_URI for later tests
-    assert len(predict(logged["distill-final"].model_id)) == 1
+    assert len(predict(logged["distill-final"].model_id, tmp_path)) == 1
     curate_run = next(r for r in children if r.info.run_name == "curate")
     assert curate_run.data.metrics["records.sft1"] > 0
     assert curate_run.data.params["data.num_proc"] == "1"

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import torch
 
 from components.errors import M1Error
-from components.grpo.advantages import group_advantages, informative_groups
+from components.grpo.advantages import group_advantages, informative_groups, unlikeliness_scale
 from components.grpo.config import GRPOConfig
 from components.grpo.rewards import RewardResult, overlong_penalty, score
 
@@ -101,7 +101,11 @@ def collect(pool, rows: list[dict], cursor: int, grpo: GRPOConfig, seed: int, so
         gen_tokens += sum(len(t) for t in ro["tokens"])
         gen_s += ro["seconds"]
         versions += ro["versions"]
-        rg = (rew + torch.tensor(shaping, dtype=torch.float32)).view(len(prompts), G)  # shaped: what advantages see
+        shaped = rew
+        if grpo.unlikeliness_penalty:
+            mean_lp = torch.tensor([float(np.mean(lp)) if len(lp) else 0.0 for lp in ro["logprobs"]])
+            shaped = rew * unlikeliness_scale(mean_lp.view(len(prompts), G), grpo.unlikeliness_penalty).flatten()
+        rg = (shaped + torch.tensor(shaping, dtype=torch.float32)).view(len(prompts), G)  # what advantages see
         info = informative_groups(rg)
         zero_var += int((~info).sum())
         all_rewards += rew.tolist()

@@ -51,6 +51,12 @@ class GRPOConfig(Section):
     # whose lengths differ still teaches "finish earlier". 0 = off.
     overlong_window: int = Field(0, ge=0)
     overlong_penalty: float = Field(1.0, ge=0)
+    # Unlikeliness reward (He, Fried & Welleck 2025): within each group, the completion of likelihood rank k (0 =
+    # least likely by mean token log-probability under the sampler) has its reward scaled by
+    # 1 - unlikeliness_penalty * k / G, before overlong shaping and advantages: correct but rare answers earn more
+    # than the policy's favourite one, which counters sharpening (pass@n falling while pass@1 rises). A group whose
+    # answers are all correct then carries signal too. The paper uses 0.25; 0 = off.
+    unlikeliness_penalty: float = Field(0.0, ge=0, le=1)
     # A step whose groups all have equal rewards has no policy gradient: only the entropy bonus (and KL) would act,
     # which just raises entropy (seen on a student that was never rewarded). True skips such steps' updates
     # (counted as skipped_update in the step metrics); False applies them, as the reference does.
