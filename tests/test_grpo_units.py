@@ -261,3 +261,42 @@ def test_unlikeliness_reward_reaches_the_batch_by_hand():
     # group 1's mean log-probs -0.4, -0.1, -0.3, -0.2 rank 0, 3, 1, 2: factors 1.0, 0.7, 0.9, 0.8
     assert batch["rewards"] == pytest.approx([0.7, 0.9, 0.0, 1.0, 1.0, 0.7, 0.9, 0.8])
     assert stats["reward_mean"] == 7 / 8 and stats["zero_variance_groups"] == 0.0  # reported unscaled
+
+
+def test_passk_advantages_by_hand():
+    from components.grpo.advantages import passk_advantages
+
+    c = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1], [0, 0, 0, 0]])
+    a = passk_advantages(c, 2)
+    # one right of 4, k 2: mean 1 - C(3,2)/C(4,2) = 1/2, sigma 1/2; right (1/2)/(1/2) = 1,
+    # wrong (1 - 1/2 - C(2,1)/C(3,1)) / (1/2) = -1/3
+    assert torch.allclose(a[0], torch.tensor([1.0, -1 / 3, -1 / 3, -1 / 3]))
+    # two right: mean 1 - 1/6 = 5/6, sigma sqrt(5)/6; right (1/6)/sigma = 1/sqrt(5), wrong (1/6 - 1/3)/sigma
+    assert torch.allclose(a[1], torch.tensor([1, 1, -1, -1]) / math.sqrt(5))
+    assert torch.equal(a[2:], torch.zeros(3, 4))  # every pair holds a right answer; all right; all wrong
+    # k = 1 is GRPO's advantage on 0/1 rewards
+    assert torch.allclose(passk_advantages(c, 1), group_advantages(c.float(), "grpo", eps=0.0 + 1e-9), atol=1e-6)
+
+
+def test_passk_refuses_settings_it_would_ignore():
+    from components.grpo.config import GRPOConfig
+
+    with pytest.raises(ValueError, match="passk_k 9 exceeds group_size 8"):
+        GRPOConfig(advantage="passk", passk_k=9)
+    with pytest.raises(ValueError, match="format_weight, unlikeliness_penalty would be ignored"):
+        GRPOConfig(advantage="passk", format_weight=0.1, unlikeliness_penalty=0.25)
+
+
+def test_passk_batch_drops_groups_solved_in_most_draws():
+    from components.grpo.batch import collect
+    from components.grpo.config import GRPOConfig
+
+    right, wrong = "<think>x</think> \\boxed{7}", "<think>x</think> \\boxed{8}"
+    # each round: a group with one right answer (signal) and one with three (every pair holds a right one: none)
+    pool = _ScriptedPool([right, wrong, wrong, wrong, right, right, right, wrong], [[-0.5]] * 8)
+    rows = [{"prompt": f"p{i}", "answer": "7", "problem": f"q{i}"} for i in range(2)]
+    cfg = GRPOConfig(group_size=4, prompts_per_step=2, minibatch_prompts=2, advantage="passk", passk_k=2,
+                     dynamic_sampling=True, max_refill_rounds=1)
+    batch, _, stats, _ = collect(pool, rows, 0, cfg, seed=0)
+    assert batch["adv"] == pytest.approx([1.0, -1 / 3, -1 / 3, -1 / 3] * 2)
+    assert stats["rollout_rounds"] == 2.0 and stats["zero_variance_groups"] == 0.5

@@ -28,7 +28,11 @@ class GRPOConfig(Section):
     verify_timeout_s: float = Field(5.0, gt=0)
     # Advantages. "grpo": (r - mean) / (std + eps) within the prompt's group; "drgrpo": r - mean (Dr. GRPO,
     # no std scaling, which would up-weight near-uniform groups).
-    advantage: Literal["grpo", "drgrpo"] = "grpo"
+    # "passk": the analytic pass@k advantage on 0/1 correctness (Chen et al. 2025; advantages.passk_advantages),
+    # with k = passk_k: it trains for "one of k tries is right" rather than for the favourite answer, against
+    # sharpening; a group solved in most draws carries no signal (and dynamic sampling drops it).
+    advantage: Literal["grpo", "drgrpo", "passk"] = "grpo"
+    passk_k: int = Field(4, ge=1)
     adv_eps: float = Field(1e-6, gt=0)
     # Dynamic sampling (DAPO): drop groups whose rewards are all equal (zero advantage, no signal) and draw more
     # prompts, up to max_refill_rounds extra generation rounds, to refill the batch. A refill round draws enough
@@ -128,6 +132,13 @@ class GRPOConfig(Section):
         if self.prompts_per_step % self.minibatch_prompts:
             raise ValueError(f"prompts_per_step {self.prompts_per_step} is not a multiple of minibatch_prompts "
                              f"{self.minibatch_prompts}")
+        if self.advantage == "passk":
+            if self.passk_k > self.group_size:
+                raise ValueError(f"passk_k {self.passk_k} exceeds group_size {self.group_size}")
+            ignored = [f for f in ("format_weight", "overlong_window", "unlikeliness_penalty") if getattr(self, f)]
+            if ignored:
+                raise ValueError(f"advantage passk works on 0/1 correctness; {', '.join(ignored)} would be ignored "
+                                 "(set it to 0)")
         if self.overlong_window >= self.max_new_tokens:
             raise ValueError(f"overlong_window {self.overlong_window} must be below max_new_tokens "
                              f"{self.max_new_tokens} (the penalty ramps over the last overlong_window tokens)")
