@@ -272,3 +272,26 @@ def test_solved_prompts_are_not_drawn_again_and_a_resume_draws_the_same(rl_setup
     a = HybridForCausalLM.from_pretrained(straight.model_dir).state_dict()
     b = HybridForCausalLM.from_pretrained(resumed.model_dir).state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_gradient_checkpointing_gives_the_same_weights(rl_setup, monkeypatch):
+    import components.model.hybrid as hybrid
+
+    calls = []
+
+    def counted(fn, *args, **kw):
+        calls.append(1)
+        return torch.utils.checkpoint.checkpoint(fn, *args, **kw)
+
+    monkeypatch.setattr(hybrid, "checkpoint", counted)
+    root = rl_setup
+    inputs = {"model_dir": root / "policy", "data_dir": root / "data"}
+    run(_cfg(root, "plain", max_steps=2), inputs)
+    assert calls == []
+    run(_cfg(root, "recomputed", max_steps=2, gradient_checkpointing=True), inputs)
+    assert calls  # the learner's layers ran under checkpoint
+    a = HybridForCausalLM.from_pretrained(root / "plain" / "grpo" / "model").state_dict()
+    b = HybridForCausalLM.from_pretrained(root / "recomputed" / "grpo" / "model").state_dict()
+    changed = HybridForCausalLM.from_pretrained(root / "policy").state_dict()
+    assert any(not torch.equal(a[k], changed[k]) for k in a)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

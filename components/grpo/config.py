@@ -93,6 +93,9 @@ class GRPOConfig(Section):
     ppo_epochs: int = Field(1, gt=0)  # passes over each step's rollouts
     minibatch_prompts: int = Field(64, gt=0)  # prompts (x G completions) per optimizer step
     micro_batch: int = Field(8, gt=0)  # sequences per forward/backward
+    # Recompute each layer's activations in the learner's backward pass (as TrainConfig.gradient_checkpointing):
+    # the same gradients for less memory, which the parallel scan's (b, L, d, n) tensors fill on a CPU.
+    gradient_checkpointing: bool = False
     max_steps: int = Field(10, gt=0)
     checkpoint_every: int = Field(5, ge=0)  # 0: none (as in TrainConfig)
     keep_checkpoints: int = Field(2, gt=0)

@@ -116,6 +116,7 @@ def grpo_loop(run: LoopContext) -> dict:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" and grpo.bf16 else contextlib.nullcontext()
     tracker = Tracker(run.mlflow_run_id, run.out_dir, run.mlflow_uri) if ctx.rank == 0 else None
     policy = HybridForCausalLM.from_pretrained(run.model_dir, device=str(dev)).float().train()
+    policy.gradient_checkpointing_enable(grpo.gradient_checkpointing)
     ref = None
     if grpo.kl_coef > 0:
         ref = HybridForCausalLM.from_pretrained(run.model_dir, device=str(dev)).eval()
