@@ -52,3 +52,12 @@ def passk_advantages(correct: torch.Tensor, k: int) -> torch.Tensor:
         wrong = (1.0 - mean - comb(G - c - 1, k - 1) / comb(G - 1, k - 1)) / sigma
         out[i] = torch.tensor([(1.0 - mean) / sigma if r else wrong for r in row])
     return out
+
+
+def advantages(rewards: torch.Tensor, correct: torch.Tensor, kind: str, eps: float, k: int):
+    """-> ((n_prompts, G) advantages of the configured kind, (n_prompts,) bool: groups that carry signal).
+    rewards: shaped rewards (grpo, drgrpo); correct: 0/1 correctness (passk)."""
+    if kind == "passk":
+        adv = passk_advantages(correct, k)
+        return adv, adv.abs().amax(1) > 0
+    return group_advantages(rewards, kind, eps), informative_groups(rewards)

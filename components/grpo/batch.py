@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import torch
 
 from components.errors import M1Error
-from components.grpo.advantages import group_advantages, informative_groups, passk_advantages, unlikeliness_scale
+from components.grpo.advantages import advantages, unlikeliness_scale
 from components.grpo.config import GRPOConfig
 from components.grpo.rewards import RewardResult, overlong_penalty, score
 
@@ -106,11 +106,8 @@ def collect(pool, rows: list[dict], cursor: int, grpo: GRPOConfig, seed: int, so
             mean_lp = torch.tensor([float(np.mean(lp)) if len(lp) else 0.0 for lp in ro["logprobs"]])
             shaped = rew * unlikeliness_scale(mean_lp.view(len(prompts), G), grpo.unlikeliness_penalty).flatten()
         rg = (shaped + torch.tensor(shaping, dtype=torch.float32)).view(len(prompts), G)  # what advantages see
-        if grpo.advantage == "passk":
-            correct = torch.tensor([r.correct for r in res]).view(len(prompts), G)
-            info = passk_advantages(correct, grpo.passk_k).abs().amax(1) > 0
-        else:
-            info = informative_groups(rg)
+        correct = torch.tensor([r.correct for r in res]).view(len(prompts), G)
+        adv, info = advantages(rg, correct, grpo.advantage, grpo.adv_eps, grpo.passk_k)  # within each group
         zero_var += int((~info).sum())
         all_rewards += rew.tolist()
         all_shaping += shaping
@@ -118,14 +115,15 @@ def collect(pool, rows: list[dict], cursor: int, grpo: GRPOConfig, seed: int, so
         lens += [len(t) for t in ro["tokens"]]
         trunc += sum(f == "length" for f in ro["finish"])
         if grpo.skip_solved:
-            done = {picks[i] for i in range(len(prompts)) if all(r.correct for r in res[i * G:(i + 1) * G])}
+            done = {picks[i] for i, ok in enumerate(correct.all(1).tolist()) if ok}
             newly_solved += len(done - solved)
             solved = solved | done
         for i, p in enumerate(prompts):
             if grpo.dynamic_sampling and not bool(info[i]):
                 continue
             sl = slice(i * G, (i + 1) * G)
-            groups.append({"prompt": p, "rewards": rg[i], **{k: ro[k][sl] for k in _PER_SEQUENCE if k != "correct"},
+            groups.append({"prompt": p, "rewards": rg[i], "adv": adv[i],
+                           **{k: ro[k][sl] for k in _PER_SEQUENCE if k != "correct"},
                            "correct": [r.correct for r in res[sl]]})
         rounds += 1
         if not grpo.dynamic_sampling or len(groups) >= want or rounds > grpo.max_refill_rounds:
@@ -135,10 +133,7 @@ def collect(pool, rows: list[dict], cursor: int, grpo: GRPOConfig, seed: int, so
                       f"after {rounds} rounds (raise max_refill_rounds or lower the difficulty)")
     groups = groups[:want]
     rewards = torch.stack([g["rewards"] for g in groups])
-    if grpo.advantage == "passk":
-        adv = passk_advantages(torch.tensor([g["correct"] for g in groups]), grpo.passk_k).flatten().tolist()
-    else:
-        adv = group_advantages(rewards, grpo.advantage, grpo.adv_eps).flatten().tolist()
+    adv = torch.stack([g["adv"] for g in groups]).flatten().tolist()
     flat = {k: [x for g in groups for x in g[k]] for k in _PER_SEQUENCE}
     keep = [not (grpo.mask_truncated and f == "length") for f in flat["finish"]]
     keep = [k and len(t) > 0 for k, t in zip(keep, flat["tokens"])]
