@@ -295,3 +295,17 @@ def test_gradient_checkpointing_gives_the_same_weights(rl_setup, monkeypatch):
     changed = HybridForCausalLM.from_pretrained(root / "policy").state_dict()
     assert any(not torch.equal(a[k], changed[k]) for k in a)
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_the_learners_micro_batch_leaves_the_weights_unchanged(rl_setup):
+    """micro_batch is a memory knob: one forward/backward of a minibatch's 4 sequences (padded to the longest) takes
+    the same optimiser steps as four of one sequence each, so a GPU profile may raise it for speed."""
+    root = rl_setup
+    inputs = {"model_dir": root / "policy", "data_dir": root / "data"}
+    run(_cfg(root, "mb1", max_steps=2, prompts_per_step=2, minibatch_prompts=2, micro_batch=1), inputs)
+    run(_cfg(root, "mb4", max_steps=2, prompts_per_step=2, minibatch_prompts=2, micro_batch=4), inputs)
+    a = HybridForCausalLM.from_pretrained(root / "mb1" / "grpo" / "model").state_dict()
+    b = HybridForCausalLM.from_pretrained(root / "mb4" / "grpo" / "model").state_dict()
+    changed = HybridForCausalLM.from_pretrained(root / "policy").state_dict()
+    assert any(not torch.equal(a[k], changed[k]) for k in a)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
