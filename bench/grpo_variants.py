@@ -188,10 +188,15 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.report_only:
         jobs = []
+        # each run's torch thread pools get their share of the cores: left at one pool per core each, runs side by
+        # side oversubscribe the CPU that launches their kernels and scores their answers
+        threads = {} if "OMP_NUM_THREADS" in os.environ else \
+            {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // max(1, args.parallel)))}
         for name, sets, seeds in plan:
             for seed in seeds:
                 run = run_dir(root, name, seed)
                 env = {"CUDA_VISIBLE_DEVICES": str(len(jobs) % args.gpus)} if args.gpus > 0 else {}
+                env.update(threads)
                 jobs.append((grpo_cmd(sys.executable, args.profile, run, seed, [*args.sets, *sets]),
                              run / "grpo.log", env))
         if args.dry_run:

@@ -4,9 +4,9 @@
 #   here:  bench/lent_gpu/gpu_stash.sh pack DATA_DIR      -> .gpu_a/ (wheels + first half of the GGUF), .gpu_b/ (data + second half)
 #   there: bench/lent_gpu/gpu_stash.sh unpack .gpu_a       (one call), then bench/lent_gpu/gpu_stash.sh unpack .gpu_b (the next call):
 #          each adds its part to $M1_STASH (default /root/m1stash), which outlives calls while the machine is held.
-# A trained model outlives the machine the same way, in 15 MiB parts of a bf16 tarball (a call brings back 8 files
-# of 16 MiB and carries 64 MiB with the working tree):
-#   there: bench/lent_gpu/gpu_stash.sh model-out DIR K   (K = 0, 1, ...: parts 7K..7K+6 into $OUT, 3 calls for SmolLM2)
+# A trained model outlives the machine the same way, in 15 MiB parts of a bf16 tarball (a call brings back at most
+# 8 files of 16 MiB, 64 MiB together, and carries 64 MiB with the working tree):
+#   there: bench/lent_gpu/gpu_stash.sh model-out DIR K   (K = 0, 1, ...: parts 4K..4K+3 into $OUT, 5 calls for SmolLM2)
 #   here:  bench/lent_gpu/gpu_stash.sh model-collect FILES_AT ...  (parts -> .gpu_model/, then carry folders .gpu_m0,
 #          .gpu_m1, ... of as many parts as fit beside the working tree: 3 with a 10 MB tree)
 #   there: bench/lent_gpu/gpu_stash.sh unpack .gpu_mK   (each call; the last part makes runs/gpu/sft2/model)
@@ -18,16 +18,8 @@ pack)
   data=${2:?usage: gpu_stash.sh pack DATA_DIR}
   grep -qx '/.gpu_a/' .git/info/exclude || printf '/.gpu_a/\n/.gpu_b/\n' >> .git/info/exclude
   rm -rf .gpu_a .gpu_b && mkdir -p .gpu_a/wheels .gpu_b
-  # versions as resolved in .venv; cp312 manylinux wheels for the GPU image's Python 3.12
-  pins=$(.venv/bin/python - <<'PY'
-import importlib.metadata as m
-for d in ["pydantic", "pydantic_core", "annotated-types", "typing-inspection", "typing_extensions", "math-verify",
-          "latex2sympy2_extended", "antlr4-python3-runtime", "gguf", "datasketch"]:
-    print(f"{d}=={m.version(d)}")
-PY
-)
-  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .gpu_a/wheels $pins
+  source bench/lent_gpu/pure_wheels.sh
+  pure_wheels .gpu_a/wheels
   gguf=$(.venv/bin/python -c "from components.model.teacher import embedded_gguf_path as p; print(p())")
   half=$(( ($(stat -c %s "$gguf") + 1) / 2 ))
   head -c "$half" "$gguf" > .gpu_a/teacher.gguf.part0
@@ -64,7 +56,7 @@ H.from_pretrained(sys.argv[1], dtype=torch.bfloat16).save_pretrained(sys.argv[2]
     ls "$parts"/model.tar.* | wc -l > "$parts/model.parts"
   fi
   mapfile -t all < <(ls "$parts"/model.tar.*)
-  cp "${all[@]:$((7 * k)):7}" "$OUT"/
+  cp "${all[@]:$((4 * k)):4}" "$OUT"/  # 4 x 15 MiB: a fifth would pass the 64 MiB a call brings back
   [ "$k" -eq 0 ] && cp "$parts/model.parts" "$OUT"/
   echo "$(cat "$parts/model.parts") parts; sent $(ls "$OUT")" ;;
 model-collect)

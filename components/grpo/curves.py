@@ -74,7 +74,8 @@ def plot_curves(metrics_path: Path, png: Path, title: str = "") -> Path:
     a.legend(fontsize=8)
     a = ax[1, 1]
     for k, label in (("approx_kl", "approx KL to old policy"), ("clip_fraction", "clip fraction"),
-                     ("rollout_logprob_gap", "rollout/learner log-prob gap")):
+                     ("rollout_logprob_gap", "rollout/learner log-prob gap (mean)"),
+                     ("rollout_logprob_gap_p99", "gap, 99th percentile token"), ("rollout_logprob_gap_max", "gap, max")):
         v = [y if y > 0 else math.nan for y in col(k)]  # NaN > 0 is False: absent values stay NaN
         if not all(math.isnan(y) for y in v):  # absent (older runs) or all zero: nothing to draw on a log axis
             a.plot(x, v, label=label)
