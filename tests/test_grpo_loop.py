@@ -77,6 +77,9 @@ def test_rollout_workers_generate_with_synced_weights(rl_setup):
     assert pool.versions() == [7]
     w = pool.workers[0].model.state_dict()
     assert all(torch.equal(w[k], v) for k, v in new.state_dict().items())
+    with torch.no_grad():  # the worker holds a copy: the learner's next update does not reach it unsynced
+        new.model.norm.weight.add_(1.0)
+    assert not torch.equal(pool.workers[0].model.model.norm.weight, new.model.norm.weight)
     after = pool.generate(prompts, 2, 5, 0.0, 1.0, seed=0)["tokens"]
     assert after != before
 
