@@ -51,15 +51,20 @@ def _inputs(tmp_path: Path, model_mib: int) -> tuple[Path, Path]:
     return data, parts
 
 
-@pytest.mark.parametrize("tree_mb", [2, 12])
-def test_the_stream_fits_each_carry_and_comes_back_whole(tmp_path, tree_mb):
-    repo = _repo(tmp_path, tree_mb * 1000 * 1000)
-    data, parts = _inputs(tmp_path, 130)
+def _pack(repo: Path, data: Path, parts: Path, tmp_path: Path) -> list[Path]:
+    """The carry folders of data + model parts (no wheels), in order."""
     wheels = tmp_path / "no_wheels"
     wheels.mkdir()
     subprocess.run(["bash", "bench/lent_gpu/grpo_carry.sh", "pack", str(data), str(parts), str(wheels)], cwd=repo,
                    check=True, capture_output=True)
-    folders = sorted(repo.glob(".gpu_c*"), key=lambda p: int(p.name[6:]))
+    return sorted(repo.glob(".gpu_c*"), key=lambda p: int(p.name[6:]))
+
+
+@pytest.mark.parametrize("tree_mb", [2, 12])
+def test_the_stream_fits_each_carry_and_comes_back_whole(tmp_path, tree_mb):
+    repo = _repo(tmp_path, tree_mb * 1000 * 1000)
+    data, parts = _inputs(tmp_path, 130)
+    folders = _pack(repo, data, parts, tmp_path)
     tree = tree_mb * 1000 * 1000 + sum(f.stat().st_size for f in (repo / "bench" / "lent_gpu").iterdir())
     assert len(folders) >= 3
     for d in folders:
@@ -80,11 +85,7 @@ def test_the_stream_fits_each_carry_and_comes_back_whole(tmp_path, tree_mb):
 def test_a_damaged_part_is_refused_and_nothing_is_restored(tmp_path):
     repo = _repo(tmp_path, 1000)
     data, parts = _inputs(tmp_path, 70)
-    wheels = tmp_path / "no_wheels"
-    wheels.mkdir()
-    subprocess.run(["bash", "bench/lent_gpu/grpo_carry.sh", "pack", str(data), str(parts), str(wheels)], cwd=repo,
-                   check=True, capture_output=True)
-    folders = sorted(repo.glob(".gpu_c*"), key=lambda p: int(p.name[6:]))
+    folders = _pack(repo, data, parts, tmp_path)
     with open(folders[1] / "part", "r+b") as f:
         f.seek(1000)
         f.write(b"\xff" * 8)
