@@ -13,7 +13,7 @@ case "${1:-}" in
 start)
   command -v nvidia-cuda-mps-control > /dev/null || { echo "mps: off (nvidia-cuda-mps-control is not installed)"; exit 0; }
   mkdir -p "$CUDA_MPS_LOG_DIRECTORY"
-  nvidia-cuda-mps-control -d || { echo "mps: off (the daemon did not start)"; exit 0; }
+  setsid nvidia-cuda-mps-control -d || { echo "mps: off (the daemon did not start)"; exit 0; }
   if PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout 120 python3 - <<'PY'
 import torch
 x = torch.randn(8192, 8192, device="cuda")
