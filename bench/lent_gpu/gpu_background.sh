@@ -21,7 +21,9 @@ wait)
   end=$((SECONDS + limit))
   while [ ! -f "$rc" ] && [ "$SECONDS" -lt "$end" ]; do sleep 5; done
   tail -n 12 "$log" || true
-  for f in runs/gpu/seed*/grpo.log; do [ -f "$f" ] && { echo "== $f"; tail -n 3 "$f"; }; done
+  for f in runs/gpu/seed*/grpo.log runs/gpu/grpo-variants/*/grpo.log; do
+    [ -f "$f" ] && { echo "== $f"; grep -E '^\[grpo\] (step|before|after)' "$f" | tail -n 2 || true; }
+  done
   if [ -f "$rc" ]; then echo "finished with exit status $(cat "$rc")"; else echo "still running"; fi
   if [ -n "${OUT:-}" ]; then
     # Everything small a run writes (logs, metrics, samples, plots); models, checkpoints and data stay there.
